@@ -1,0 +1,78 @@
+"""The bundled demo model: the release architecture at toy sizes, with seeded random weights.
+
+Its weights are random: it produces gibberish, and exists so that the pipeline, the tests and the CLIs
+run anywhere without the 22 GB release. The same seeded weights are built by the reference generator
+(`tools/reference/`) for the upstream PyTorch model, so golden outputs need no committed weights.
+"""
+import json
+import os
+import shutil
+from typing import Dict, Optional
+
+import numpy as np
+
+from .configuration import InternLMXComposer2Config
+from .weights import parameter_shapes, write_safetensors
+
+TINY_CONFIG = dict(
+    vocab_size=92544, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, max_length=4096,
+    rope_theta=1000000.0, rope_scaling={"type": "dynamic", "factor": 2.0}, rms_norm_eps=1e-5, bias=False,
+    plora_rank=8, task_lora_ranks={"lora_web": 4, "lora_sft": 4, "lora_dpo": 4},
+    vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2),
+)
+
+TOKENIZER_FILE = os.path.join(os.path.dirname(__file__), "assets", "internlm2_tokenizer.model")
+
+
+def tiny_config(**overrides) -> InternLMXComposer2Config:
+    d = json.loads(json.dumps(TINY_CONFIG))
+    for k, v in overrides.items():
+        if k == "vision_config":
+            d["vision_config"].update(v)
+        else:
+            d[k] = v
+    return InternLMXComposer2Config.from_dict(d)
+
+
+def random_weights(config: InternLMXComposer2Config, seed: int = 0) -> Dict[str, np.ndarray]:
+    """Seeded float32 weights by upstream name. Scales keep activations O(1) through the whole model;
+    PLoRA and task-LoRA B matrices are non-zero so that every path changes the output."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, shape in parameter_shapes(config).items():
+        if name.endswith(("norm.weight", "norm1.weight", "norm2.weight", "layrnorm.weight", "layernorm.weight")):
+            w = 1.0 + 0.1 * rng.standard_normal(shape)
+        elif name.endswith("bias"):
+            w = 0.02 * rng.standard_normal(shape)
+        elif name.endswith("_GN"):
+            w = rng.standard_normal(shape)
+        elif name.endswith(("tok_embeddings.weight", "position_embedding.weight", "class_embedding")):
+            w = rng.standard_normal(shape)
+        elif name.endswith("patch_embedding.weight"):
+            w = rng.standard_normal(shape) / np.sqrt(np.prod(shape[1:]))
+        else:  # [out, in] linear, LoRA factors included
+            w = rng.standard_normal(shape) / np.sqrt(shape[-1])
+            if "lora" in name.lower():
+                w *= 0.5
+        out[name] = w.astype(np.float32)
+    return out
+
+
+def save_demo_model(path: str, config: Optional[InternLMXComposer2Config] = None, seed: int = 0) -> str:
+    """Write an upstream-layout model directory (config.json, vision_config.json, model.safetensors,
+    tokenizer.model) that `InternLMXComposer2ForCausalLM.from_pretrained` loads."""
+    config = config or tiny_config()
+    os.makedirs(path, exist_ok=True)
+    d = config.to_dict()
+    vision = d.pop("vision_config")
+    for k in ("plora_rank", "plora_scale", "task_lora_ranks", "projector_hidden_size"):
+        d.pop(k)  # upstream's config.json does not carry them: they come from the weight shapes
+    with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as f:
+        json.dump(d, f, indent=2)
+    with open(os.path.join(path, "vision_config.json"), "w", encoding="utf-8") as f:
+        json.dump(vision, f, indent=2)
+    write_safetensors(os.path.join(path, "model.safetensors"), random_weights(config, seed),
+                      metadata={"format": "pt"})
+    shutil.copyfile(TOKENIZER_FILE, os.path.join(path, "tokenizer.model"))
+    return path
