@@ -42,19 +42,19 @@ def random_weights(config: InternLMXComposer2Config, seed: int = 0) -> Dict[str,
     out = {}
     for name, shape in parameter_shapes(config).items():
         if name.endswith(("norm.weight", "norm1.weight", "norm2.weight", "layrnorm.weight", "layernorm.weight")):
-            w = 1.0 + 0.1 * rng.standard_normal(shape, dtype=np.float32)
+            w = np.float32(1.0) + np.float32(0.1) * rng.standard_normal(shape, dtype=np.float32)
         elif name.endswith("bias"):
-            w = 0.02 * rng.standard_normal(shape, dtype=np.float32)
+            w = np.float32(0.02) * rng.standard_normal(shape, dtype=np.float32)
         elif name.endswith("_GN"):
             w = rng.standard_normal(shape, dtype=np.float32)
         elif name.endswith(("tok_embeddings.weight", "position_embedding.weight", "class_embedding")):
             w = rng.standard_normal(shape, dtype=np.float32)
         elif name.endswith("patch_embedding.weight"):
-            w = rng.standard_normal(shape, dtype=np.float32) / np.sqrt(np.prod(shape[1:]))
+            w = rng.standard_normal(shape, dtype=np.float32) * np.float32(1.0 / np.sqrt(np.prod(shape[1:])))
         else:  # [out, in] linear, LoRA factors included
-            w = rng.standard_normal(shape, dtype=np.float32) / np.sqrt(shape[-1])
+            w = rng.standard_normal(shape, dtype=np.float32) * np.float32(1.0 / np.sqrt(shape[-1]))
             if "lora" in name.lower():
-                w *= 0.5
+                w *= np.float32(0.5)
         out[name] = np.asarray(w, dtype=np.float32)
     return out
 
