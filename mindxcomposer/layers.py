@@ -1,0 +1,68 @@
+"""Basic cells whose parameters carry upstream's names (`weight`, `bias`), initialised lazily.
+
+Parameters start as lazy zeros: `from_pretrained` overwrites every one of them, and drawing random
+initial values for 8B parameters first would only cost time and memory.
+"""
+import mindspore as ms
+from mindspore import Parameter, nn, ops
+from mindspore.common.initializer import initializer
+
+_matmul_t = ops.MatMul(transpose_b=True)
+
+
+def lazy_param(shape, dtype, name, fill="zeros"):
+    return Parameter(initializer(fill, shape, dtype), name=name)
+
+
+class Linear(nn.Cell):
+    """y = x W^T + b with W [out, in] as in torch; any number of leading dimensions."""
+
+    def __init__(self, in_features, out_features, bias=True, dtype=ms.float32):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.weight = lazy_param((out_features, in_features), dtype, "weight")
+        self.bias = lazy_param((out_features,), dtype, "bias") if bias else None
+
+    def construct(self, x):
+        lead = x.shape[:-1]
+        y = _matmul_t(x.reshape(-1, self.in_features), self.weight)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(lead + (self.out_features,))
+
+
+class LayerNorm(nn.Cell):
+    def __init__(self, size, eps=1e-5, dtype=ms.float32):
+        super().__init__()
+        self.weight = lazy_param((size,), dtype, "weight", "ones")
+        self.bias = lazy_param((size,), dtype, "bias")
+        self.norm = ops.LayerNorm(begin_norm_axis=-1, begin_params_axis=-1, epsilon=eps)
+
+    def construct(self, x):
+        return self.norm(x, self.weight, self.bias)[0]
+
+
+class RMSNorm(nn.Cell):
+    """InternLM2RMSNorm: statistics in fp32, scale applied after casting back (upstream's order)."""
+
+    def __init__(self, size, eps=1e-6, dtype=ms.float32):
+        super().__init__()
+        self.weight = lazy_param((size,), dtype, "weight", "ones")
+        self.eps = eps
+
+    def construct(self, x):
+        dtype = x.dtype
+        h = x.astype(ms.float32)
+        variance = h.pow(2).mean(-1, keep_dims=True)
+        h = h * ops.rsqrt(variance + self.eps)
+        return self.weight * h.astype(dtype)
+
+
+class Embedding(nn.Cell):
+    def __init__(self, num, size, dtype=ms.float32):
+        super().__init__()
+        self.weight = lazy_param((num, size), dtype, "weight")
+
+    def construct(self, ids):
+        return ops.gather(self.weight, ids, 0)
