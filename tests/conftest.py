@@ -1,0 +1,50 @@
+import os
+
+import numpy as np
+import pytest
+
+import mindspore as ms
+
+ms.set_context(pynative_synchronize=True)  # async launch is 10-20x slower on CPU
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+FIXTURES = os.path.join(HERE, "fixtures")
+ASSETS = os.path.join(HERE, "assets")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: release-width tests (minutes, GBs of RAM)")
+
+
+@pytest.fixture(params=["pynative", "graph"])
+def mode(request):
+    """Runs a test in PyNative and in GRAPH_MODE, restoring the caller's mode afterwards."""
+    before = ms.get_context("mode")
+    ms.set_context(mode=ms.PYNATIVE_MODE if request.param == "pynative" else ms.GRAPH_MODE)
+    yield request.param
+    ms.set_context(mode=before)
+
+
+@pytest.fixture(scope="session")
+def demo_dir(tmp_path_factory):
+    from mindxcomposer.demo import save_demo_model
+
+    return save_demo_model(str(tmp_path_factory.mktemp("demo")))
+
+
+@pytest.fixture(scope="session")
+def demo_model(demo_dir):
+    from mindxcomposer import InternLMXComposer2ForCausalLM
+
+    return InternLMXComposer2ForCausalLM.from_pretrained(demo_dir)
+
+
+def assert_close(ours, ref, rel=1e-5, what=""):
+    """Parity criterion of this project: max |ours - ref| <= rel * max(1, max |ref|)."""
+    ours = np.asarray(ours, np.float64)
+    ref = np.asarray(ref, np.float64)
+    assert ours.shape == ref.shape, f"{what}: shape {ours.shape} vs reference {ref.shape}"
+    tol = rel * max(1.0, float(np.abs(ref).max()))
+    err = float(np.abs(ours - ref).max())
+    assert err <= tol, f"{what}: max abs error {err:.3g} > {tol:.3g}"
+    return err

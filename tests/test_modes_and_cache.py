@@ -1,0 +1,109 @@
+"""Our own consistency: PyNative == GRAPH_MODE, cached decoding == full forward, batch rows == alone.
+(Parity with the PyTorch reference is in test_parity_*.py.)"""
+import numpy as np
+import pytest
+
+import mindspore as ms
+
+from mindxcomposer.session import ModelSession
+
+
+def _prompt(model, n, n_img, seed):
+    rng = np.random.default_rng(seed)
+    emb = rng.standard_normal((1, n, model.config.hidden_size)).astype(np.float32)
+    im = np.zeros((1, n), bool)
+    im[0, 3:3 + n_img] = True
+    return emb, im
+
+
+def _run_all_modes(fn):
+    out = {}
+    before = ms.get_context("mode")
+    try:
+        for name, m in (("pynative", ms.PYNATIVE_MODE), ("graph", ms.GRAPH_MODE)):
+            ms.set_context(mode=m)
+            out[name] = fn()
+    finally:
+        ms.set_context(mode=before)
+    return out
+
+
+@pytest.mark.parametrize("infer_mode", ["base", "web", "write"])
+def test_decoder_same_in_pynative_and_graph(demo_model, infer_mode):
+    emb, im = _prompt(demo_model, 97, 40, 1)
+    res = _run_all_modes(lambda: demo_model(inputs_embeds=emb, im_mask=im, infer_mode=infer_mode,
+                                            output_hidden_states=True))
+    for a, b in zip(res["pynative"].hidden_states, res["graph"].hidden_states):
+        assert np.abs(a.asnumpy() - b.asnumpy()).max() <= 1e-6
+    assert np.abs(res["pynative"].logits.asnumpy() - res["graph"].logits.asnumpy()).max() <= 1e-6
+
+
+def test_vision_same_in_pynative_and_graph(demo_model):
+    rng = np.random.default_rng(2)
+    pixels = rng.standard_normal((1, 3, 560, 1120)).astype(np.float32)
+    res = _run_all_modes(lambda: demo_model.img2emb(pixels)[0].asnumpy())
+    assert res["pynative"].shape == (1, (2 + 1) * 400 + 1 + 2 * 20, demo_model.config.hidden_size)
+    assert np.abs(res["pynative"] - res["graph"]).max() <= 1e-6
+
+
+def test_infer_modes_differ_and_plora_only_on_image_rows(demo_model):
+    emb, im = _prompt(demo_model, 40, 10, 3)
+    base = demo_model(inputs_embeds=emb, im_mask=im).logits.asnumpy()
+    web = demo_model(inputs_embeds=emb, im_mask=im, infer_mode="web").logits.asnumpy()
+    no_img = demo_model(inputs_embeds=emb, im_mask=np.zeros_like(im)).logits.asnumpy()
+    assert np.abs(base - web).max() > 1e-3
+    # causal: rows before the first image token cannot see the LoRA difference
+    assert np.abs(base[:, :3] - no_img[:, :3]).max() == 0
+    assert np.abs(base[:, 3:] - no_img[:, 3:]).max() > 1e-3
+    with pytest.raises(ValueError, match="infer_mode"):
+        demo_model(inputs_embeds=emb, infer_mode="chat")
+
+
+def _greedy_uncached(model, emb, im, steps):
+    ids, full, imm = [], emb, im
+    for _ in range(steps):
+        logits = model(inputs_embeds=full, im_mask=imm).logits.asnumpy()[0, -1]
+        ids.append(int(logits.argmax()))
+        full = np.concatenate([full, model.embed_tokens(np.array([[ids[-1]]]))], 1)
+        imm = np.concatenate([imm, np.zeros((1, 1), bool)], 1)
+    return ids, logits
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_cached_decoding_equals_full_forward(demo_model, compiled):
+    emb, im = _prompt(demo_model, 70, 30, 4)
+    ref_ids, ref_last = _greedy_uncached(demo_model, emb, im, 5)
+    s = ModelSession(demo_model, 1, 128, compiled=compiled)
+    logits = s.prefill(emb, im)
+    ids = [int(logits[0].argmax())]
+    for _ in range(4):
+        logits = s.step(np.array([ids[-1]]))
+        ids.append(int(logits[0].argmax()))
+    assert ids == ref_ids
+    assert np.abs(logits[0] - ref_last).max() <= 1e-5 * max(1, np.abs(ref_last).max())
+    if compiled:
+        assert s.compile_count == 2  # one prefill bucket, one step graph
+
+
+def test_batched_rows_equal_rows_alone(demo_model):
+    a_emb, a_im = _prompt(demo_model, 50, 20, 5)
+    b_emb, b_im = _prompt(demo_model, 33, 0, 6)
+    alone = []
+    for emb, im in ((a_emb, a_im), (b_emb, b_im)):
+        s = ModelSession(demo_model, 1, 128)
+        lg = [s.prefill(emb, im)[0]]
+        for t in (11, 12, 13):
+            lg.append(s.step(np.array([t]))[0])
+        alone.append(np.stack(lg))
+    pad = 50 - 33
+    emb = np.concatenate([a_emb, np.concatenate([np.zeros((1, pad, 64), np.float32), b_emb], 1)])
+    im = np.concatenate([a_im, np.concatenate([np.zeros((1, pad), bool), b_im], 1)])
+    am = np.ones((2, 50), np.int64)
+    am[1, :pad] = 0
+    s = ModelSession(demo_model, 2, 128)
+    lg = [s.prefill(emb, im, am)]
+    for t in (11, 12, 13):
+        lg.append(s.step(np.array([t, t])))
+    batched = np.stack(lg, 1)
+    for r in range(2):
+        assert np.abs(batched[r] - alone[r]).max() <= 1e-5 * max(1, np.abs(alone[r]).max())
