@@ -11,20 +11,21 @@ from typing import Optional, Tuple
 
 import numpy as np
 import mindspore as ms
-from mindspore import Parameter, Tensor, nn
+from mindspore import Tensor, nn
 
 from .configuration import InternLMXComposer2Config
+from .image_processing import IXCImageProcessor, global_view
 from .layers import Linear, lazy_param
 from .modeling_clip import CLIPVisionTower
 from .modeling_internlm2 import InternLM2Model
 from .ops import fused_attention_available
 from .plora import INFER_MODES
+from .prompt import build_inputs, interleave_chat
 from .rope import rope_cos_sin
+from .tokenization_internlm2 import InternLM2Tokenizer
 from .vision import HDMerge, VisionProjector
 from .weights import Checkpoint, CheckpointError, check_names_and_shapes, parameter_shapes, sizes_from_weights
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp"}
-VIDEO_EXTENSIONS = {".mp4", ".avi", ".mkv", ".mov", ".wmv"}
 _MASK_MIN = np.finfo(np.float32).min
 
 
@@ -90,7 +91,6 @@ class InternLMXComposer2ForCausalLM(nn.Cell):
         model.load_weights(ckpt)
         tok_file = os.path.join(path, "tokenizer.model")
         if os.path.isfile(tok_file):
-            from .tokenization_internlm2 import InternLM2Tokenizer
             model.tokenizer = InternLM2Tokenizer.from_pretrained(path)
         return model
 
@@ -148,8 +148,6 @@ class InternLMXComposer2ForCausalLM(nn.Cell):
     # ------------------------------------------------------------------ vision
     def vit_features(self, pixel_values) -> Tuple[Tensor, int, int]:
         """ViT last hidden states (no class token) of the global view then each tile: [1+h*w, grid^2, C]."""
-        from .image_processing import global_view
-
         pv = to_numpy(pixel_values).astype(np.float32)
         tile = self.config.vision_config.image_size
         if pv.ndim != 4 or pv.shape[0] != 1 or pv.shape[1] != 3 or pv.shape[2] % tile or pv.shape[3] % tile:
@@ -169,17 +167,31 @@ class InternLMXComposer2ForCausalLM(nn.Cell):
         return img_embeds, np.ones((1, n), np.int64), np.full((1, n), -100, np.int64)
 
     def encode_img(self, image, hd_num=25):
-        """A path (image or video), a PIL image, or normalised pixels -> image embeddings [1, T, hidden]."""
+        """A path (image or video), a PIL image, or normalised pixels [1, 3, H, W] -> image embeddings
+        [1, T, hidden]. Unlike upstream, an unsupported file is an error, not a printed warning."""
         if image is None:
             return None
-        if isinstance(image, (Tensor, np.ndarray)):
-            return self.img2emb(image)[0]
-        from .image_processing import IXCImageProcessor, load_image
+        if not isinstance(image, (Tensor, np.ndarray)):
+            image = IXCImageProcessor()(image, hd_num=hd_num)
+        return self.img2emb(image)[0]
 
-        if isinstance(image, str):
-            ext = os.path.splitext(image)[1].lower()
-            if ext in VIDEO_EXTENSIONS:
-                from .video import video_pixel_values
-                return self.img2emb(video_pixel_values(image, hd_num=hd_num))[0]
-        return self.img2emb(IXCImageProcessor()(load_image(image) if isinstance(image, str) else image,
-                                                hd_num=hd_num))[0]
+    # ------------------------------------------------------------------ prompts
+    def interleav_wrap_chat(self, query, image, history=[], meta_instruction="", max_length=16384, hd_num=24):
+        """Upstream's prompt assembly: ({'inputs_embeds': [1, L, H]}, im_mask [1, L] bool, total length).
+        A number of images that does not match the `<ImageHere>` markers is an error (upstream warns and
+        drops or misplaces images); one image without a marker goes first, as upstream."""
+        self._require_tokenizer()
+        embeds, im_mask, temp_len = interleave_chat(
+            query, list(image), self.tokenizer, self.embed_tokens,
+            lambda img, hd: to_numpy(self.encode_img(img, hd)), history=history,
+            meta_instruction=meta_instruction, max_length=max_length, hd_num=hd_num)
+        return {"inputs_embeds": embeds}, im_mask, temp_len
+
+    def build_inputs(self, tokenizer, query, history=[], meta_instruction=""):
+        """Text-only prompt ids, as upstream (`'<s>' + prompt` tokenized with BOS: a double BOS)."""
+        return build_inputs(tokenizer, query, history, meta_instruction)
+
+    def _require_tokenizer(self):
+        if self.tokenizer is None:
+            raise ValueError("model.tokenizer is not set: load a model directory that holds tokenizer.model, "
+                             "or assign model.tokenizer = InternLM2Tokenizer.from_pretrained(...)")
