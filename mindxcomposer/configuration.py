@@ -61,6 +61,9 @@ class InternLMXComposer2Config:
     plora_scale: float = 1.0  # lora_alpha / lora_r = 256 / 256 in the release
     task_lora_ranks: Dict[str, int] = field(default_factory=dict)  # e.g. {"lora_web": 512, ...}
     projector_hidden_size: Optional[int] = None  # hidden of Linear-GELU-Linear; None = hidden_size
+    # Set by `mxc-convert --merge-task`: that task's LoRAs are folded into the base weights and the task
+    # LoRA tensors dropped, so infer_mode 'base' computes what the unmerged model does in that mode.
+    merged_task_lora: Optional[str] = None  # None, 'web' or 'write'
 
     def __post_init__(self):
         if isinstance(self.vision_config, dict):
@@ -78,6 +81,8 @@ class InternLMXComposer2Config:
                 raise ValueError(f"rope_scaling type must be 'linear' or 'dynamic', got {kind!r}")
             if not isinstance(factor, (int, float)) or factor < 1.0:
                 raise ValueError(f"rope_scaling factor must be a number >= 1, got {factor!r}")
+        if self.merged_task_lora not in (None, "web", "write"):
+            raise ValueError(f"merged_task_lora must be None, 'web' or 'write', got {self.merged_task_lora!r}")
         if self.projector_hidden_size is None:
             self.projector_hidden_size = self.hidden_size
 
