@@ -95,15 +95,23 @@ class InternLMXComposer2ForCausalLM(nn.Cell):
         return model
 
     def load_weights(self, ckpt: Checkpoint) -> None:
+        self.load_state_dict(ckpt.items(np.float32))
+
+    def load_state_dict(self, items) -> None:
+        """Set every parameter from (upstream name, float32 array) pairs or a dict; all must be present."""
         params = {p.name: p for p in self.get_parameters()}
-        missing = sorted(set(params) - set(ckpt.keys()))
-        if missing:
-            raise CheckpointError(f"checkpoint lacks parameters: {missing[:20]}")
-        for name, p in params.items():
-            arr = ckpt.get(name, np.float32)
+        seen = set()
+        for name, arr in (items.items() if isinstance(items, dict) else items):
+            if name not in params:
+                raise CheckpointError(f"unexpected parameter {name!r}")
+            p = params[name]
             if tuple(arr.shape) != tuple(p.shape):
-                raise CheckpointError(f"{name}: checkpoint shape {arr.shape} vs model {tuple(p.shape)}")
-            p.set_data(Tensor(arr).astype(self.dtype) if self.dtype != ms.float32 else Tensor(arr))
+                raise CheckpointError(f"{name}: checkpoint shape {tuple(arr.shape)} vs model {tuple(p.shape)}")
+            p.set_data(Tensor(np.asarray(arr, np.float32)).astype(self.dtype))
+            seen.add(name)
+        missing = sorted(set(params) - seen)
+        if missing:
+            raise CheckpointError(f"no value for parameters: {missing[:20]}")
 
     # ------------------------------------------------------------------ decoder
     def get_input_embeddings(self):

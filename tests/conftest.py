@@ -1,3 +1,4 @@
+import json
 import os
 
 import numpy as np
@@ -39,12 +40,22 @@ def demo_model(demo_dir):
     return InternLMXComposer2ForCausalLM.from_pretrained(demo_dir)
 
 
+# With PARITY_REPORT=path, every parity comparison is appended to that JSON-lines file: the source of
+# the measured errors in docs/parity.md (`tools/parity_report.py` turns it into the table).
+_REPORT = os.environ.get("PARITY_REPORT")
+
+
 def assert_close(ours, ref, rel=1e-5, what=""):
     """Parity criterion of this project: max |ours - ref| <= rel * max(1, max |ref|)."""
     ours = np.asarray(ours, np.float64)
     ref = np.asarray(ref, np.float64)
     assert ours.shape == ref.shape, f"{what}: shape {ours.shape} vs reference {ref.shape}"
-    tol = rel * max(1.0, float(np.abs(ref).max()))
+    scale = max(1.0, float(np.abs(ref).max()))
+    tol = rel * scale
     err = float(np.abs(ours - ref).max())
+    if _REPORT:
+        with open(_REPORT, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"what": what, "err": err, "tol": tol, "scale": scale,
+                                "mode": ms.get_context("mode")}) + "\n")
     assert err <= tol, f"{what}: max abs error {err:.3g} > {tol:.3g}"
     return err
