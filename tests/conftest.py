@@ -6,7 +6,7 @@ import pytest
 
 import mindspore as ms
 
-ms.set_context(pynative_synchronize=True)  # async launch is 10-20x slower on CPU
+ms.runtime.launch_blocking()  # asynchronous launch is 10-20x slower on CPU
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FIXTURES = os.path.join(HERE, "fixtures")
