@@ -66,7 +66,7 @@ def save_demo_model(path: str, config: Optional[InternLMXComposer2Config] = None
     os.makedirs(path, exist_ok=True)
     d = config.to_dict()
     vision = d.pop("vision_config")
-    for k in ("plora_rank", "plora_scale", "task_lora_ranks", "projector_hidden_size"):
+    for k in ("plora_rank", "plora_scale", "task_lora_ranks", "projector_hidden_size", "merged_task_lora"):
         d.pop(k)  # upstream's config.json does not carry them: they come from the weight shapes
     with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as f:
         json.dump(d, f, indent=2)

@@ -3,7 +3,7 @@
 Our cells are named after upstream's modules, so a parameter keeps its upstream name and layout
 (`nn.Linear` and `nn.Dense` both store [out, in]; conv weights are [out, in, kh, kw] in both). The table
 below therefore only lists what differs: buffers upstream may have saved that are not parameters.
-The converter (`tools/convert_weights`) and `from_pretrained` both go through `to_ours`.
+The converter (`mindxcomposer.convert`, CLI `mxc-convert`) and `from_pretrained` both go through `to_ours`.
 """
 import json
 import os
