@@ -20,7 +20,8 @@ setup(
     extras_require={
         # Reading the released .bin shards needs torch; the CPU build is enough.
         "convert": ["torch==2.13.0"],
-        "test": ["pytest>=7", "transformers==4.33.2", "torch==2.13.0"],
+        # The golden canvases depend on Pillow's resampling and FreeType: the fixtures were made with 13.0.0.
+        "test": ["pytest>=7", "transformers==4.33.2", "torch==2.13.0", "pillow==13.0.0"],
     },
     entry_points={
         "console_scripts": [
