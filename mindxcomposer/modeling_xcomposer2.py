@@ -13,6 +13,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor, nn
 
+from .chat import ChatMixin
 from .configuration import InternLMXComposer2Config
 from .image_processing import IXCImageProcessor, global_view
 from .layers import Linear, lazy_param
@@ -54,7 +55,7 @@ def default_position_ids(attention_mask: np.ndarray) -> np.ndarray:
     return np.where(attention_mask > 0, pos, 1)
 
 
-class InternLMXComposer2ForCausalLM(nn.Cell):
+class InternLMXComposer2ForCausalLM(ChatMixin, nn.Cell):
     def __init__(self, config: InternLMXComposer2Config, dtype=ms.float32, use_fused_attention=None):
         super().__init__()
         if use_fused_attention is None:
@@ -114,6 +115,15 @@ class InternLMXComposer2ForCausalLM(nn.Cell):
             raise CheckpointError(f"no value for parameters: {missing[:20]}")
 
     # ------------------------------------------------------------------ decoder
+    def check_infer_mode(self, infer_mode):
+        if infer_mode not in INFER_MODES:
+            raise ValueError(f"infer_mode must be one of {INFER_MODES}, got {infer_mode!r}")
+        merged = self.config.merged_task_lora
+        if merged and infer_mode not in ("base", merged):
+            raise ValueError(f"this model has the {merged!r} task LoRA merged into its weights (mxc-convert "
+                             f"--merge-task): infer_mode {infer_mode!r} cannot be served; every mode computes "
+                             f"{merged!r}")
+
     def get_input_embeddings(self):
         return self.model.tok_embeddings
 
@@ -127,8 +137,7 @@ class InternLMXComposer2ForCausalLM(nn.Cell):
 
     def __call__(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None,
                  im_mask=None, infer_mode="base", output_hidden_states=False, **kwargs):
-        if infer_mode not in INFER_MODES:
-            raise ValueError(f"infer_mode must be one of {INFER_MODES}, got {infer_mode!r}")
+        self.check_infer_mode(infer_mode)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         if inputs_embeds is None:

@@ -1,0 +1,251 @@
+"""Upstream's user-facing methods: `generate`, `chat`, `batch_chat`, `write_artical`, `write_webpage`,
+`resume_2_webpage`, `screen_2_webpage`, with upstream's names, arguments and defaults.
+
+Every call starts from a fresh KV cache and stateless RoPE, so it behaves like a call on a freshly loaded
+upstream model. Decoding follows transformers 4.33 (`mindxcomposer.generation`), which upstream runs on.
+"""
+import os
+import re
+import tempfile
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .generation import StopWordsCriteria, generate
+from .prompt import META_INSTRUCTION
+from .session import ModelSession
+
+EOA = "[UNUSED_TOKEN_145]"  # end of an assistant turn
+BOT = "[UNUSED_TOKEN_146]"
+WRITE_META_INSTRUCTION = (
+    "You are an AI assistant whose name is InternLM-XComposer (浦语·灵笔).\n"
+    "- InternLM-XComposer (浦语·灵笔) is a conversational language model that is developed by Shanghai AI "
+    "Laboratory (上海人工智能实验室). It is designed to be helpful, honest, and harmless.\n"
+    "- InternLM-XComposer (浦语·灵笔) can understand and communicate fluently in the language chosen by the user "
+    "such as English and 中文.\n")
+_UNSPLASH = r'''https://source\.unsplash\.com/random/(\d+)x(\d+)/\?([^'"]+)'''
+
+
+def _clean(text: str) -> str:
+    return text.replace(EOA, "").replace(BOT, "")
+
+
+def _random_images(html: str) -> str:
+    """Upstream's post-processing: unsplash placeholders (a retired service) become picsum URLs."""
+    return re.sub(_UNSPLASH, r"https://picsum.photos/\1/\2", html)
+
+
+def _seed(seed):
+    return None if seed is None or seed == -1 else seed
+
+
+def write_text_atomically(path: str, text: str) -> str:
+    """Write `text` to `path` through a temporary file in the same directory, so that a failure never
+    leaves a half-written file."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".html")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return path
+
+
+class _BeamReadySession:
+    """`ModelSession` as the decoding loop expects it (`generation.DecoderSession`).
+
+    Beam search asks, right after prefill, for each prompt row to become `num_beams` cache rows. The
+    static cache has a fixed row count, so the prompt is prefilled `num_beams` times over instead, and
+    that first expansion becomes a pick among identical rows."""
+
+    def __init__(self, session: ModelSession, num_beams: int):
+        self.session = session
+        self.num_beams = num_beams
+        self.expanded = num_beams == 1
+
+    def prefill(self, inputs_embeds, attention_mask, im_mask=None):
+        k = self.num_beams
+        logits = self.session.prefill(np.repeat(inputs_embeds, k, 0), np.repeat(im_mask, k, 0),
+                                      np.repeat(attention_mask, k, 0))
+        return logits[::k]
+
+    def step(self, token_ids, attention_mask=None):
+        return self.session.step(token_ids)
+
+    def reorder(self, row_index):
+        row_index = np.asarray(row_index)
+        if not self.expanded:
+            self.expanded = True
+            row_index = row_index * self.num_beams  # prompt row r was prefilled at rows r*k .. r*k+k-1
+        self.session.reorder(row_index)
+
+
+class ChatMixin:
+    """Mixed into `InternLMXComposer2ForCausalLM`."""
+
+    def generate(self, inputs_embeds=None, input_ids=None, im_mask=None, attention_mask=None, infer_mode="base",
+                 streamer=None, stopping_criteria=(), seed=None, compiled=None, **settings) -> np.ndarray:
+        """HF-style `generate` from `inputs_embeds` (image + text prompts) or `input_ids` (text only).
+
+        Returns int64 sequences [rows, n] as transformers 4.33 does: for an embeddings prompt `<s>` followed
+        by the new ids, for an ids prompt the prompt ids followed by the new ids. `settings` are
+        `GenerationConfig` fields (max_new_tokens, do_sample, num_beams, temperature, top_p, top_k,
+        repetition_penalty, length_penalty, eos_token_id, ...). `compiled` picks graph-compiled decoding
+        steps (default: compiled except on GPU); `seed` makes sampling reproducible."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        self.check_infer_mode(infer_mode)
+        prompt_ids = None
+        if input_ids is not None:
+            prompt_ids = np.asarray(input_ids, np.int64)
+            inputs_embeds = self.embed_tokens(prompt_ids)
+            im_mask = None  # upstream: a text prompt never takes the image LoRA path
+        embeds = np.asarray(inputs_embeds.asnumpy() if hasattr(inputs_embeds, "asnumpy") else inputs_embeds,
+                            np.float32)
+        rows, length = embeds.shape[:2]
+        attention_mask = np.ones((rows, length), np.int64) if attention_mask is None else np.asarray(attention_mask)
+        im = np.zeros((rows, length), bool) if im_mask is None else np.asarray(im_mask, bool).reshape(rows, length)
+        cfg = self.config
+        settings.setdefault("bos_token_id", cfg.bos_token_id)
+        settings.setdefault("eos_token_id", cfg.eos_token_id)
+        settings.setdefault("pad_token_id", cfg.pad_token_id)
+        max_new = settings.get("max_new_tokens")
+        if max_new is None:
+            max_new = max(1, settings.get("max_length", 20) - (1 if prompt_ids is None else prompt_ids.shape[1]))
+        beams = settings.get("num_beams", 1)
+        session = ModelSession(self, rows * beams, length + max_new, infer_mode=infer_mode, compiled=compiled)
+        self.last_session = session  # its `compile_count` tells how many graphs the call compiled
+        return generate(_BeamReadySession(session, beams), embeds, attention_mask, prompt_ids=prompt_ids, model_inputs={"im_mask": im},
+                        stopping_criteria=stopping_criteria, streamer=streamer, rng=_seed(seed), **settings)
+
+    def _eos_ids(self, tokenizer) -> List[int]:
+        # also the end-of-assistant token, as upstream's chat does, to stop at the end of the turn
+        return [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids([EOA])[0]]
+
+    def chat(self, tokenizer, query: str, image: Optional[Sequence] = [], hd_num: int = 24,
+             history: List[Tuple[str, str]] = [], streamer=None, max_new_tokens: int = 1024, do_sample: bool = True,
+             num_beams: int = 1, temperature: float = 1.0, top_p: float = 0.8, repetition_penalty: float = 1.005,
+             infer_mode: str = "base", use_meta: bool = False, meta_instruction: str = META_INSTRUCTION, **kwargs):
+        """Upstream's `chat`: returns (response, history + [(query, response)])."""
+        if not use_meta:
+            meta_instruction = ""
+        gen = dict(streamer=streamer, max_new_tokens=max_new_tokens, do_sample=do_sample, num_beams=num_beams,
+                   temperature=temperature, top_p=top_p, repetition_penalty=repetition_penalty,
+                   eos_token_id=self._eos_ids(tokenizer), infer_mode=infer_mode, **kwargs)
+        if image is None:
+            ids = self.build_inputs(tokenizer, query, history, meta_instruction)["input_ids"]
+            ids = np.asarray(ids, np.int64).reshape(1, -1)
+            outputs = self.generate(input_ids=ids, **gen)[0][ids.shape[1]:]
+        else:
+            inputs, im_mask, _ = self.interleav_wrap_chat(query, image, history=history,
+                                                          meta_instruction=meta_instruction, hd_num=hd_num)
+            outputs = self.generate(inputs_embeds=inputs["inputs_embeds"], im_mask=im_mask, **gen)[0]
+        response = tokenizer.decode(outputs.tolist(), skip_special_tokens=True).split(EOA)[0]
+        return response, history + [(query, response)]
+
+    def batch_chat(self, tokenizer, queries: Sequence[str], images: Optional[Sequence[Sequence]] = None,
+                   hd_num: int = 24, histories: Optional[Sequence[List[Tuple[str, str]]]] = None,
+                   max_new_tokens: int = 1024, do_sample: bool = False, num_beams: int = 1,
+                   temperature: float = 1.0, top_p: float = 0.8, repetition_penalty: float = 1.005,
+                   infer_mode: str = "base", use_meta: bool = False, meta_instruction: str = META_INSTRUCTION,
+                   **kwargs) -> List[str]:
+        """Several independent chat requests decoded together (not in upstream). Prompts are left-padded;
+        each row gets the tokens it would get alone (through the image path of `chat`)."""
+        n = len(queries)
+        images = [[] for _ in range(n)] if images is None else [list(i or []) for i in images]
+        histories = [[] for _ in range(n)] if histories is None else list(histories)
+        if not (len(images) == len(histories) == n):
+            raise ValueError(f"{n} queries but {len(images)} image lists and {len(histories)} histories")
+        meta = meta_instruction if use_meta else ""
+        prompts = [self.interleav_wrap_chat(q, im, history=h, meta_instruction=meta, hd_num=hd_num)
+                   for q, im, h in zip(queries, images, histories)]
+        length = max(p[0]["inputs_embeds"].shape[1] for p in prompts)
+        embeds = np.zeros((n, length, self.config.hidden_size), np.float32)
+        im_mask = np.zeros((n, length), bool)
+        attention_mask = np.zeros((n, length), np.int64)
+        for r, (inputs, mask, _) in enumerate(prompts):
+            k = inputs["inputs_embeds"].shape[1]
+            embeds[r, length - k:] = inputs["inputs_embeds"][0]
+            im_mask[r, length - k:] = mask[0]
+            attention_mask[r, length - k:] = 1
+        out = self.generate(inputs_embeds=embeds, im_mask=im_mask, attention_mask=attention_mask,
+                            max_new_tokens=max_new_tokens, do_sample=do_sample, num_beams=num_beams,
+                            temperature=temperature, top_p=top_p, repetition_penalty=repetition_penalty,
+                            eos_token_id=self._eos_ids(tokenizer), infer_mode=infer_mode, **kwargs)
+        return [tokenizer.decode(row.tolist(), skip_special_tokens=True).split(EOA)[0] for row in out]
+
+    def write_artical(self, inst: str, image: Sequence = [], hd_num: int = 25, history=[], streamer=None,
+                      max_new_tokens: int = 1024, do_sample: bool = True, num_beams: int = 1,
+                      temperature: float = 1.0, top_p: float = 0.8, repetition_penalty: float = 1.005,
+                      max_length: int = 8192, seed: int = -1, use_meta: bool = False, **kwargs) -> str:
+        """Upstream's article writing (task LoRAs sft + dpo). As upstream: `max_new_tokens`, `top_p`,
+        `hd_num` and `history` are accepted but not used (it generates up to `max_length` in all, with
+        top_p 0.8, top_k 40, and the default hd_num 24), and it stops at the end-of-turn token."""
+        meta = WRITE_META_INSTRUCTION if use_meta else ""
+        inputs, im_mask, n_input = self.interleav_wrap_chat(inst, image, meta_instruction=meta, max_length=max_length)
+        eoa = self.tokenizer.convert_tokens_to_ids([EOA])[0]
+        out = self.generate(inputs_embeds=inputs["inputs_embeds"], im_mask=im_mask, do_sample=do_sample,
+                            num_beams=num_beams, temperature=temperature, repetition_penalty=repetition_penalty,
+                            stopping_criteria=[StopWordsCriteria([[eoa]])], max_new_tokens=max_length - n_input,
+                            top_p=0.8, top_k=40, length_penalty=1.0, infer_mode="write", seed=_seed(seed),
+                            streamer=streamer, **kwargs)
+        return _clean(self.tokenizer.decode(out[0].tolist(), skip_special_tokens=True))
+
+    def _web_generate(self, inst, image, max_new_tokens, do_sample, num_beams, temperature, repetition_penalty,
+                      seed, kwargs) -> str:
+        inputs, im_mask, _ = self.interleav_wrap_chat(inst, image)
+        out = self.generate(inputs_embeds=inputs["inputs_embeds"], im_mask=im_mask, do_sample=do_sample,
+                            temperature=temperature, num_beams=num_beams, repetition_penalty=repetition_penalty,
+                            max_new_tokens=max_new_tokens, infer_mode="web", seed=_seed(seed), **kwargs)
+        return _clean(self.tokenizer.decode(out[0].tolist(), skip_special_tokens=True))
+
+    def _save_page(self, html, task, output_dir):
+        if output_dir is not None:
+            write_text_atomically(os.path.join(output_dir, task.replace(" ", "_") + ".html"), html)
+        return html
+
+    def write_webpage(self, inst: str, image: Sequence = [], max_new_tokens: int = 4800, do_sample: bool = True,
+                      num_beams: int = 2, temperature: float = 1.0, repetition_penalty: float = 3.0, seed: int = -1,
+                      use_meta: bool = False, task: str = "Instruction-aware Webpage Generation",
+                      output_dir: Optional[str] = ".", **kwargs) -> str:
+        """Upstream's webpage generation (task LoRA web). The page is also written to
+        `<output_dir>/<task with underscores>.html` (upstream: the current directory); None writes nothing."""
+        html = self._web_generate(inst, image, max_new_tokens, do_sample, num_beams, temperature,
+                                  repetition_penalty, seed, kwargs)
+        return self._save_page(_random_images(html), task, output_dir)
+
+    def resume_2_webpage(self, inst: str, image: Sequence = [], max_new_tokens: int = 4800, do_sample: bool = True,
+                         num_beams: int = 2, temperature: float = 1.0, repetition_penalty: float = 3.0,
+                         seed: int = -1, use_meta: bool = False, task: str = "Resume-to-Personal Page",
+                         output_dir: Optional[str] = ".", **kwargs) -> str:
+        """Upstream's resume to personal page: `inst` is the path of a markdown resume; an HTML page is
+        generated, then JavaScript for it, and the two are merged."""
+        if not os.path.isfile(inst):
+            raise FileNotFoundError(f"resume file {inst!r} does not exist (resume_2_webpage takes the path of a "
+                                    "markdown resume)")
+        with open(inst, encoding="utf-8") as f:
+            resume = f.read()
+        gen = (max_new_tokens, do_sample, num_beams, temperature, repetition_penalty, seed, kwargs)
+        html = self._web_generate(" Generate a personal page using the content in the resume:" + resume, image, *gen)
+        js = self._web_generate(" Generate JavaScript events for the html code:" + html, image, *gen)
+        if re.search(r"</script>", html):
+            js = re.findall(r"<script>([\s\S]*?)<\/script>", js)
+            html = re.sub(r"(</script>)", f"\n{js}\n" + r"\1", html)
+        elif re.search(r"</html>", html):
+            html = re.sub(r"(</html>)", f"\n{js}\n" + r"\1", html)
+        return self._save_page(_random_images(html), task, output_dir)
+
+    def screen_2_webpage(self, inst: str, image: Sequence = [], max_new_tokens: int = 4800, do_sample: bool = True,
+                         num_beams: int = 2, temperature: float = 1.0, repetition_penalty: float = 3.0,
+                         seed: int = -1, use_meta: bool = False, task: str = "Screenshot-to-Webpage",
+                         output_dir: Optional[str] = ".", **kwargs) -> str:
+        """Upstream's screenshot to webpage; `inst` is ignored, as upstream ignores it."""
+        if len(image) == 0:
+            raise ValueError("screen_2_webpage needs the screenshot: pass image=[path]")
+        html = self._web_generate(" Generate the HTML code of this web image with Tailwind CSS.", image,
+                                  max_new_tokens, do_sample, num_beams, temperature, repetition_penalty, seed, kwargs)
+        return self._save_page(_random_images(html), task, output_dir)
