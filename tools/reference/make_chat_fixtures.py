@@ -13,7 +13,8 @@ between torch and MindSpore. Each case is therefore run again with every step's 
 seeded uniform noise of +-NOISE * max(1, max |scores|); the ids must not change (asserted), and the
 smallest greedy top-1/top-2 margin is recorded. The test video is the `square_1fps` one of
 tests/fixtures/inputs (its frames PNG), written as lossless FFV1 by OpenCV under --video-python (this
-venv has no OpenCV) through `make_input_fixtures.py write-video`, and stored here.
+venv has no OpenCV) through `make_input_fixtures.py write-video`, and stored here beside the resume
+`resume_2_webpage` reads (RESUME_TEXT below).
 """
 import argparse
 import contextlib
@@ -230,8 +231,6 @@ def call_args(model, case):
         args["inst"] = os.path.join(REPO, args["inst"])
     if case["method"] == "chat":
         args = dict(tokenizer=model.tokenizer, **args)
-    if case["method"] == "write_artical":
-        args["max_length"] = case["args"]["max_length"]
     return args
 
 
@@ -259,14 +258,15 @@ def run_case(upstream_dir, config, case, noise_seed=None):
 def prompt_length(upstream_dir, config, case):
     """write_artical's own prompt length (`interleav_wrap_chat`, whose hd_num it does not pass)."""
     model = U.load_upstream(upstream_dir, config, SEED)
-    args = call_args(model, dict(case, args=dict(case["args"], max_length=16384)))
+    args = call_args(model, case)
     with torch.no_grad():
         _, _, n = model.interleav_wrap_chat(args["inst"], args["image"], max_length=16384)
     return n
 
 
-def stop_reason(case, call):
+def stop_reason(call):
     new = call["new_ids"]
+    # The webpage methods pass no eos_token_id: generate falls back to the model's, </s> (2).
     eos = call["kwargs"].get("eos_token_id", 2)
     eos = eos if isinstance(eos, list) else [eos]
     if new and new[-1] in eos:
@@ -324,7 +324,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--upstream", required=True, help="directory of the upstream IXC2.5 python files")
     parser.add_argument("--video-python", default="python3", help="an interpreter with OpenCV")
-    parser.add_argument("--only", action="append", help="case names to run (for trying prompts; writes nothing)")
+    parser.add_argument("--only", action="append", help="case names to run (for trying prompts; cases.json is not written)")
     args = parser.parse_args()
     from mindxcomposer.demo import tiny_config
 
@@ -350,7 +350,7 @@ def main():
                 raise SystemExit(f"{case['name']}: noise seed {seed} changes the ids of generate call(s) {changed}:"
                                  f" {[calls[i]['new_ids'] for i in changed]} vs {[noisy[i]['new_ids'] for i in changed]}")
         for call in calls:
-            call["stopped_by"] = stop_reason(case, call)
+            call["stopped_by"] = stop_reason(call)
         cases.append(dict(case, result=result, generate_calls=calls))
         print(f"{case['name']}: " + "; ".join(
             f"input {c['input_len']} ({c['input']}), {c['num_new']} new ({c['distinct_new']} distinct), "
