@@ -1,10 +1,13 @@
 """Host-side bookkeeping for decoding over the static KV cache: slots, positions, masks, RoPE angles.
 
 A `ModelSession` serves the decoding loop (`mindxcomposer.generation`): `prefill` from embeddings,
-`step` one token per row, `reorder` rows for beam search. Rows are left-padded, and the prompt is
-further left-padded to a length bucket, so that the prefill graph compiles once per bucket and the
-step graph once per (batch, cache size). Positions and the dynamic-NTK RoPE base are computed per row
-from that row's real tokens, so a row decodes exactly as it would alone.
+`step` one token per row, `reorder` rows for beam search. Rows are left-padded by the caller; the
+prompt occupies slots [0, n) of the cache and generated tokens the following ones. The prompt runs in
+equal chunks of at most `PREFILL_CHUNK` rows, rounded up to a multiple of `prefill_bucket`, the last
+one padded on the right: padding rows write nothing into the cache (they add zeros), so padding costs
+no cache slots. The prefill graph thus compiles once per chunk
+size and the step graph once per (batch, cache size). Positions and the dynamic-NTK RoPE base are
+computed per row from that row's real tokens, so a row decodes exactly as it would alone.
 """
 from typing import Optional
 
@@ -17,18 +20,12 @@ from .rope import rope_cos_sin
 
 _MASK_MIN = np.finfo(np.float32).min
 PREFILL_BUCKET = 64
+PREFILL_CHUNK = 512  # most rows per prefill graph call: bounds its memory
 CACHE_BUCKET = 256
 
 
 def round_up(n: int, m: int) -> int:
     return -(-n // m) * m
-
-
-def _jit(cell):
-    @ms.jit
-    def run(*args):
-        return cell(*args)
-    return run
 
 
 class ModelSession:
@@ -44,66 +41,92 @@ class ModelSession:
         if compiled is None:
             compiled = ms.get_context("device_target") != "GPU"
         self.compiled = compiled
-        self._run = _jit(self.decoder) if compiled else self.decoder
+        d = self.decoder
+        self._prefill_layer = ms.jit(d.prefill_layer) if compiled else d.prefill_layer
+        self._step = ms.jit(d.step) if compiled else d.step
         self.signatures = set()  # distinct (kind, shapes, mode) = graphs compiled when `compiled`
         self.slot_mask = np.zeros((batch_size, self.cache_len), np.int64)
         self.next_slot = 0
+        self._slots = np.arange(self.cache_len)
 
     @property
     def compile_count(self) -> int:
         return len(self.signatures) if self.compiled else 0
 
-    def _forward(self, kind, embeds, positions, real_len, im_mask, slots):
-        b, n, _ = embeds.shape
-        cos = np.empty((b, n, self.config.head_dim), np.float32)
-        sin = np.empty_like(cos)
+    def _tensor(self, arr):
+        t = Tensor(arr)
+        return t if self.model.dtype == ms.float32 else t.astype(self.model.dtype)
+
+    def _rope(self, positions, real_len):
+        """cos, sin [B, n, 1, G+2, D] for the packed q/k/v heads of a kv group: the rotation on the G
+        query slots and the key slot, the identity (cos 1, sin 0) on the value slot; `rotate_half`'s
+        sign is folded into sin, so that `x * cos + swap_halves(x) * sin` is upstream's RoPE exactly."""
+        b, n = positions.shape
+        g, d = self.config.num_attention_heads // self.config.num_key_value_heads, self.config.head_dim
+        cos = np.ones((b, n, 1, g + 2, d), np.float32)
+        sin = np.zeros((b, n, 1, g + 2, d), np.float32)
         for r in range(b):  # the dynamic-NTK base depends on each row's own length
-            cos[r], sin[r] = rope_cos_sin(self.config, positions[r], seq_len=int(real_len[r]))
-        visible = (np.arange(self.cache_len)[None, None, :] <= slots[None, :, None]) & (self.slot_mask[:, None, :] > 0)
-        mask = np.where(visible, np.float32(0), _MASK_MIN).astype(np.float32)[:, None]
-        kv = self.config.num_key_value_heads
-        write_idx = np.empty((b, kv, n, 3), np.int32)
-        write_idx[..., 0] = np.arange(b)[:, None, None]
-        write_idx[..., 1] = np.arange(kv)[None, :, None]
-        write_idx[..., 2] = slots[None, None, :]
-        dt = self.model.dtype
-        self.signatures.add((kind, b, n, self.cache_len, self.infer_mode))
-        logits = self._run(Tensor(embeds).astype(dt), Tensor(cos).astype(dt), Tensor(sin).astype(dt),
-                           Tensor(mask).astype(dt), Tensor(im_mask[..., None]).astype(dt), Tensor(write_idx),
-                           self.infer_mode)
-        return logits.asnumpy()
+            c, s = rope_cos_sin(self.config, positions[r], seq_len=int(real_len[r]))
+            s[..., :d // 2] = -s[..., :d // 2]
+            cos[r, :, 0, :g + 1] = c[:, None]
+            sin[r, :, 0, :g + 1] = s[:, None]
+        return cos, sin
 
     def prefill(self, inputs_embeds, im_mask, attention_mask=None) -> np.ndarray:
         """Left-padded prompt embeddings [B, L, H] -> logits [B, V] of each row's last token."""
         embeds = np.asarray(inputs_embeds, np.float32)
         b, n, hsz = embeds.shape
-        am = np.ones((b, n), np.int64) if attention_mask is None else np.asarray(attention_mask, np.int64)
-        nb = round_up(n, self.prefill_bucket)
-        if nb > self.cache_len:
+        if b != self.batch_size:
+            raise ValueError(f"the session holds {self.batch_size} rows, the prompt has {b}")
+        if n > self.cache_len:
             raise ValueError(f"prompt of {n} tokens does not fit a cache of {self.cache_len}")
-        pad = nb - n
-        embeds = np.concatenate([np.zeros((b, pad, hsz), np.float32), embeds], 1)
-        am = np.concatenate([np.zeros((b, pad), np.int64), am], 1)
-        imm = np.concatenate([np.zeros((b, pad), np.float32), np.asarray(im_mask, np.float32)], 1)
+        am = np.ones((b, n), np.int64) if attention_mask is None else np.asarray(attention_mask, np.int64)
+        chunks = -(-n // PREFILL_CHUNK)
+        chunk = round_up(-(-n // chunks), self.prefill_bucket)
+        pad = chunks * chunk - n
+        embeds = np.concatenate([embeds, np.zeros((b, pad, hsz), np.float32)], 1)
+        imm = np.concatenate([np.asarray(im_mask, np.float32), np.zeros((b, pad), np.float32)], 1)[..., None]
+        am_padded = np.concatenate([am, np.zeros((b, pad), np.int64)], 1)
+        self.decoder.reset()
         self.slot_mask[:] = 0
-        self.slot_mask[:, :nb] = am
-        self.next_slot = nb
-        positions = np.where(am > 0, np.cumsum(am, 1) - 1, 1)
-        return self._forward("prefill", embeds, positions, am.sum(1), imm, np.arange(nb))
+        self.slot_mask[:, :n] = am
+        self.next_slot = n
+        positions = np.where(am_padded > 0, np.cumsum(am_padded, 1) - 1, 1)
+        cos, sin = self._rope(positions, am.sum(1))
+        # Padding rows add zeros (keep 0), past the cache's end all at its last slot.
+        slots = np.minimum(np.arange(n + pad), self.cache_len - 1).astype(np.int32)
+        keep = (np.arange(n + pad) < n).astype(np.float32)[None, None, :, None]
+        self.signatures.add(("prefill", b, chunk, self.cache_len, self.infer_mode))
+        d = self.decoder
+        weights = [tuple(Tensor(p) for p in layer) for layer in d.layer_weights]  # views, no copies
+        k_caches = [Tensor(c) for c in d.k_cache]
+        v_caches = [Tensor(c) for c in d.v_cache]
+        for start in range(0, n + pad, chunk):
+            rows = slice(start, start + chunk)
+            visible = (self._slots[None, None, :] <= slots[None, rows, None]) & (self.slot_mask[:, None, :] > 0)
+            mask = self._tensor(np.where(visible, np.float32(0), _MASK_MIN).astype(np.float32)[:, None])
+            args = (self._tensor(cos[:, rows]), self._tensor(sin[:, rows]), mask, self._tensor(imm[:, rows]),
+                    Tensor(slots[rows]), self._tensor(keep[:, :, rows]))
+            x = self._tensor(embeds[:, rows])
+            for i in range(d.num_layers):
+                x = self._prefill_layer(x, *args, k_caches[i], v_caches[i], self.infer_mode, *weights[i])
+        return d.head(x[:, (n - 1) - start]).asnumpy()
 
     def step(self, token_ids, attention_mask=None) -> np.ndarray:
         """One new token per row -> logits [B, V]. Generated tokens never take the image LoRA path."""
         if self.next_slot >= self.cache_len:
             raise ValueError(f"the KV cache of {self.cache_len} slots is full")
-        ids = np.asarray(token_ids, np.int64).reshape(self.batch_size, 1)
-        embeds = self.model.embed_tokens(ids)
+        ids = np.asarray(token_ids, np.int32).reshape(self.batch_size, 1)
         slot = self.next_slot
         self.slot_mask[:, slot] = 1
         self.next_slot += 1
         real_len = self.slot_mask.sum(1)
-        positions = (real_len - 1)[:, None]
-        return self._forward("step", embeds, positions, real_len, np.zeros((self.batch_size, 1), np.float32),
-                             np.array([slot]))
+        cos, sin = self._rope((real_len - 1)[:, None], real_len)
+        mask = np.where(self.slot_mask > 0, np.float32(0), _MASK_MIN).astype(np.float32)[:, None, None]
+        self.signatures.add(("step", self.batch_size, 1, self.cache_len, self.infer_mode))
+        logits = self._step(Tensor(ids), self._tensor(cos), self._tensor(sin), self._tensor(mask),
+                            Tensor(np.array([slot], np.int32)), self.infer_mode)
+        return logits.asnumpy()
 
     def reorder(self, beam_idx) -> None:
         idx = np.asarray(beam_idx, np.int32)
