@@ -5,7 +5,6 @@ across decoding, meta instruction, article and webpage writing; greedy and num_b
 import json
 import os
 
-import numpy as np
 import pytest
 
 from conftest import FIXTURES, HERE

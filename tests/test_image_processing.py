@@ -1,7 +1,6 @@
 """Image inputs: the IXC HD transform, pixel values and global view against upstream's golden output
 (tests/fixtures/inputs/images.*, made by tools/reference/make_input_fixtures.py), and the CLIP processor
 against Hugging Face's own."""
-import hashlib
 import json
 import os
 
@@ -9,6 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from golden_inputs import check_against_golden, load_golden
 from mindxcomposer import CLIPImageProcessor, IXCImageProcessor
 from mindxcomposer.image_processing import bicubic_taps, global_view, to_pixel_values
 
@@ -23,13 +23,7 @@ with open(os.path.join(FIXTURES, "images.json")) as f:
 
 @pytest.fixture(scope="module")
 def golden():
-    with np.load(os.path.join(FIXTURES, "images.npz")) as data:
-        return {k: data[k] for k in data.files}
-
-
-def digest(arr):
-    arr = np.ascontiguousarray(arr)
-    return hashlib.sha256(str(arr.shape).encode() + str(arr.dtype).encode() + arr.tobytes()).hexdigest()
+    return load_golden("images.npz")
 
 
 def case_input(case):
@@ -40,26 +34,6 @@ def case_input(case):
     r = case["repeat"]
     arr = np.asarray(Image.open(path).convert("RGB"))
     return Image.fromarray(np.repeat(np.repeat(arr, r, axis=0), r, axis=1))
-
-
-def check_against_golden(golden, case, canvas, pixel_values):
-    """Shared with the video test: canvas exact, pixel values <= 1e-6, global view <= 1e-5."""
-    name, grid = case["name"], case["grid"]
-    canvas = np.asarray(canvas)
-    assert list(canvas.shape) == case["canvas_shape"]
-    grid_diff = np.abs(canvas[::grid, ::grid].astype(int) - golden[f"{name}/canvas_grid"]).max()
-    assert grid_diff == 0, f"{name}: canvas differs from upstream by up to {grid_diff} grey levels"
-    assert digest(canvas) == case["canvas_sha256"], f"{name}: canvas differs from upstream off the sampled grid"
-
-    assert list(pixel_values.shape) == case["pixel_values_shape"] and pixel_values.dtype == np.float32
-    err = np.abs(pixel_values[0][:, ::grid, ::grid] - golden[f"{name}/pixel_grid"]).max()
-    assert err <= 1e-6, f"{name}: pixel values max abs error {err}"
-
-    glb = global_view(pixel_values)
-    assert glb.shape == (1, 3, 560, 560) and glb.dtype == np.float32
-    ref = golden[f"{name}/global_rows"]
-    err = np.abs(glb[0][:, case["global_rows"], :] - ref).max()
-    assert err <= 1e-5 * max(1.0, np.abs(ref).max()), f"{name}: global view max abs error {err}"
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c["name"] for c in CASES])

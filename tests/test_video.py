@@ -1,6 +1,5 @@
 """Video inputs: OpenCV decoding, upstream's frame selection, the labelled composite and Video_transform,
 against upstream's golden output (decord + torchvision) on lossless test videos written here by OpenCV."""
-import hashlib
 import json
 import os
 
@@ -8,8 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from golden_inputs import check_against_golden, load_golden
 from mindxcomposer import IXCImageProcessor
-from mindxcomposer.image_processing import global_view, to_pixel_values
+from mindxcomposer.image_processing import to_pixel_values
 from mindxcomposer.video import frame_indices, frames_to_image, read_frames, video_transform
 
 cv2 = pytest.importorskip("cv2")
@@ -23,28 +23,7 @@ CASES = META["cases"]
 
 @pytest.fixture(scope="module")
 def golden():
-    with np.load(os.path.join(FIXTURES, "video.npz")) as data:
-        return {k: data[k] for k in data.files}
-
-
-def digest(arr):
-    arr = np.ascontiguousarray(arr)
-    return hashlib.sha256(str(arr.shape).encode() + str(arr.dtype).encode() + arr.tobytes()).hexdigest()
-
-
-def check_against_golden(golden, case, canvas, pixel_values):
-    """Canvas exact, pixel values <= 1e-6, global view <= 1e-5 (as for images)."""
-    name, grid = case["name"], case["grid"]
-    canvas = np.asarray(canvas)
-    assert list(canvas.shape) == case["canvas_shape"]
-    grid_diff = np.abs(canvas[::grid, ::grid].astype(int) - golden[f"{name}/canvas_grid"]).max()
-    assert grid_diff == 0, f"{name}: canvas differs from upstream by up to {grid_diff} grey levels"
-    assert digest(canvas) == case["canvas_sha256"], f"{name}: canvas differs from upstream off the sampled grid"
-    err = np.abs(pixel_values[0][:, ::grid, ::grid] - golden[f"{name}/pixel_grid"]).max()
-    assert err <= 1e-6, f"{name}: pixel values max abs error {err}"
-    ref = golden[f"{name}/global_rows"]
-    err = np.abs(global_view(pixel_values)[0][:, case["global_rows"], :] - ref).max()
-    assert err <= 1e-5 * max(1.0, np.abs(ref).max()), f"{name}: global view max abs error {err}"
+    return load_golden("video.npz")
 
 
 def source_frames(case):

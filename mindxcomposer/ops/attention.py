@@ -39,7 +39,8 @@ def _fused_attention(q, k, v, mask, scale_divisor):
 
     # The fused kernel takes a boolean "masked out" tensor instead of an additive one.
     keep_out = None if mask is None else (mask < 0).astype(ms.uint8)
-    return flash_attention_score(q, k, v, head_num=q.shape[1],  # grouped k/v heads are native to it attn_mask=keep_out,
+    # Grouped k/v heads are native to the kernel: k and v keep their KV heads.
+    return flash_attention_score(q, k, v, head_num=q.shape[1], attn_mask=keep_out,
                                  scalar_value=1.0 / float(scale_divisor), input_layout="BNSD")
 
 

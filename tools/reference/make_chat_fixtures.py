@@ -22,7 +22,6 @@ import json
 import os
 import platform
 import subprocess
-import sys
 import tempfile
 
 import numpy as np
