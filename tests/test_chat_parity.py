@@ -58,11 +58,11 @@ def _run(model, case, tmp_path, compiled):
     return calls, result
 
 
-@pytest.mark.parametrize("compiled", [True, False], ids=["graph", "pynative"])
-@pytest.mark.parametrize("name", list(CASES))
+RUNS = [(name, True) for name in CASES] + [(name, False) for name in PYNATIVE]
+
+
+@pytest.mark.parametrize("name,compiled", RUNS, ids=[f"{n}-{'graph' if c else 'pynative'}" for n, c in RUNS])
 def test_generated_ids_equal_upstream(model, name, compiled, tmp_path):
-    if not compiled and name not in PYNATIVE:
-        pytest.skip("eager decoding is checked on a subset")
     case = CASES[name]
     calls, result = _run(model, case, tmp_path, compiled)
     assert len(calls) == len(case["generate_calls"])
