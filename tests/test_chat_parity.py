@@ -81,3 +81,15 @@ def test_generated_ids_equal_upstream(model, name, compiled, tmp_path):
     if compiled:  # every token of the call went through one compiled step graph, and one prefill graph
         kinds = [sig[0] for sig in model.last_session.signatures]
         assert kinds.count("step") == 1 and kinds.count("prefill") == 1
+
+
+def test_batch_chat_rows_equal_chat_alone(model):
+    """Beyond upstream: several requests decoded together, each as it decodes alone."""
+    cat = os.path.join(ROOT, "tests/assets/chelsea_tiny.png")
+    requests = [("Describe this image.", [cat]), ("Write one line about tea.", []), ("What is here?", [cat])]
+    for num_beams in (1, 3):
+        alone = [model.chat(model.tokenizer, q, image=im, do_sample=False, num_beams=num_beams,
+                            max_new_tokens=8)[0] for q, im in requests]
+        batched = model.batch_chat(model.tokenizer, [q for q, _ in requests], images=[im for _, im in requests],
+                                   num_beams=num_beams, max_new_tokens=8)
+        assert batched == alone
