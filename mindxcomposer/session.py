@@ -5,9 +5,9 @@ A `ModelSession` serves the decoding loop (`mindxcomposer.generation`): `prefill
 prompt occupies slots [0, n) of the cache and generated tokens the following ones. The prompt runs in
 equal chunks of at most `PREFILL_CHUNK` rows, rounded up to a multiple of `prefill_bucket`, the last
 one padded on the right: padding rows write nothing into the cache (they add zeros), so padding costs
-no cache slots. The prefill graph thus compiles once per chunk
-size and the step graph once per (batch, cache size). Positions and the dynamic-NTK RoPE base are
-computed per row from that row's real tokens, so a row decodes exactly as it would alone.
+no cache slots. The prefill graph thus compiles once per chunk size and the step graph once per
+(batch, cache size). Positions and the dynamic-NTK RoPE base are computed per row from that row's real
+tokens, so a row decodes exactly as it would alone.
 """
 from typing import Optional
 
