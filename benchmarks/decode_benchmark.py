@@ -78,6 +78,7 @@ class OursBackend:
             ms.set_context(runtime_num_threads=threads)
         self.ms, self.mode = ms, mode
         self.threads = int(ms.get_context("runtime_num_threads"))
+        self.versions = dict(mindspore=ms.__version__)
         config = InternLMXComposer2Config.from_dict(cfg)
         weights = random_weights(config, seed)
         self.model = InternLMXComposer2ForCausalLM(config)
@@ -119,8 +120,11 @@ class UpstreamBackend:
         import upstream as up_ref
         from mindxcomposer.configuration import InternLMXComposer2Config
 
+        import transformers
+
         torch.set_num_threads(threads)
         self.torch, self.threads = torch, threads
+        self.versions = dict(torch=torch.__version__, transformers=transformers.__version__)
         self.model = up_ref.load_upstream(upstream_dir, InternLMXComposer2Config.from_dict(cfg), seed)
 
     def vision(self, pixel_values):
@@ -175,7 +179,7 @@ def worker_main(args):
         be = UpstreamBackend(cfg, seed, req["upstream"], req["threads"])
     else:
         be = OursBackend(cfg, seed, args.worker, req["threads"])
-    _reply(dict(build_s=time.perf_counter() - t, threads=be.threads, peak_rss_mb=_peak_rss_mb()))
+    _reply(dict(build_s=time.perf_counter() - t, threads=be.threads, versions=be.versions, peak_rss_mb=_peak_rss_mb()))
     for line in sys.stdin:
         req = json.loads(line)
         op = req["op"]
@@ -237,7 +241,7 @@ def read_bandwidth(gib=1.0, repeats=5):
     """Best-of-N memory-read bandwidth (GB/s) over a `gib` GiB float32 array: numpy sum on one thread, the
     same split over every core, and a BLAS GEMV (a decode step's access pattern)."""
     a = np.ones(int(gib * 2 ** 30) // 4, np.float32)
-    cores = os.cpu_count() or 1
+    cores = len(os.sched_getaffinity(0))
     parts = np.array_split(a, cores)
     mat, vec = a.reshape(-1, 1024), np.ones(1024, np.float32)
     probes = {"numpy_sum_1thread": lambda: a.sum(), f"numpy_sum_{cores}threads": None, "blas_gemv": lambda: mat @ vec}
@@ -280,11 +284,7 @@ def machine_facts():
             facts["mem_total_gb"] = int(f.readline().split()[1]) / 2 ** 20
     except (OSError, StopIteration):
         pass
-    for mod in ("mindspore", "numpy"):
-        try:
-            facts[mod] = __import__(mod).__version__
-        except ImportError:
-            pass
+    facts["numpy"] = np.__version__  # the workers report MindSpore's and torch's
     return facts
 
 
@@ -299,10 +299,8 @@ def prompt_ids():
 
 
 def pixel_values(image):
-    try:
-        from mindxcomposer.image_processing import IXCImageProcessor, load_image
-    except ImportError:
-        return np.random.default_rng(0).standard_normal((1, 3, 1120, 1120)).astype(np.float32), "seeded random pixels"
+    from mindxcomposer.image_processing import IXCImageProcessor, load_image
+
     return IXCImageProcessor()(load_image(image)), f"{os.path.relpath(image, REPO)} through IXCImageProcessor"
 
 
@@ -313,7 +311,11 @@ def run(args):
     cfg.update(hidden_size=args.hidden, num_hidden_layers=args.layers, intermediate_size=args.intermediate,
                plora_rank=args.plora_rank)
     cfg["vision_config"]["num_hidden_layers"] = args.vit_layers
-    tmp = tempfile.mkdtemp(prefix="mxc_bench_")
+    with tempfile.TemporaryDirectory(prefix="mxc_bench_") as tmp:  # pixels and image embeddings
+        return _run(args, cfg, tmp)
+
+
+def _run(args, cfg, tmp):
     pixels, pixel_source = pixel_values(args.image)
     np.save(os.path.join(tmp, "pixels.npy"), pixels)
     ids_before, ids_after = prompt_ids()
@@ -346,7 +348,7 @@ def run(args):
         ours_threads = ours_threads or (w.info["threads"] if kind != "upstream" else None)
         out = w.ask(dict(op="vision", pixels=os.path.join(tmp, "pixels.npy"), out=os.path.join(tmp, f"img_{kind}.npy")))
         out["peak_rss_mb"] = w.close()["peak_rss_mb"]
-        report["backends"][kind] = dict(vision=out, threads=w.info["threads"])
+        report["backends"][kind] = dict(vision=out, threads=w.info["threads"], versions=w.info["versions"])
         print(f"[{kind}] vision+merge+projector: first {out['first_s']:.2f} s, warm {out['warm_s']:.2f} s, "
               f"{out['tokens']} image tokens, peak RSS {out['peak_rss_mb']:.0f} MB", flush=True)
 
