@@ -21,12 +21,17 @@ setup(
         # Reading the released .bin shards needs torch; the CPU build is enough.
         "convert": ["torch==2.13.0"],
         # The golden canvases depend on Pillow's resampling and FreeType: the fixtures were made with 13.0.0.
-        "test": ["pytest>=7", "transformers==4.33.2", "torch==2.13.0", "pillow==13.0.0"],
+        # mxc-serve: the ASGI stack and the client it fetches http(s) images with.
+        "serve": ["fastapi>=0.110", "uvicorn>=0.29", "httpx>=0.27"],
+        "test": ["pytest>=7", "transformers==4.33.2", "torch==2.13.0", "pillow==13.0.0",
+                 # the serving tests: the server itself and the official OpenAI client against it
+                 "fastapi>=0.110", "uvicorn>=0.29", "httpx>=0.27", "openai>=1.40"],
     },
     entry_points={
         "console_scripts": [
             "mxc-convert=mindxcomposer.convert:main",
             "mxc-chat=mindxcomposer.cli:main",
+            "mxc-serve=mindxcomposer.serve.cli:main",
         ]
     },
 )

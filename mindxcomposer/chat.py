@@ -88,14 +88,16 @@ class ChatMixin:
     """Mixed into `InternLMXComposer2ForCausalLM`."""
 
     def generate(self, inputs_embeds=None, input_ids=None, im_mask=None, attention_mask=None, infer_mode="base",
-                 streamer=None, stopping_criteria=(), seed=None, compiled=None, **settings) -> np.ndarray:
+                 streamer=None, stopping_criteria=(), seed=None, compiled=None, session_factory=None,
+                 **settings) -> np.ndarray:
         """HF-style `generate` from `inputs_embeds` (image + text prompts) or `input_ids` (text only).
 
         Returns int64 sequences [rows, n] as transformers 4.33 does: for an embeddings prompt `<s>` followed
         by the new ids, for an ids prompt the prompt ids followed by the new ids. `settings` are
         `GenerationConfig` fields (max_new_tokens, do_sample, num_beams, temperature, top_p, top_k,
         repetition_penalty, length_penalty, eos_token_id, ...). `compiled` picks graph-compiled decoding
-        steps (default: compiled except on GPU); `seed` makes sampling reproducible."""
+        steps (default: compiled except on GPU); `seed` makes sampling reproducible. `session_factory`
+        replaces `ModelSession` (same arguments): the server uses it to decode rows inside a shared batch."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         self.check_infer_mode(infer_mode)
@@ -117,7 +119,8 @@ class ChatMixin:
         if max_new is None:
             max_new = max(1, settings.get("max_length", 20) - (1 if prompt_ids is None else prompt_ids.shape[1]))
         beams = settings.get("num_beams", 1)
-        session = ModelSession(self, rows * beams, length + max_new, infer_mode=infer_mode, compiled=compiled)
+        session = (session_factory or ModelSession)(self, rows * beams, length + max_new, infer_mode=infer_mode,
+                                                    compiled=compiled)
         self.last_session = session  # its `compile_count` tells how many graphs the call compiled
         return generate(_BeamReadySession(session, beams), embeds, attention_mask, prompt_ids=prompt_ids, model_inputs={"im_mask": im},
                         stopping_criteria=stopping_criteria, streamer=streamer, rng=_seed(seed), **settings)

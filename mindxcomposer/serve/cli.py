@@ -1,0 +1,95 @@
+"""mxc-serve: the OpenAI-compatible server (see docs/serving.md)."""
+import argparse
+import logging
+import os
+import sys
+import tempfile
+
+DEMO_NOTICE = ("[mxc-serve] no --model given: serving the bundled demo model. Its weights are RANDOM, so its "
+               "answers are gibberish; it only shows that the server runs.")
+
+
+def _parser():
+    p = argparse.ArgumentParser(prog="mxc-serve", description="OpenAI-compatible server for InternLM-XComposer-2.5.")
+    p.add_argument("--model", help="model directory (from mxc-convert, or upstream layout with safetensors)")
+    p.add_argument("--served-model-name", help="the model id clients send (default: the directory's name)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-batch", type=int, default=4, help="rows decoded together (continuous batching)")
+    p.add_argument("--max-queue", type=int, default=16, help="requests waiting for a row; more get 429")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds a request may take in all")
+    p.add_argument("--context-len", type=int, default=None,
+                   help="most prompt + max_tokens per request, the KV cache's length per row "
+                        "(default: the model's max_length + 1024)")
+    p.add_argument("--allow-dir", action="append", default=[],
+                   help="directory whose images and videos requests may name by path or file:// (repeatable)")
+    p.add_argument("--no-http-images", action="store_true", help="refuse http(s) image URLs")
+    p.add_argument("--max-image-bytes", type=int, default=20 * 1024 * 1024)
+    p.add_argument("--fetch-timeout", type=float, default=10.0, help="seconds to fetch one http(s) image")
+    p.add_argument("--mode", choices=["graph", "pynative"], default=None,
+                   help="MindSpore execution of the decoding steps (default: graph, pynative on GPU)")
+    p.add_argument("--device", choices=["CPU", "GPU", "Ascend"], default=None)
+    return p
+
+
+def build(args):
+    """(app, engine, cleanup) for parsed arguments."""
+    import mindspore as ms
+
+    from ..demo import save_demo_model
+    from ..modeling_xcomposer2 import InternLMXComposer2ForCausalLM
+    from .app import create_app
+    from .engine import make_engine
+    from .media import MediaPolicy
+
+    if args.device:
+        ms.set_context(device_target=args.device)
+    ms.runtime.launch_blocking()  # asynchronous launch is 10-20x slower on CPU
+    tmp = None
+    if args.model:
+        if not os.path.isdir(args.model):
+            sys.exit(f"mxc-serve: model directory {args.model!r} does not exist")
+        model = InternLMXComposer2ForCausalLM.from_pretrained(args.model)
+        name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
+    else:
+        print(DEMO_NOTICE, file=sys.stderr)
+        tmp = tempfile.TemporaryDirectory()
+        model = InternLMXComposer2ForCausalLM.from_pretrained(save_demo_model(tmp.name))
+        name = args.served_model_name or "mindxcomposer-demo"
+    if model.tokenizer is None:
+        sys.exit(f"mxc-serve: {args.model!r} has no tokenizer.model")
+    for d in args.allow_dir:
+        if not os.path.isdir(d):
+            sys.exit(f"mxc-serve: --allow-dir {d!r} is not a directory")
+    context = args.context_len or model.config.max_length + 1024
+    compiled = None if args.mode is None else args.mode == "graph"
+    engine = make_engine(model, max_batch=args.max_batch, max_queue=args.max_queue, cache_len=context,
+                         compiled=compiled).start()
+    policy = MediaPolicy(args.allow_dir, not args.no_http_images, args.max_image_bytes, args.fetch_timeout)
+    app = create_app(model, engine, name, policy, timeout=args.timeout, cache_len=context)
+
+    def cleanup():
+        engine.stop()
+        if tmp is not None:
+            tmp.cleanup()
+
+    return app, engine, cleanup
+
+
+def main(argv=None):
+    args = _parser().parse_args(argv)
+    if args.max_batch < 1 or args.max_queue < 1:
+        sys.exit("mxc-serve: --max-batch and --max-queue must be >= 1")
+    import uvicorn
+
+    logging.basicConfig(level=logging.INFO)
+    app, _, cleanup = build(args)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    finally:
+        cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
