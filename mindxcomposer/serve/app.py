@@ -6,6 +6,7 @@ Every request is checked (`protocol`, `media`, `prompt_check`) before it is queu
 4xx with OpenAI's error body, and nothing a request sends can stop the server.
 """
 import asyncio
+import contextlib
 import json
 import time
 import uuid
@@ -37,19 +38,17 @@ def create_app(model, engine, served_model: str, media_policy: Optional[MediaPol
     created = int(time.time())
     eos_ids = model._eos_ids(model.tokenizer)
     context = cache_len or getattr(engine, "cache_len", None) or model.config.max_length + 1024
-    app = FastAPI(title="mindxcomposer", docs_url=None, redoc_url=None)
     state = {"http": None}
 
-    @app.on_event("startup")
-    async def _startup():
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
         import httpx
 
-        state["http"] = httpx.AsyncClient()
+        async with httpx.AsyncClient() as client:  # fetches http(s) images
+            state["http"] = client
+            yield
 
-    @app.on_event("shutdown")
-    async def _shutdown():
-        if state["http"] is not None:
-            await state["http"].aclose()
+    app = FastAPI(title="mindxcomposer", docs_url=None, redoc_url=None, lifespan=lifespan)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request, exc):
@@ -82,7 +81,7 @@ def create_app(model, engine, served_model: str, media_policy: Optional[MediaPol
                 body = json.loads(raw)
             except (ValueError, UnicodeDecodeError) as e:
                 raise bad_request(f"the request body is not valid JSON: {e}", code="invalid_json")
-            req = parse_chat_request(body, served_model, max_beams=engine.max_batch)
+            req = parse_chat_request(body, served_model, max_beams=engine.max_beams)
             media = [await resolve(p.url, p.where, policy, state["http"]) for p in req.images]
             pixels, n_prompt = await run_in_threadpool(prepare, req, media, model.tokenizer, model.config, context)
             news = asyncio.Event()
