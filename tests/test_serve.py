@@ -51,9 +51,9 @@ def allowed_dir(tmp_path_factory):
     return d
 
 
-@pytest.fixture(scope="module", params=["serial"])
+@pytest.fixture(scope="module", params=["serial", "batch"])
 def server(request, demo_model, allowed_dir):
-    engine = make_engine(demo_model, max_batch=4, max_queue=8).start() if request.param == "serial" else None
+    engine = make_engine(demo_model, max_batch=1 if request.param == "serial" else 4, max_queue=8).start()
     app = create_app(demo_model, engine, NAME, MediaPolicy([str(allowed_dir)], max_bytes=200_000))
     with ServerThread(app) as srv:
         srv.engine = engine

@@ -1,0 +1,319 @@
+"""Continuous batching: requests join the running batch at a step boundary and leave it when done.
+
+One model thread (`BatchEngine._loop`) owns every MindSpore call and a shared `ModelSession` of
+`max_batch` rows over a static KV cache of `cache_len` slots. Each request runs `model.chat` in its own
+thread, unchanged, with a `session_factory` that hands it a `RowGroup`: a session whose `prefill`,
+`step` and `reorder` are carried out by the model thread on the request's rows of the shared cache.
+So the decoding loop, its processors, sampling, beams, stop rules and the decoded text are `chat`'s own.
+
+How a row decodes exactly as it would alone:
+- its prompt is prefilled in a session shaped as `chat` alone shapes it (same rows, same cache length),
+  so the first logits are the same; the prompt's keys and values are then copied into the row;
+- rows share the step's write slot (`ModelSession.next_slot`), but positions, the dynamic-NTK base and
+  the attention mask come from each row's own slot mask, so where a row's slots lie does not matter: a
+  newcomer reserves the slots the batch will write during its `max_new_tokens` steps and puts its
+  prompt in the first free ones;
+- the model thread waits at each step boundary until every running request has handed in its ids.
+When the batch is empty the write slot goes back to 0; a newcomer whose reserved slots do not fit the
+cache waits until the batch drains. Only one `infer_mode` runs at a time.
+
+Work that is not a step (one request's prompt building, i.e. its vision encoding, or one prefill)
+happens between two steps, alternating with them, so a newcomer delays running decodes by one such
+piece of work at a time.
+"""
+import collections
+import logging
+import threading
+from typing import List, Optional
+
+import numpy as np
+import mindspore as ms
+from mindspore import Tensor, ops
+
+from ..session import ModelSession
+from .engine import finish_with, run_chat
+from .errors import APIError
+from .jobs import Cancelled, Job
+
+log = logging.getLogger("mindxcomposer.serve")
+_POLL = 0.25  # seconds between checks for a cancelled request while it waits
+
+
+class _Turn:
+    """A request's permission to use the model from its own thread (to build its prompt)."""
+
+    def __init__(self):
+        self.granted = threading.Event()
+        self.released = threading.Event()
+
+    def release(self):
+        self.released.set()
+
+
+class RowGroup:
+    """The `DecoderSession` a request's `generate` sees: `batch_size` rows of the shared batch."""
+
+    compile_count = 0
+
+    def __init__(self, engine: "BatchEngine", job: Job, batch_size: int, max_len: int, infer_mode: str,
+                 compiled: Optional[bool]):
+        self.engine = engine
+        self.job = job
+        self.batch_size = batch_size
+        self.max_len = max_len
+        self.infer_mode = infer_mode
+        self.compiled = compiled
+        self.rows: Optional[np.ndarray] = None  # rows of the shared cache, once prefilled
+        self.pending = None  # ("prefill", args) or ("step", ids): what the model thread is to do
+        self.perm: Optional[np.ndarray] = None  # reorder to apply before the next step
+        self.result = None
+        self.error: Optional[BaseException] = None
+        self.ready = threading.Event()
+        self.closed = False
+
+    def prefill(self, inputs_embeds, im_mask, attention_mask=None):
+        return self.engine._ask(self, ("prefill", (inputs_embeds, im_mask, attention_mask)))
+
+    def step(self, token_ids, attention_mask=None):
+        self.job.check()
+        return self.engine._ask(self, ("step", np.asarray(token_ids, np.int64).reshape(self.batch_size)))
+
+    def reorder(self, row_index):
+        idx = np.asarray(row_index, np.int64)
+        self.perm = idx if self.perm is None else self.perm[idx]
+
+
+class BatchEngine:
+    def __init__(self, model, max_batch: int = 4, max_queue: int = 16, cache_len: Optional[int] = None,
+                 compiled: Optional[bool] = None):
+        self.model = model
+        self.max_batch = max_batch
+        self.max_beams = max_batch  # a request's beams are rows of the batch
+        self.max_queue = max_queue
+        self.cache_len = cache_len or model.config.max_length + 1024
+        self.compiled = compiled
+        self.cv = threading.Condition()
+        self.turns = collections.deque()
+        self.waiting: set = set()  # jobs submitted and not yet decoding
+        self.prefills: List[RowGroup] = []
+        self.active: List[RowGroup] = []
+        self.free_rows = list(range(max_batch))
+        self.stopping = False
+        self.steps = 0  # batched steps run, and the rows they carried: for tests and benchmarks
+        self.row_steps = 0
+        self.shared: Optional[ModelSession] = None
+        self.thread = threading.Thread(target=self._loop, name="mxc-model", daemon=True)
+        self.started = threading.Event()
+
+    # ------------------------------------------------------------------ request side
+    def start(self):
+        self.thread.start()
+        self.started.wait()
+        return self
+
+    def stop(self):
+        with self.cv:
+            self.stopping = True
+            self.cv.notify_all()
+        self.thread.join(timeout=60)
+
+    def submit(self, job: Job):
+        with self.cv:
+            if len(self.waiting) >= self.max_queue:
+                raise APIError("the server is busy: its request queue is full; retry later", 429,
+                               "rate_limit_error", None, "queue_full")
+            self.waiting.add(job)
+        threading.Thread(target=self._run, args=(job,), name="mxc-request", daemon=True).start()
+
+    def _run(self, job: Job):
+        turn = _Turn()
+        groups = []
+
+        def factory(model, batch_size, max_len, infer_mode="base", compiled=None):
+            turn.release()  # the prompt is built: the rest of this thread's model work is the model thread's
+            groups.append(RowGroup(self, job, batch_size, max_len, infer_mode, self.compiled))
+            return groups[-1]
+
+        exc = None
+        try:
+            job.check()
+            with self.cv:
+                self.turns.append(turn)
+                self.cv.notify_all()
+            while not turn.granted.wait(_POLL):
+                if job.cancelled.is_set() or job.timed_out:
+                    with self.cv:
+                        if turn in self.turns:
+                            self.turns.remove(turn)
+                            job.check()
+            run_chat(self.model, job, session_factory=factory)
+        except BaseException as e:  # noqa: BLE001 - one request's failure must not reach the others
+            exc = e
+        finally:
+            turn.release()
+            with self.cv:
+                self.waiting.discard(job)
+                for g in groups:
+                    self._close(g)
+                self.cv.notify_all()
+        finish_with(job, exc)
+
+    def _ask(self, group: RowGroup, item):
+        """Hands `item` to the model thread and waits for its result."""
+        with self.cv:
+            group.ready.clear()
+            group.pending, group.result, group.error = item, None, None
+            if item[0] == "prefill":
+                self.prefills.append(group)
+            self.cv.notify_all()
+        while not group.ready.wait(_POLL):
+            if group.job.cancelled.is_set() or group.job.timed_out:
+                with self.cv:
+                    if group in self.prefills:  # not started: withdraw it
+                        self.prefills.remove(group)
+                        group.pending = None
+                        group.job.check()
+        if group.error is not None:
+            raise group.error
+        return group.result
+
+    def _close(self, group: RowGroup):
+        """Frees the group's rows (called with `cv` held)."""
+        group.closed = True
+        if group in self.prefills:
+            self.prefills.remove(group)
+        if group in self.active:
+            self.active.remove(group)
+            self.free_rows += [int(r) for r in group.rows]
+            self.free_rows.sort()
+
+    # ------------------------------------------------------------------ model thread
+    def _admissible(self) -> Optional[RowGroup]:
+        s = self.shared
+        for g in self.prefills:
+            embeds = g.pending[1][0]
+            need = self.cache_len - (0 if not self.active else s.next_slot)
+            fits_mode = not self.active or g.infer_mode == s.infer_mode
+            if g.batch_size <= len(self.free_rows) and fits_mode and g.max_len - embeds.shape[1] <= need:
+                return g
+        return None
+
+    def _steps_ready(self) -> bool:
+        return bool(self.active) and all(g.pending is not None and g.pending[0] == "step" for g in self.active)
+
+    def _loop(self):
+        try:
+            self.shared = ModelSession(self.model, self.max_batch, self.cache_len, compiled=self.compiled)
+        finally:
+            self.started.set()
+        last_was_job = False
+        while True:
+            with self.cv:
+                while True:
+                    if self.stopping:
+                        return
+                    steps = self._steps_ready()
+                    turn = self.turns[0] if self.turns else None
+                    group = None if turn else self._admissible()
+                    if steps and (last_was_job or not (turn or group)):
+                        work = ("step", None)
+                        break
+                    if turn:
+                        work = ("turn", self.turns.popleft())
+                        break
+                    if group:
+                        self.prefills.remove(group)
+                        work = ("prefill", group)
+                        break
+                    self.cv.wait()
+            kind, what = work
+            last_was_job = kind != "step"
+            try:
+                if kind == "turn":
+                    what.granted.set()
+                    what.released.wait()
+                elif kind == "prefill":
+                    self._prefill(what)
+                else:
+                    self._step()
+            except BaseException as e:  # noqa: BLE001
+                log.exception("model thread: %s failed", kind)
+                self._fail(what if kind == "prefill" else None, e)
+
+    def _fail(self, group, exc):
+        with self.cv:
+            for g in [group] if group is not None else list(self.active):
+                g.error = exc
+                g.pending = None
+                g.ready.set()
+
+    def _prefill(self, g: RowGroup):
+        s = self.shared
+        embeds, im_mask, attention_mask = g.pending[1]
+        k, length = embeds.shape[:2]
+        am = np.ones((k, length), np.int64) if attention_mask is None else np.asarray(attention_mask, np.int64)
+        with self.cv:
+            if not self.active:
+                s.next_slot = 0
+                s.infer_mode = g.infer_mode
+            rows = np.array(self.free_rows[:k], np.int64)
+            del self.free_rows[:k]
+            start = s.next_slot
+        try:
+            logits, slots = self._prefill_rows(g, rows, start, embeds, im_mask, am)
+        except BaseException:
+            with self.cv:
+                self.free_rows = sorted(self.free_rows + [int(r) for r in rows])
+            raise
+        with self.cv:
+            g.rows = rows
+            self.waiting.discard(g.job)
+            if g.closed:  # the request ended while its prompt ran
+                self.free_rows = sorted(self.free_rows + [int(r) for r in rows])
+            else:
+                self.active.append(g)
+            g.result, g.pending = logits, None
+            g.ready.set()
+
+    def _prefill_rows(self, g, rows, start, embeds, im_mask, am):
+        """Prefills the prompt and puts it into `rows` of the shared cache; returns (logits, its slots)."""
+        s = self.shared
+        k, length = embeds.shape[:2]
+        reserved = g.max_len - length  # slots the batch writes while this request decodes
+        free = np.array([i for i in range(self.cache_len) if not start <= i < start + reserved])
+        slots = free[:length]
+        # shaped as chat alone shapes it, so that the first logits are chat's
+        alone = ModelSession(self.model, k, g.max_len, infer_mode=g.infer_mode, compiled=self.compiled)
+        logits = alone.prefill(embeds, im_mask, am)
+        row_index = Tensor(rows.astype(np.int32))
+        for src, dst in zip(tuple(alone.decoder.k_cache) + tuple(alone.decoder.v_cache),
+                            tuple(s.decoder.k_cache) + tuple(s.decoder.v_cache)):
+            block = np.zeros((k,) + tuple(dst.shape[1:]), np.float32)
+            block[:, :, slots] = src.asnumpy().astype(np.float32)[:, :, :length]
+            ops.scatter_update(dst, row_index, Tensor(block).astype(dst.dtype))
+        del alone
+        s.slot_mask[rows] = 0
+        s.slot_mask[rows[:, None], slots[None, :]] = am
+        return logits, slots
+
+    def _step(self):
+        s = self.shared
+        ids = np.zeros(self.max_batch, np.int64)  # idle rows decode a dummy id nobody reads
+        order = np.arange(self.max_batch)
+        reorder = False
+        with self.cv:
+            groups = list(self.active)
+            for g in groups:
+                ids[g.rows] = g.pending[1]
+                if g.perm is not None:
+                    order[g.rows] = g.rows[g.perm]
+                    g.perm, reorder = None, True
+        if reorder:
+            s.reorder(order)
+        logits = s.step(ids)
+        with self.cv:
+            self.steps += 1
+            self.row_steps += len(groups)
+            for g in groups:
+                g.result, g.pending = logits[g.rows], None
+                g.ready.set()
