@@ -6,12 +6,14 @@ The reference `model.chat` calls run only while the server is idle: the server's
 test share one model object."""
 import base64
 import concurrent.futures as cf
+import contextlib
 import functools
 import http.server
 import json
 import os
 import shutil
 import threading
+import time
 
 import pytest
 
@@ -271,7 +273,7 @@ def test_malformed_json_and_unknown_model(server, client):
     assert httpx.get(server.url + "/nowhere").json()["error"]["type"] == "invalid_request_error"
 
 
-def test_concurrent_requests_each_equal_chat_alone(client, demo_model):
+def test_concurrent_requests_each_equal_chat_alone(server, client, demo_model):
     cases = [("Hello!", [], 6), ("What is this?", [CAT], 9), ("Compare.", [CAT, STRIP], 4), ("Why?", [], 12),
              ("Once more.", [STRIP], 7)]
 
@@ -285,3 +287,96 @@ def test_concurrent_requests_each_equal_chat_alone(client, demo_model):
     for (q, images, k), choice in zip(cases, got):
         expected = chat(demo_model, "<ImageHere>" * len(images) + q, image=images, max_new_tokens=k, do_sample=False)
         assert choice.message.content == expected, q
+    if server.engine.max_batch > 1:
+        assert server.engine.max_rows > 1  # they did share steps
+
+
+@contextlib.contextmanager
+def serving(model, timeout=None, **engine_kw):
+    engine = make_engine(model, **engine_kw).start()
+    try:
+        with ServerThread(create_app(model, engine, NAME, timeout=timeout)) as srv:
+            srv.engine = engine
+            yield srv, openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    finally:
+        engine.stop()
+
+
+def test_requests_join_a_running_batch_and_stay_exact(demo_model):
+    """A long request decodes while others arrive, join it at step boundaries (sampled, beams, images) and
+    leave; each answer equals chat alone."""
+    long_q, k_long = "Write a long story about the sea.", 200
+    cases = [dict(q="Hi!", images=[CAT], kw=dict(temperature=0, max_tokens=5), ref=dict(do_sample=False)),
+             dict(q="Sample.", images=[], kw=dict(temperature=0.8, seed=5, max_tokens=9),
+                  ref=dict(do_sample=True, temperature=0.8, seed=5)),
+             dict(q="Beams.", images=[], kw=dict(temperature=0, max_tokens=6, extra_body={"num_beams": 2}),
+                  ref=dict(do_sample=False, num_beams=2))]
+    with serving(demo_model, max_batch=4, max_queue=8) as (srv, client):
+        with cf.ThreadPoolExecutor(4) as pool:
+            first = pool.submit(ask, client, [{"role": "user", "content": long_q}], temperature=0, max_tokens=k_long,
+                                stream=True)
+            stream = first.result()
+            head = [next(stream) for _ in range(4)]  # the long request is decoding now
+            steps_before = srv.engine.steps
+            others = [pool.submit(ask, client, [{"role": "user", "content": [image_part(data_url(p)) for p in c["images"]]
+                                                 + [text_part(c["q"])]}], **c["kw"]) for c in cases]
+            got = [f.result().choices[0].message.content for f in others]
+            rest = list(stream)
+        assert srv.engine.steps > steps_before and srv.engine.max_rows >= 2
+        assert srv.engine.joins >= len(cases)  # each newcomer joined a batch that was decoding
+        long_text = "".join(c.choices[0].delta.content or "" for c in head + rest if c.choices)
+    assert long_text == chat(demo_model, long_q, max_new_tokens=k_long, do_sample=False)
+    for c, text in zip(cases, got):
+        expected = chat(demo_model, "<ImageHere>" * len(c["images"]) + c["q"], image=c["images"],
+                        max_new_tokens=c["kw"]["max_tokens"], **c["ref"])
+        assert text == expected, c["q"]
+
+
+def test_full_queue_answers_429_and_recovers(demo_model):
+    with serving(demo_model, max_batch=2, max_queue=1) as (srv, client):
+        def one(i):
+            try:
+                return ask(client, [{"role": "user", "content": f"Story {i}"}], temperature=0, max_tokens=150)
+            except openai.RateLimitError as e:
+                return e
+
+        with cf.ThreadPoolExecutor(6) as pool:
+            results = list(pool.map(one, range(6)))
+        limited = [r for r in results if isinstance(r, openai.RateLimitError)]
+        assert limited and all(r.status_code == 429 and r.body["code"] == "queue_full" for r in limited)
+        assert any(not isinstance(r, Exception) for r in results)
+        assert ask(client, [{"role": "user", "content": "Again"}], **GREEDY).choices[0].message.content
+
+
+def test_timeout_abandons_the_request(demo_model):
+    with serving(demo_model, timeout=0.5, max_batch=2, max_queue=4) as (srv, client):
+        with pytest.raises(openai.APIStatusError) as e:
+            ask(client, [{"role": "user", "content": "Never ending"}], temperature=0, max_tokens=3000)
+        assert e.value.status_code == 408 and e.value.body["code"] == "request_timeout"
+        _wait_idle(srv.engine)
+
+
+def _wait_idle(engine, seconds=20):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if not getattr(engine, "active", []) and len(getattr(engine, "free_rows", [0])) == getattr(engine, "max_batch", 1):
+            return
+        time.sleep(0.05)
+    raise AssertionError("the engine did not free its rows")
+
+
+def test_disconnect_frees_the_row(demo_model):
+    with serving(demo_model, max_batch=2, max_queue=4) as (srv, client):
+        body = {"model": NAME, "messages": [{"role": "user", "content": "Go on forever"}], "stream": True,
+                "temperature": 0, "max_tokens": 3000}
+        with httpx.stream("POST", srv.url + "/v1/chat/completions", json=body, timeout=60) as r:
+            lines = r.iter_lines()
+            for _ in range(3):
+                next(lines)
+            assert srv.engine.active  # decoding
+        started = time.monotonic()
+        _wait_idle(srv.engine)
+        assert time.monotonic() - started < 10
+        steps = srv.engine.steps
+        assert ask(client, [{"role": "user", "content": "Next"}], **GREEDY).choices[0].message.content
+        assert srv.engine.steps - steps <= GREEDY["max_tokens"]  # the abandoned request no longer decodes

@@ -101,6 +101,8 @@ class BatchEngine:
         self.stopping = False
         self.steps = 0  # batched steps run, and the rows they carried: for tests and benchmarks
         self.row_steps = 0
+        self.max_rows = 0  # the most requests one step carried
+        self.joins = 0  # requests that joined a batch already decoding
         self.shared: Optional[ModelSession] = None
         self.thread = threading.Thread(target=self._loop, name="mxc-model", daemon=True)
         self.started = threading.Event()
@@ -256,6 +258,8 @@ class BatchEngine:
             if not self.active:
                 s.next_slot = 0
                 s.infer_mode = g.infer_mode
+            else:
+                self.joins += 1
             rows = np.array(self.free_rows[:k], np.int64)
             del self.free_rows[:k]
             start = s.next_slot
@@ -314,6 +318,7 @@ class BatchEngine:
         with self.cv:
             self.steps += 1
             self.row_steps += len(groups)
+            self.max_rows = max(self.max_rows, len(groups))
             for g in groups:
                 g.result, g.pending = logits[g.rows], None
                 g.ready.set()

@@ -40,6 +40,7 @@ class SerialEngine:
     def __init__(self, model, max_queue: int = 16, compiled: Optional[bool] = None):
         self.model = model
         self.extra = {} if compiled is None else {"compiled": compiled}
+        self.max_batch = 1
         self.max_beams = 16  # a request decodes alone here: only memory bounds its beams
         self.queue: "queue.Queue[Optional[Job]]" = queue.Queue(maxsize=max_queue)
         self.thread = threading.Thread(target=self._loop, name="mxc-model", daemon=True)
