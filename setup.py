@@ -15,7 +15,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.9,<3.12",
     packages=find_packages(include=["mindxcomposer", "mindxcomposer.*"]),
-    package_data={"mindxcomposer": ["assets/*"]},
+    package_data={"mindxcomposer": ["assets/*", "serve/static/*"]},
     install_requires=install_requires,
     extras_require={
         # Reading the released .bin shards needs torch; the CPU build is enough.
@@ -25,7 +25,9 @@ setup(
         "serve": ["fastapi>=0.110", "uvicorn>=0.29", "httpx>=0.27"],
         "test": ["pytest>=7", "transformers==4.33.2", "torch==2.13.0", "pillow==13.0.0",
                  # the serving tests: the server itself and the official OpenAI client against it
-                 "fastapi>=0.110", "uvicorn>=0.29", "httpx>=0.27", "openai>=1.40"],
+                 "fastapi>=0.110", "uvicorn>=0.29", "httpx>=0.27", "openai>=1.40",
+                 # the chat page's test in headless chromium (Debian's chromium + chromium-driver, see .ci/run)
+                 "selenium>=4.10"],
     },
     entry_points={
         "console_scripts": [

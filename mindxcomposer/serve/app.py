@@ -1,20 +1,22 @@
 """The HTTP side: an ASGI app (FastAPI) with OpenAI's routes.
 
 - `POST /v1/chat/completions`: JSON answer, or server-sent events with `stream: true`;
-- `GET /v1/models`, `GET /health`.
+- `GET /v1/models`, `GET /health`;
+- `GET /`: a browser chat page (`static/index.html`: streamed answers, images, multi-turn, stop).
 Every request is checked (`protocol`, `media`, `prompt_check`) before it is queued; any failure is a
 4xx with OpenAI's error body, and nothing a request sends can stop the server.
 """
 import asyncio
 import contextlib
 import json
+import os
 import time
 import uuid
 from typing import Optional
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -62,6 +64,11 @@ def create_app(model, engine, served_model: str, media_policy: Optional[MediaPol
     @app.exception_handler(Exception)
     async def _internal_error(request, exc):
         return _error(APIError(f"internal error: {type(exc).__name__}", 500, "server_error"))
+
+    @app.get("/", include_in_schema=False)
+    async def chat_page():
+        return FileResponse(os.path.join(os.path.dirname(__file__), "static", "index.html"),
+                            media_type="text/html")
 
     @app.get("/health")
     async def health():
