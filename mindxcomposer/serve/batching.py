@@ -30,7 +30,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor, ops
 
-from ..session import ModelSession
+from ..session import CACHE_BUCKET, ModelSession, round_up
 from .engine import finish_with, run_chat
 from .errors import APIError
 from .jobs import Cancelled, Job
@@ -85,7 +85,7 @@ class RowGroup:
 
 class BatchEngine:
     def __init__(self, model, max_batch: int = 4, max_queue: int = 16, cache_len: Optional[int] = None,
-                 compiled: Optional[bool] = None):
+                 compiled: Optional[bool] = None, keep_sessions: int = 2):
         self.model = model
         self.max_batch = max_batch
         self.max_beams = max_batch  # a request's beams are rows of the batch
@@ -104,6 +104,8 @@ class BatchEngine:
         self.max_rows = 0  # the most requests one step carried
         self.joins = 0  # requests that joined a batch already decoding
         self.shared: Optional[ModelSession] = None
+        self._sessions: "collections.OrderedDict" = collections.OrderedDict()  # prefill sessions, LRU
+        self.keep_sessions = keep_sessions
         self.thread = threading.Thread(target=self._loop, name="mxc-model", daemon=True)
         self.started = threading.Event()
 
@@ -279,6 +281,21 @@ class BatchEngine:
             g.result, g.pending = logits, None
             g.ready.set()
 
+    def _prefill_session(self, rows: int, max_len: int, infer_mode: str) -> ModelSession:
+        """A session shaped as `chat` alone shapes it (same rows, same cache length), so that the first
+        logits are chat's. `prefill` starts from a cleared cache, so a session can be reused, and with it
+        its compiled prefill graph (a new session compiles again, which is most of a short request's
+        time to first token)."""
+        key = (rows, round_up(max_len, CACHE_BUCKET), infer_mode)
+        if key in self._sessions:
+            self._sessions.move_to_end(key)
+        else:
+            self._sessions[key] = ModelSession(self.model, rows, max_len, infer_mode=infer_mode,
+                                               compiled=self.compiled)
+            while len(self._sessions) > self.keep_sessions:  # each holds a KV cache
+                self._sessions.popitem(last=False)
+        return self._sessions[key]
+
     def _prefill_rows(self, g, rows, start, embeds, im_mask, am):
         """Prefills the prompt and puts it into `rows` of the shared cache; returns (logits, its slots)."""
         s = self.shared
@@ -286,8 +303,7 @@ class BatchEngine:
         reserved = g.max_len - length  # slots the batch writes while this request decodes
         free = np.array([i for i in range(self.cache_len) if not start <= i < start + reserved])
         slots = free[:length]
-        # shaped as chat alone shapes it, so that the first logits are chat's
-        alone = ModelSession(self.model, k, g.max_len, infer_mode=g.infer_mode, compiled=self.compiled)
+        alone = self._prefill_session(k, g.max_len, g.infer_mode)
         logits = alone.prefill(embeds, im_mask, am)
         row_index = Tensor(rows.astype(np.int32))
         for src, dst in zip(tuple(alone.decoder.k_cache) + tuple(alone.decoder.v_cache),
@@ -295,7 +311,6 @@ class BatchEngine:
             block = np.zeros((k,) + tuple(dst.shape[1:]), np.float32)
             block[:, :, slots] = src.asnumpy().astype(np.float32)[:, :, :length]
             ops.scatter_update(dst, row_index, Tensor(block).astype(dst.dtype))
-        del alone
         s.slot_mask[rows] = 0
         s.slot_mask[rows[:, None], slots[None, :]] = am
         return logits, slots
