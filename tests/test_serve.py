@@ -274,6 +274,18 @@ def test_malformed_json_and_unknown_model(server, client):
     assert httpx.get(server.url + "/nowhere").json()["error"]["type"] == "invalid_request_error"
 
 
+def test_oversized_body_is_refused(demo_model):
+    engine = make_engine(demo_model, max_batch=1).start()
+    try:
+        with ServerThread(create_app(demo_model, engine, NAME, max_body_bytes=10_000)) as srv:
+            body = {"model": NAME, "messages": [{"role": "user", "content": [image_part(data_url(STRIP))]}]}
+            r = httpx.post(srv.url + "/v1/chat/completions", json=body)
+            assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+            assert httpx.get(srv.url + "/health").status_code == 200
+    finally:
+        engine.stop()
+
+
 def test_concurrent_requests_each_equal_chat_alone(server, client, demo_model):
     cases = [("Hello!", [], 6), ("What is this?", [CAT], 9), ("Compare.", [CAT, STRIP], 4), ("Why?", [], 12),
              ("Once more.", [STRIP], 7)]

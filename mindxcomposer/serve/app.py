@@ -33,9 +33,11 @@ def _error(e: APIError) -> JSONResponse:
 
 
 def create_app(model, engine, served_model: str, media_policy: Optional[MediaPolicy] = None,
-               timeout: Optional[float] = None, cache_len: Optional[int] = None) -> FastAPI:
+               timeout: Optional[float] = None, cache_len: Optional[int] = None,
+               max_body_bytes: int = 100 * 1024 * 1024) -> FastAPI:
     """`engine` runs the jobs (`SerialEngine` or `BatchEngine`); `cache_len` bounds prompt + max_tokens
-    (default: the model's max_length plus chat's default max_new_tokens)."""
+    (default: the engine's, or the model's max_length plus chat's default max_new_tokens);
+    `max_body_bytes` bounds a request body (base64 images included)."""
     policy = media_policy or MediaPolicy()
     created = int(time.time())
     eos_ids = model._eos_ids(model.tokenizer)
@@ -83,7 +85,7 @@ def create_app(model, engine, served_model: str, media_policy: Optional[MediaPol
     async def chat_completions(request: Request):
         loop = asyncio.get_running_loop()
         try:
-            raw = await request.body()
+            raw = await _read_body(request, max_body_bytes)
             try:
                 body = json.loads(raw)
             except (ValueError, UnicodeDecodeError) as e:
@@ -123,6 +125,22 @@ def create_app(model, engine, served_model: str, media_policy: Optional[MediaPol
                 "usage": _usage(job)}
 
     return app
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The body, refused (413) past `limit` bytes before it is all in memory."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise APIError(f"the request body is larger than {limit} bytes", 413, "invalid_request_error", None,
+                       "request_too_large")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise APIError(f"the request body is larger than {limit} bytes", 413, "invalid_request_error", None,
+                           "request_too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _usage(job: Job) -> dict:

@@ -25,6 +25,8 @@ def _parser():
                    help="directory whose images and videos requests may name by path or file:// (repeatable)")
     p.add_argument("--no-http-images", action="store_true", help="refuse http(s) image URLs")
     p.add_argument("--max-image-bytes", type=int, default=20 * 1024 * 1024)
+    p.add_argument("--max-body-bytes", type=int, default=100 * 1024 * 1024,
+                   help="largest request body (base64 images included); larger ones get 413")
     p.add_argument("--fetch-timeout", type=float, default=10.0, help="seconds to fetch one http(s) image")
     p.add_argument("--mode", choices=["graph", "pynative"], default=None,
                    help="MindSpore execution of the decoding steps (default: graph, pynative on GPU)")
@@ -66,7 +68,8 @@ def build(args):
     engine = make_engine(model, max_batch=args.max_batch, max_queue=args.max_queue, cache_len=context,
                          compiled=compiled).start()
     policy = MediaPolicy(args.allow_dir, not args.no_http_images, args.max_image_bytes, args.fetch_timeout)
-    app = create_app(model, engine, name, policy, timeout=args.timeout, cache_len=context)
+    app = create_app(model, engine, name, policy, timeout=args.timeout, cache_len=context,
+                     max_body_bytes=args.max_body_bytes)
 
     def cleanup():
         engine.stop()
