@@ -30,6 +30,7 @@ from mindxcomposer.serve.media import MediaPolicy  # noqa: E402
 HERE = os.path.dirname(os.path.abspath(__file__))
 CAT = os.path.join(HERE, "assets", "chelsea_tiny.png")
 STRIP = os.path.join(HERE, "assets", "rocket_strip_8x1.png")
+VIDEO = os.path.join(HERE, "fixtures", "chat", "square_1fps.avi")
 NAME = "ixc-demo"
 
 
@@ -50,6 +51,7 @@ def text_part(text):
 def allowed_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("allowed")
     shutil.copy(CAT, d / "cat.png")
+    shutil.copy(VIDEO, d / "clip.avi")
     return d
 
 
@@ -178,6 +180,14 @@ def test_local_file_under_allowed_dir(client, demo_model, allowed_dir):
     for url in (path, "file://" + path):
         r = ask(client, [{"role": "user", "content": [image_part(url), text_part("What is it?")]}], **GREEDY)
         assert r.choices[0].message.content == chat(demo_model, "<ImageHere>What is it?", image=[CAT],
+                                                    max_new_tokens=8, do_sample=False)
+
+
+def test_video_path_as_a_part(client, demo_model, allowed_dir):
+    path = str(allowed_dir / "clip.avi")
+    for part in ({"type": "video_url", "video_url": {"url": path}}, image_part("file://" + path)):
+        r = ask(client, [{"role": "user", "content": [part, text_part("What happens?")]}], **GREEDY)
+        assert r.choices[0].message.content == chat(demo_model, "<ImageHere>What happens?", image=[VIDEO],
                                                     max_new_tokens=8, do_sample=False)
 
 
