@@ -83,6 +83,9 @@ GREEDY = dict(temperature=0, max_tokens=8)
 
 def test_models_and_health(server, client):
     assert [m.id for m in client.models.list().data] == [NAME]
+    assert client.models.retrieve(NAME).id == NAME
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4o")
     assert httpx.get(server.url + "/health").json() == {"status": "ok"}
 
 
@@ -275,6 +278,8 @@ def test_bad_requests_get_openai_errors(server, client, body, text):
 def test_malformed_json_and_unknown_model(server, client):
     r = httpx.post(server.url + "/v1/chat/completions", content=b"{not json",
                    headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
+    r = httpx.post(server.url + "/v1/chat/completions", content=b"[" * 100_000 + b"]" * 100_000)
     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
     r = httpx.post(server.url + "/v1/chat/completions", content=b"[1, 2]")
     assert r.status_code == 400 and "object" in r.json()["error"]["message"]

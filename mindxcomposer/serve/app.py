@@ -81,6 +81,13 @@ def create_app(model, engine, served_model: str, media_policy: Optional[MediaPol
         return {"object": "list", "data": [{"id": served_model, "object": "model", "created": created,
                                             "owned_by": "mindxcomposer"}]}
 
+    @app.get("/v1/models/{model_id:path}")
+    async def model_info(model_id: str):
+        if model_id != served_model:
+            return _error(APIError(f"The model {model_id!r} does not exist", 404, "invalid_request_error", "model",
+                                   "model_not_found"))
+        return {"id": served_model, "object": "model", "created": created, "owned_by": "mindxcomposer"}
+
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         loop = asyncio.get_running_loop()
@@ -88,7 +95,7 @@ def create_app(model, engine, served_model: str, media_policy: Optional[MediaPol
             raw = await _read_body(request, max_body_bytes)
             try:
                 body = json.loads(raw)
-            except (ValueError, UnicodeDecodeError) as e:
+            except (ValueError, RecursionError) as e:  # RecursionError: absurdly nested JSON
                 raise bad_request(f"the request body is not valid JSON: {e}", code="invalid_json")
             req = parse_chat_request(body, served_model, max_beams=engine.max_beams)
             media = [await resolve(p.url, p.where, policy, state["http"]) for p in req.images]
