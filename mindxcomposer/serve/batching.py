@@ -123,7 +123,8 @@ class BatchEngine:
 
     def submit(self, job: Job):
         with self.cv:
-            if len(self.waiting) >= self.max_queue:
+            # free rows will take that many of the waiting jobs; the rest is the queue
+            if len(self.waiting) - len(self.free_rows) >= self.max_queue:
                 raise APIError("the server is busy: its request queue is full; retry later", 429,
                                "rate_limit_error", None, "queue_full")
             self.waiting.add(job)
