@@ -360,6 +360,22 @@ def test_requests_join_a_running_batch_and_stay_exact(demo_model):
         assert text == expected, c["q"]
 
 
+def test_running_decodes_step_between_the_chunks_of_a_long_prefill(demo_model):
+    long_prompt = "Read this: " + " ".join(f"item{i}" for i in range(700))  # > 2 prefill chunks
+    with serving(demo_model, max_batch=2, max_queue=4) as (srv, client):
+        with cf.ThreadPoolExecutor(2) as pool:
+            stream = ask(client, [{"role": "user", "content": "Keep talking."}], temperature=0, max_tokens=300,
+                         stream=True)
+            head = [next(stream) for _ in range(3)]
+            newcomer = pool.submit(ask, client, [{"role": "user", "content": long_prompt}], **GREEDY)
+            rest = list(stream)
+            text = newcomer.result().choices[0].message.content
+        assert srv.engine.steps_in_prefill >= 2
+    assert "".join(c.choices[0].delta.content or "" for c in head + rest if c.choices) == \
+        chat(demo_model, "Keep talking.", max_new_tokens=300, do_sample=False)
+    assert text == chat(demo_model, long_prompt, max_new_tokens=8, do_sample=False)
+
+
 def test_full_queue_answers_429_and_recovers(demo_model):
     with serving(demo_model, max_batch=2, max_queue=1) as (srv, client):
         def one(i):

@@ -17,9 +17,9 @@ How a row decodes exactly as it would alone:
 When the batch is empty the write slot goes back to 0; a newcomer whose reserved slots do not fit the
 cache waits until the batch drains. Only one `infer_mode` runs at a time.
 
-Work that is not a step (one request's prompt building, i.e. its vision encoding, or one prefill)
-happens between two steps, alternating with them, so a newcomer delays running decodes by one such
-piece of work at a time.
+Work that is not a step happens between two steps, alternating with them: one request's prompt building
+(its vision encoding: the whole of it, a limit of this design), or one prefill, during which the batch
+still steps after each prefill chunk (`_prefill_between_steps`).
 """
 import collections
 import logging
@@ -103,6 +103,7 @@ class BatchEngine:
         self.row_steps = 0
         self.max_rows = 0  # the most requests one step carried
         self.joins = 0  # requests that joined a batch already decoding
+        self.steps_in_prefill = 0  # steps run between the chunks of a newcomer's prefill
         self.shared: Optional[ModelSession] = None
         self._sessions: "collections.OrderedDict" = collections.OrderedDict()  # prefill sessions, LRU
         self.keep_sessions = keep_sessions
@@ -265,9 +266,8 @@ class BatchEngine:
                 self.joins += 1
             rows = np.array(self.free_rows[:k], np.int64)
             del self.free_rows[:k]
-            start = s.next_slot
         try:
-            logits, slots = self._prefill_rows(g, rows, start, embeds, im_mask, am)
+            logits, slots = self._prefill_rows(g, rows, embeds, im_mask, am)
         except BaseException:
             with self.cv:
                 self.free_rows = sorted(self.free_rows + [int(r) for r in rows])
@@ -297,15 +297,16 @@ class BatchEngine:
                 self._sessions.popitem(last=False)
         return self._sessions[key]
 
-    def _prefill_rows(self, g, rows, start, embeds, im_mask, am):
+    def _prefill_rows(self, g, rows, embeds, im_mask, am):
         """Prefills the prompt and puts it into `rows` of the shared cache; returns (logits, its slots)."""
         s = self.shared
         k, length = embeds.shape[:2]
         reserved = g.max_len - length  # slots the batch writes while this request decodes
+        alone = self._prefill_session(k, g.max_len, g.infer_mode)
+        logits = self._prefill_between_steps(alone, reserved, embeds, im_mask, am)
+        start = s.next_slot  # the batch may have stepped meanwhile
         free = np.array([i for i in range(self.cache_len) if not start <= i < start + reserved])
         slots = free[:length]
-        alone = self._prefill_session(k, g.max_len, g.infer_mode)
-        logits = alone.prefill(embeds, im_mask, am)
         row_index = Tensor(rows.astype(np.int32))
         for src, dst in zip(tuple(alone.decoder.k_cache) + tuple(alone.decoder.v_cache),
                             tuple(s.decoder.k_cache) + tuple(s.decoder.v_cache)):
@@ -315,6 +316,34 @@ class BatchEngine:
         s.slot_mask[rows] = 0
         s.slot_mask[rows[:, None], slots[None, :]] = am
         return logits, slots
+
+    def _prefill_between_steps(self, alone: ModelSession, reserved: int, embeds, im_mask, am):
+        """`alone.prefill`, with a step of the running batch after each prefill chunk whenever the batch is
+        ready for one: a long prompt delays running decodes by one chunk at a time. The prefill session
+        calls its layer function once per layer and chunk; that call is wrapped (the session's
+        computation is untouched, so its logits are the same). Steps stop while the batch's next write
+        slot would leave the newcomer less than `reserved` slots."""
+        inner = getattr(alone, "_prefill_layer", None)
+        if inner is None or not self.active:
+            return alone.prefill(embeds, im_mask, am)
+        layers, calls = alone.decoder.num_layers, [0]
+
+        def layer(*args):
+            out = inner(*args)
+            calls[0] += 1
+            if calls[0] % layers == 0 and self.shared.next_slot + 1 + reserved <= self.cache_len:
+                with self.cv:
+                    ready = self._steps_ready()
+                if ready:
+                    self.steps_in_prefill += 1
+                    self._step()
+            return out
+
+        alone._prefill_layer = layer
+        try:
+            return alone.prefill(embeds, im_mask, am)
+        finally:
+            alone._prefill_layer = inner
 
     def _step(self):
         s = self.shared
