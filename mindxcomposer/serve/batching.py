@@ -10,10 +10,14 @@ How a row decodes exactly as it would alone:
 - its prompt is prefilled in a session shaped as `chat` alone shapes it (same rows, same cache length),
   so the first logits are the same; the prompt's keys and values are then copied into the row;
 - rows share the step's write slot (`ModelSession.next_slot`), but positions, the dynamic-NTK base and
-  the attention mask come from each row's own slot mask, so where a row's slots lie does not matter: a
-  newcomer reserves the slots the batch will write during its `max_new_tokens` steps and puts its
-  prompt in the first free ones;
+  the attention mask come from each row's own slot mask, so where a row's slots lie does not change
+  the computation: a newcomer reserves the slots the batch will write during its `max_new_tokens` steps
+  and puts its prompt right before them (or, early in the cache, in the first free ones);
 - the model thread waits at each step boundary until every running request has handed in its ids.
+"Exactly" means the same tokens, as `batch_chat` guarantees: the prefill logits are chat's bit for bit,
+a step's logits differ from chat's in the last bits (about 2e-6 on the demo model) because a matrix
+product over several rows accumulates in another order than over one, so only a near-tie between two
+candidate tokens could decode differently. A request alone in a one-row batch decodes bit for bit.
 When the batch is empty the write slot goes back to 0; a newcomer whose reserved slots do not fit the
 cache waits until the batch drains. Only one `infer_mode` runs at a time.
 
@@ -304,9 +308,17 @@ class BatchEngine:
         reserved = g.max_len - length  # slots the batch writes while this request decodes
         alone = self._prefill_session(k, g.max_len, g.infer_mode)
         logits = self._prefill_between_steps(alone, reserved, embeds, im_mask, am)
+        # The prompt goes right before the slots the row will write, as in chat's own cache: the same
+        # layout keeps attention's sums in the same order (a request alone in a one-row batch then
+        # decodes bit for bit as chat); otherwise into the first slots the batch will not write.
+        if not self.active:
+            s.next_slot = length
         start = s.next_slot  # the batch may have stepped meanwhile
-        free = np.array([i for i in range(self.cache_len) if not start <= i < start + reserved])
-        slots = free[:length]
+        if start >= length:
+            slots = np.arange(start - length, start)
+        else:
+            free = np.array([i for i in range(self.cache_len) if not start <= i < start + reserved])
+            slots = free[:length]
         row_index = Tensor(rows.astype(np.int32))
         for src, dst in zip(tuple(alone.decoder.k_cache) + tuple(alone.decoder.v_cache),
                             tuple(s.decoder.k_cache) + tuple(s.decoder.v_cache)):

@@ -1,0 +1,85 @@
+"""The batching engine below HTTP: what each row computes against `model.chat` alone.
+
+Prefill logits are chat's bit for bit; a request alone in a one-row batch decodes bit for bit; among
+other rows a step's logits differ only in the last bits (a matrix product over several rows accumulates
+in another order), and the tokens are the same."""
+import numpy as np
+import pytest
+
+pytest.importorskip("fastapi")
+
+from mindxcomposer.serve.batching import BatchEngine  # noqa: E402
+from mindxcomposer.serve.jobs import Job  # noqa: E402
+from mindxcomposer.serve.protocol import parse_chat_request  # noqa: E402
+from mindxcomposer.serve.text_stream import AnswerText  # noqa: E402
+from mindxcomposer.session import ModelSession  # noqa: E402
+
+QUERIES = ["Why is the sky blue?", "Tell me a joke, please.", "Hello"]
+N = 12
+
+
+def _chat_logits(model, query):
+    seen = []
+
+    class Recording(ModelSession):
+        def prefill(self, *a, **k):
+            seen.append(super().prefill(*a, **k))
+            return seen[-1]
+
+        def step(self, *a, **k):
+            seen.append(super().step(*a, **k))
+            return seen[-1]
+
+    text = model.chat(model.tokenizer, query, max_new_tokens=N, do_sample=False, session_factory=Recording)[0]
+    return text, seen
+
+
+def _served(model, engine, queries):
+    """Runs the queries through `engine` at once; returns (texts, logits each row received)."""
+    seen = {q: [] for q in queries}
+    ask = engine._ask
+
+    def recording_ask(group, item):
+        out = ask(group, item)
+        seen[group.job.request.query].append(out)
+        return out
+
+    engine._ask = recording_ask
+    jobs = []
+    for q in queries:
+        req = parse_chat_request({"model": "m", "messages": [{"role": "user", "content": q}], "max_tokens": N,
+                                  "temperature": 0}, "m", engine.max_beams)
+        jobs.append(Job(req, [], 0, AnswerText(model.tokenizer, model._eos_ids(model.tokenizer))))
+        engine.submit(jobs[-1])
+    for job in jobs:
+        assert job.done.wait(300) and job.error is None
+    return [job.answer.text for job in jobs], seen
+
+
+def test_alone_in_a_one_row_batch_is_bit_for_bit(demo_model):
+    text, ref = _chat_logits(demo_model, QUERIES[0])
+    engine = BatchEngine(demo_model, max_batch=1, max_queue=2).start()
+    try:
+        (got_text,), seen = _served(demo_model, engine, QUERIES[:1])
+    finally:
+        engine.stop()
+    assert got_text == text
+    assert len(seen[QUERIES[0]]) == len(ref)
+    for a, b in zip(seen[QUERIES[0]], ref):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_rows_of_a_shared_batch(demo_model):
+    refs = {q: _chat_logits(demo_model, q) for q in QUERIES}
+    engine = BatchEngine(demo_model, max_batch=4, max_queue=4).start()
+    try:
+        texts, seen = _served(demo_model, engine, QUERIES)
+        assert engine.max_rows > 1
+    finally:
+        engine.stop()
+    for q, text in zip(QUERIES, texts):
+        ref_text, ref = refs[q]
+        assert text == ref_text
+        np.testing.assert_array_equal(seen[q][0], ref[0])  # prefill: chat's own session shape
+        for a, b in zip(seen[q][1:], ref[1:]):
+            assert np.abs(a - b).max() <= 1e-5 * max(1.0, np.abs(b).max())
