@@ -83,3 +83,41 @@ def test_rows_of_a_shared_batch(demo_model):
         np.testing.assert_array_equal(seen[q][0], ref[0])  # prefill: chat's own session shape
         for a, b in zip(seen[q][1:], ref[1:]):
             assert np.abs(a - b).max() <= 1e-5 * max(1.0, np.abs(b).max())
+
+
+def _submit(model, engine, query, max_tokens):
+    req = parse_chat_request({"model": "m", "messages": [{"role": "user", "content": query}],
+                              "max_tokens": max_tokens, "temperature": 0}, "m", engine.max_beams)
+    job = Job(req, [], 0, AnswerText(model.tokenizer, model._eos_ids(model.tokenizer)))
+    engine.submit(job)
+    return job
+
+
+def _wait(condition, seconds=300):
+    import time
+
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
+
+
+def test_packing_the_cache_lets_a_newcomer_join_without_a_drain(demo_model):
+    """A small cache: after A finishes, the write slot is too far for C's 300 reserved slots, though B,
+    still decoding, uses few. The running rows are packed to the front and C joins B."""
+    engine = BatchEngine(demo_model, max_batch=2, max_queue=4, cache_len=512).start()
+    try:
+        a = _submit(demo_model, engine, "First question?", 200)
+        _wait(lambda: engine.steps >= 120)
+        b = _submit(demo_model, engine, "Second question?", 300)
+        assert a.done.wait(300)
+        assert not b.done.is_set()
+        c = _submit(demo_model, engine, "Third question?", 300)
+        _wait(lambda: engine.joins >= 2 or b.done.is_set())
+        assert engine.compactions >= 1 and not b.done.is_set()  # C joined while B decodes
+        for job in (b, c):
+            assert job.done.wait(300) and job.error is None
+    finally:
+        engine.stop()
+    for job, q, k in ((a, "First question?", 200), (b, "Second question?", 300), (c, "Third question?", 300)):
+        assert job.answer.text == demo_model.chat(demo_model.tokenizer, q, max_new_tokens=k, do_sample=False)[0], q

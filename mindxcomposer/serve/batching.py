@@ -18,8 +18,9 @@ How a row decodes exactly as it would alone:
 a step's logits differ from chat's in the last bits (about 2e-6 on the demo model) because a matrix
 product over several rows accumulates in another order than over one, so only a near-tie between two
 candidate tokens could decode differently. A request alone in a one-row batch decodes bit for bit.
-When the batch is empty the write slot goes back to 0; a newcomer whose reserved slots do not fit the
-cache waits until the batch drains. Only one `infer_mode` runs at a time.
+When the batch is empty the write slot goes back to the start; when a newcomer's reserved slots do not
+fit after the write slot, the running rows' slots are packed to the front of the cache (`_compact`),
+and if they still do not fit it waits for rows to finish. Only one `infer_mode` runs at a time.
 
 Work that is not a step happens between two steps, alternating with them: one request's prompt building
 (its vision encoding: the whole of it, a limit of this design), or one prefill, during which the batch
@@ -108,6 +109,7 @@ class BatchEngine:
         self.max_rows = 0  # the most requests one step carried
         self.joins = 0  # requests that joined a batch already decoding
         self.steps_in_prefill = 0  # steps run between the chunks of a newcomer's prefill
+        self.compactions = 0
         self.shared: Optional[ModelSession] = None
         self._sessions: "collections.OrderedDict" = collections.OrderedDict()  # prefill sessions, LRU
         self.keep_sessions = keep_sessions
@@ -208,6 +210,45 @@ class BatchEngine:
                 return g
         return None
 
+    def _active_rows(self) -> np.ndarray:
+        return np.array(sorted(int(r) for g in self.active for r in g.rows), np.int64)
+
+    def _compaction_helps(self) -> bool:
+        """Whether a waiting newcomer that only lacks room after the batch's write slot would fit once the
+        running rows' slots are packed to the front of the cache."""
+        if not self.active:
+            return False
+        s = self.shared
+        packed = int(s.slot_mask[self._active_rows()].sum(1).max())
+        for g in self.prefills:
+            reserved = g.max_len - g.pending[1][0].shape[1]
+            if (g.batch_size <= len(self.free_rows) and g.infer_mode == s.infer_mode
+                    and s.next_slot + reserved > self.cache_len >= packed + reserved):
+                return True
+        return False
+
+    def _compact(self):
+        """Packs each running row's slots (in their order) to the front of its cache row, so that the
+        write slot can move back: rows that finished leave holes behind the write slot, and without
+        this a newcomer would wait for the batch to drain. Attention does not depend on where a row's
+        slots lie, only their order is kept for the order of its sums."""
+        s = self.shared
+        with self.cv:
+            rows = self._active_rows()
+        order = [np.nonzero(s.slot_mask[r])[0] for r in rows]
+        index = Tensor(rows.astype(np.int32))
+        for cache in tuple(s.decoder.k_cache) + tuple(s.decoder.v_cache):
+            arr = cache.astype(ms.float32).asnumpy()
+            block = np.zeros((len(rows),) + arr.shape[1:], np.float32)
+            for i, r in enumerate(rows):
+                block[i, :, :len(order[i])] = arr[r][:, order[i]]
+            ops.scatter_update(cache, index, Tensor(block).astype(cache.dtype))
+        for i, r in enumerate(rows):
+            s.slot_mask[r] = 0
+            s.slot_mask[r, :len(order[i])] = 1
+        s.next_slot = max(len(o) for o in order)
+        self.compactions += 1
+
     def _steps_ready(self) -> bool:
         return bool(self.active) and all(g.pending is not None and g.pending[0] == "step" for g in self.active)
 
@@ -223,17 +264,24 @@ class BatchEngine:
                     if self.stopping:
                         return
                     steps = self._steps_ready()
-                    turn = self.turns[0] if self.turns else None
-                    group = None if turn else self._admissible()
-                    if steps and (last_was_job or not (turn or group)):
+                    job = None
+                    if self.turns:
+                        job = ("turn", self.turns[0])
+                    else:
+                        group = self._admissible()
+                        if group is not None:
+                            job = ("prefill", group)
+                        elif self._compaction_helps():
+                            job = ("compact", None)
+                    if steps and (last_was_job or job is None):
                         work = ("step", None)
                         break
-                    if turn:
-                        work = ("turn", self.turns.popleft())
-                        break
-                    if group:
-                        self.prefills.remove(group)
-                        work = ("prefill", group)
+                    if job is not None:
+                        if job[0] == "turn":
+                            self.turns.popleft()
+                        elif job[0] == "prefill":
+                            self.prefills.remove(job[1])
+                        work = job
                         break
                     self.cv.wait()
             kind, what = work
@@ -244,6 +292,8 @@ class BatchEngine:
                     what.released.wait()
                 elif kind == "prefill":
                     self._prefill(what)
+                elif kind == "compact":
+                    self._compact()
                 else:
                     self._step()
             except BaseException as e:  # noqa: BLE001
