@@ -20,7 +20,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -146,7 +145,8 @@ def main(argv=None):
     print(f"model: {args.model or args.size}, {args.requests} requests, max_tokens {args.max_tokens}, greedy, "
           f"image: {args.image or 'none'}; server --max-batch {args.max_batch or args.clients}; "
           f"{os.cpu_count()} CPUs, {platform.machine()}")
-    print("| clients | wall s | requests/s | generated tokens/s | p50 latency s | p95 latency s | p50 TTFT s | p95 TTFT s |")
+    print("| clients | wall s | requests/s | generated tokens/s | p50 latency s | p95 latency s | p50 TTFT s "
+          "| p95 TTFT s |")
     print("|---|---|---|---|---|---|---|---|")
     for label, r in (("1 (sequential)", seq), (f"{args.clients} (concurrent)", conc)):
         print(f"| {label} | {r['wall_s']:.1f} | {r['req_per_s']:.2f} | {r['gen_tok_per_s']:.1f} | "

@@ -346,8 +346,9 @@ def test_requests_join_a_running_batch_and_stay_exact(demo_model):
             stream = first.result()
             head = [next(stream) for _ in range(4)]  # the long request is decoding now
             steps_before = srv.engine.steps
-            others = [pool.submit(ask, client, [{"role": "user", "content": [image_part(data_url(p)) for p in c["images"]]
-                                                 + [text_part(c["q"])]}], **c["kw"]) for c in cases]
+            contents = [[image_part(data_url(p)) for p in c["images"]] + [text_part(c["q"])] for c in cases]
+            others = [pool.submit(ask, client, [{"role": "user", "content": content}], **c["kw"])
+                      for c, content in zip(cases, contents)]
             got = [f.result().choices[0].message.content for f in others]
             rest = list(stream)
         assert srv.engine.steps > steps_before and srv.engine.max_rows >= 2
@@ -403,7 +404,7 @@ def test_timeout_abandons_the_request(demo_model):
 def _wait_idle(engine, seconds=20):
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
-        if not getattr(engine, "active", []) and len(getattr(engine, "free_rows", [0])) == getattr(engine, "max_batch", 1):
+        if not engine.active and len(engine.free_rows) == engine.max_batch:
             return
         time.sleep(0.05)
     raise AssertionError("the engine did not free its rows")

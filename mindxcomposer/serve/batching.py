@@ -38,7 +38,7 @@ from mindspore import Tensor, ops
 from ..session import CACHE_BUCKET, ModelSession, round_up
 from .engine import finish_with, run_chat
 from .errors import APIError
-from .jobs import Cancelled, Job
+from .jobs import Job
 
 log = logging.getLogger("mindxcomposer.serve")
 _POLL = 0.25  # seconds between checks for a cancelled request while it waits

@@ -12,7 +12,7 @@ import binascii
 import io
 import os
 import warnings
-from typing import Optional, Sequence
+from typing import Sequence
 from urllib.parse import unquote, urlparse
 
 from PIL import Image
