@@ -15,7 +15,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.9,<3.12",
     packages=find_packages(include=["mindxcomposer", "mindxcomposer.*"]),
-    package_data={"mindxcomposer": ["assets/*"]},
+    package_data={"mindxcomposer": ["assets/*", "ops/csrc/*.cc"]},
     install_requires=install_requires,
     extras_require={
         # Reading the released .bin shards needs torch; the CPU build is enough.

@@ -16,7 +16,7 @@ import mindspore as ms
 from mindspore import Tensor
 
 from .modeling_internlm2 import CachedDecoder
-from .rope import rope_cos_sin
+from .rope import packed_rope
 
 _MASK_MIN = np.finfo(np.float32).min
 PREFILL_BUCKET = 64
@@ -37,7 +37,10 @@ class ModelSession:
         self.cache_len = round_up(max_len, CACHE_BUCKET)
         self.infer_mode = infer_mode
         self.prefill_bucket = prefill_bucket
-        self.decoder = CachedDecoder(model.model, model.output, model.config, batch_size, self.cache_len, model.dtype)
+        # Brings in the task LoRAs this mode needs (and drops the others) before the weights are gathered.
+        self.tasks = model.use_task_loras(infer_mode)
+        self.decoder = CachedDecoder(model.model, model.output, model.config, batch_size, self.cache_len,
+                                     model.compute_dtype, self.tasks)
         if compiled is None:
             compiled = ms.get_context("device_target") != "GPU"
         self.compiled = compiled
@@ -55,22 +58,7 @@ class ModelSession:
 
     def _tensor(self, arr):
         t = Tensor(arr)
-        return t if self.model.dtype == ms.float32 else t.astype(self.model.dtype)
-
-    def _rope(self, positions, real_len):
-        """cos, sin [B, n, 1, G+2, D] for the packed q/k/v heads of a kv group: the rotation on the G
-        query slots and the key slot, the identity (cos 1, sin 0) on the value slot; `rotate_half`'s
-        sign is folded into sin, so that `x * cos + swap_halves(x) * sin` is upstream's RoPE exactly."""
-        b, n = positions.shape
-        g, d = self.config.num_attention_heads // self.config.num_key_value_heads, self.config.head_dim
-        cos = np.ones((b, n, 1, g + 2, d), np.float32)
-        sin = np.zeros((b, n, 1, g + 2, d), np.float32)
-        for r in range(b):  # the dynamic-NTK base depends on each row's own length
-            c, s = rope_cos_sin(self.config, positions[r], seq_len=int(real_len[r]))
-            s[..., :d // 2] = -s[..., :d // 2]
-            cos[r, :, 0, :g + 1] = c[:, None]
-            sin[r, :, 0, :g + 1] = s[:, None]
-        return cos, sin
+        return t if self.model.compute_dtype == ms.float32 else t.astype(self.model.compute_dtype)
 
     def prefill(self, inputs_embeds, im_mask, attention_mask=None) -> np.ndarray:
         """Left-padded prompt embeddings [B, L, H] -> logits [B, V] of each row's last token."""
@@ -92,7 +80,7 @@ class ModelSession:
         self.slot_mask[:, :n] = am
         self.next_slot = n
         positions = np.where(am_padded > 0, np.cumsum(am_padded, 1) - 1, 1)
-        cos, sin = self._rope(positions, am.sum(1))
+        cos, sin = packed_rope(self.config, positions, am.sum(1))
         # Padding rows add zeros (keep 0), past the cache's end all at its last slot.
         slots = np.minimum(np.arange(n + pad), self.cache_len - 1).astype(np.int32)
         keep = (np.arange(n + pad) < n).astype(np.float32)[None, None, :, None]
@@ -109,8 +97,8 @@ class ModelSession:
                     Tensor(slots[rows]), self._tensor(keep[:, :, rows]))
             x = self._tensor(embeds[:, rows])
             for i in range(d.num_layers):
-                x = self._prefill_layer(x, *args, k_caches[i], v_caches[i], self.infer_mode, *weights[i])
-        return d.head(x[:, (n - 1) - start]).asnumpy()
+                x = self._prefill_layer(x, *args, k_caches[i], v_caches[i], self.tasks, *weights[i])
+        return d.head(x[:, (n - 1) - start], d.norm_weight, d.head_weight)[1].asnumpy()
 
     def step(self, token_ids, attention_mask=None) -> np.ndarray:
         """One new token per row -> logits [B, V]. Generated tokens never take the image LoRA path."""
@@ -121,11 +109,11 @@ class ModelSession:
         self.slot_mask[:, slot] = 1
         self.next_slot += 1
         real_len = self.slot_mask.sum(1)
-        cos, sin = self._rope((real_len - 1)[:, None], real_len)
+        cos, sin = packed_rope(self.config, (real_len - 1)[:, None], real_len)
         mask = np.where(self.slot_mask > 0, np.float32(0), _MASK_MIN).astype(np.float32)[:, None, None]
         self.signatures.add(("step", self.batch_size, 1, self.cache_len, self.infer_mode))
         logits = self._step(Tensor(ids), self._tensor(cos), self._tensor(sin), self._tensor(mask),
-                            Tensor(np.array([slot], np.int32)), self.infer_mode)
+                            Tensor(np.array([slot], np.int32)))
         return logits.asnumpy()
 
     def reorder(self, beam_idx) -> None:

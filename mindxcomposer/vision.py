@@ -3,6 +3,7 @@ tokens, global view first) and the Linear-GELU-Linear projector."""
 from mindspore import nn, ops
 
 from .layers import Linear
+from .ops import cast_like
 
 
 def merged_token_count(h: int, w: int, grid: int = 40) -> int:
@@ -33,6 +34,7 @@ class HDMerge(nn.Cell):
     def construct(self, features, glb_gn, sub_gn, h, w):
         m = self.m
         c4 = 4 * features.shape[-1]
+        glb_gn, sub_gn = cast_like(glb_gn, features), cast_like(sub_gn, features)
         glb = self._merge_2x2(features[:1])  # [1, m, m, 4C]
         glb = ops.concat((glb, ops.broadcast_to(sub_gn, (1, m, 1, c4))), 2).reshape(1, -1, c4)
 
