@@ -116,7 +116,7 @@ class InternLMXComposer2ForCausalLM(ChatMixin, nn.Cell):
         self.vit = CLIPVisionTower(v, dtype, self.compute_dtype)
         self.vit_micro_batch = None  # crops per ViT call (None: the tower's default, 1)
         self.vision_proj = VisionProjector(config.vision_merged_size, config.projector_hidden_size,
-                                           config.hidden_size, dtype)
+                                           config.hidden_size, dtype, self.compute_dtype)
         self.plora_glb_GN = lazy_param((1, 1, config.vision_merged_size), dtype, "plora_glb_GN")
         self.plora_sub_GN = lazy_param((1, 1, 1, config.vision_merged_size), dtype, "plora_sub_GN")
         self.merger = HDMerge(v.image_size // v.patch_size)
