@@ -140,9 +140,11 @@ class FinetuneData:
             raise FinetuneDataError(
                 f"{record.describe()}: {markers} {IMAGE_MARKER} marker(s) but {images} image(s); put one marker "
                 "where each image goes (a single image without a marker goes first)")
-        if np.any(self._labels(record, self.args.max_length) != IGNORE_INDEX):
+        # Position 0's label is never a target (the loss compares logits t with labels t + 1), yet upstream
+        # leaves `<s>` labelled there when a sample is cut inside its first question: skip it.
+        if np.any(self._labels(record, self.args.max_length)[1:] != IGNORE_INDEX):
             return
-        if np.any(self._labels(record, 2 ** 62) != IGNORE_INDEX):
+        if np.any(self._labels(record, 2 ** 62)[1:] != IGNORE_INDEX):
             raise FinetuneDataError(
                 f"{record.describe()}: max_length={self.args.max_length} cuts every supervised token (the answers "
                 "come later); upstream would train on it with loss 0. Raise max_length, lower hd_num or shorten "
@@ -153,28 +155,8 @@ class FinetuneData:
     # -- micro-batches -------------------------------------------------------------------------------
     def build(self, records: Sequence[Record]) -> MicroBatch:
         """The micro-batch of these samples (all of one kind), in this order."""
-        kinds = {r.data_type for r in records}
-        if len(kinds) != 1:
-            raise FinetuneDataError(f"a micro-batch must hold one kind of sample, got {sorted(kinds)}")
-        texts = [conv2text([{"from": f, "value": v} for f, v in r.conversations]) for r in records]
-        max_length = self.args.max_length
-        if kinds == {TEXT}:
-            batch = collate_text([encode_text(t, self.tokenizer, max_length) for t in texts], self.tokenizer)
-            pixel_values = []
-        else:
-            encoded = [encode_multimodal(t, self._token_counts(r), self.tokenizer, max_length)
-                       for r, t in zip(records, texts)]
-            batch = collate_multimodal(encoded, special_ids(self.tokenizer)[2], max_length)
-            rows = batch["image_spans"][:, 0].tolist()
-            pixel_values = []
-            for row, record in enumerate(records):
-                for path in record.images[:rows.count(row)]:  # the images left are the first ones of the row
-                    try:
-                        pixel_values.append(training_pixel_values(path, self.args.hd_num))
-                    except InputError as e:
-                        raise FinetuneDataError(f"{record.describe()}: {e}") from e
-        return MicroBatch(data_type=kinds.pop(), pixel_values=pixel_values,
-                          samples=[r.describe() for r in records], **batch)
+        return build_micro_batch(records, self.tokenizer, self.args.max_length, self.args.hd_num,
+                                 token_counts=self._token_counts)
 
     def micro_batch_records(self, j: int) -> List[Record]:
         """Sequential sampling: the samples of this worker's j-th micro-batch."""
@@ -199,3 +181,33 @@ class FinetuneData:
     def __iter__(self) -> Iterator[MicroBatch]:
         for records in self.iter_records():
             yield self.build(records)
+
+
+def build_micro_batch(records: Sequence[Record], tokenizer, max_length: int, hd_num: int = DEFAULT_HD_NUM,
+                      token_counts=None) -> MicroBatch:
+    """The micro-batch of these samples (all of one kind), in this order, without the sample checks of
+    `FinetuneData` (so a sample may end up with no supervised token, as upstream allows).
+    `token_counts(record)` gives the image token counts of a sample (default: from its image headers)."""
+    kinds = {r.data_type for r in records}
+    if len(kinds) != 1:
+        raise FinetuneDataError(f"a micro-batch must hold one kind of sample, got {sorted(kinds)}")
+    texts = [conv2text([{"from": f, "value": v} for f, v in r.conversations]) for r in records]
+    if kinds == {TEXT}:
+        batch = collate_text([encode_text(t, tokenizer, max_length) for t in texts], tokenizer)
+        pixel_values = []
+    else:
+        if token_counts is None:
+            def token_counts(record):
+                return [image_token_count(*image_size(p), hd_num) for p in record.images]
+        encoded = [encode_multimodal(t, token_counts(r), tokenizer, max_length) for r, t in zip(records, texts)]
+        batch = collate_multimodal(encoded, special_ids(tokenizer)[2], max_length)
+        rows = batch["image_spans"][:, 0].tolist()
+        pixel_values = []
+        for row, record in enumerate(records):
+            for path in record.images[:rows.count(row)]:  # the images left are the first ones of the row
+                try:
+                    pixel_values.append(training_pixel_values(path, hd_num))
+                except InputError as e:
+                    raise FinetuneDataError(f"{record.describe()}: {e}") from e
+    return MicroBatch(data_type=kinds.pop(), pixel_values=pixel_values, samples=[r.describe() for r in records],
+                      **batch)
