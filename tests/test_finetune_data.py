@@ -290,3 +290,35 @@ def test_bad_data_lists(tok, tmp_path):
         FinetuneData(DataArguments(data_path=str(tmp_path / "data.csv")), tok)
     with pytest.raises(ValueError, match=r"sampling must be one of"):
         FinetuneData(DataArguments(data_path=text, sampling="shuffle"), tok)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Flags and the inspection command
+
+def test_upstream_flags_parse_as_upstream():
+    from mindxcomposer.finetune.arguments import parse_data_arguments
+    args = parse_data_arguments(["--data_path", "d.txt", "--given_num", "True", "--batch_size", "2", "--hd_num", "6",
+                                 "--max_length", "16384"])
+    assert (args.data_path, args.given_num, args.batch_size, args.hd_num, args.max_length) == ("d.txt", True, 2, 6, 16384)
+    assert parse_data_arguments(["--given_num"]).given_num is True
+    assert parse_data_arguments(["--given_num", "false"]).given_num is False
+    assert parse_data_arguments([]) == DataArguments()
+    with pytest.raises(SystemExit):
+        parse_data_arguments(["--sampling", "shuffle"])
+
+
+def test_inspect_data_command(tmp_path, capsys):
+    from mindxcomposer.finetune.inspect_data import main
+    path = _write(tmp_path / "m.json", _image_records(2, tmp_path))
+    assert main(["--data_path", path, "--batch_size", "2", "--show", "1", "--sampling", "sequential"]) == 0
+    out = capsys.readouterr().out
+    assert "2 multi samples" in out and "micro-batch 0: multi" in out and "m.json sample #1 (id 'm1')" in out
+    assert main(["--data_path", path, "--batch_size", "1", "--max_length", "100"]) == 1
+    assert "cuts every supervised token" in capsys.readouterr().err
+
+
+def test_text_sample_with_a_marker_is_an_error(tok, tmp_path):
+    records = _text_records(2)
+    records[0]["conversations"][0]["value"] = "What is <ImageHere>?"
+    with pytest.raises(FinetuneDataError, match=r"sample #0 \(id 't0'\): 1 <ImageHere> marker\(s\) but 0 image"):
+        FinetuneData(DataArguments(data_path=_write(tmp_path / "t.json", records)), tok)
