@@ -48,6 +48,10 @@ def _case_image(case, tmp_path):
     path = os.path.join(ASSETS, case["asset"])
     if case["repeat"] == 1:
         return path
+    if isinstance(case["repeat"], str):  # another Pillow mode
+        out = str(tmp_path / f"{case['repeat']}_{case['asset']}")
+        Image.open(path).convert(case["repeat"]).save(out)
+        return out
     arr = np.asarray(Image.open(path).convert("RGB"))
     arr = np.repeat(np.repeat(arr, case["repeat"], axis=0), case["repeat"], axis=1)
     out = str(tmp_path / f"x{case['repeat']}_{case['asset']}")
@@ -322,3 +326,14 @@ def test_text_sample_with_a_marker_is_an_error(tok, tmp_path):
     records[0]["conversations"][0]["value"] = "What is <ImageHere>?"
     with pytest.raises(FinetuneDataError, match=r"sample #0 \(id 't0'\): 1 <ImageHere> marker\(s\) but 0 image"):
         FinetuneData(DataArguments(data_path=_write(tmp_path / "t.json", records)), tok)
+
+
+def test_pixel_values_fit_the_model_vision_path(tok, demo_model):
+    """Each image of a micro-batch goes through the model's `img2emb` into exactly the positions the
+    micro-batch gives it."""
+    group, = load_data(f"{os.path.relpath(FIXTURES, REPO)}/data/two.json", root=REPO)
+    batch = build_micro_batch(group.records[:2], tok, 16384, hd_num=2)
+    assert len(batch["pixel_values"]) == 3
+    for (row, start, kept), px in zip(batch["image_spans"].tolist(), batch["pixel_values"]):
+        embeds = demo_model.img2emb(px)[0]
+        assert embeds.shape[1] == kept and batch["im_mask"][row, start:start + kept].all()

@@ -47,8 +47,9 @@ OUT = os.path.join(REPO, "tests", "fixtures", "finetune")
 DATA = "tests/fixtures/finetune/data"
 END_TURN_ID, EOS_ID = 92542, 2
 
-# name, asset, integer upscale, hd_num
+# name, asset, integer upscale (or a Pillow mode to convert to), hd_num
 IMAGE_CASES = [
+    ("chelsea_L_hd18", "chelsea.png", "L", 18), ("coffee_RGBA_hd18", "coffee.png", "RGBA", 18),
     ("astronaut_hd18", "astronaut.png", 1, 18), ("chelsea_hd18", "chelsea.png", 1, 18),
     ("chelsea_tiny_hd18", "chelsea_tiny.png", 1, 18), ("coffee_hd18", "coffee.png", 1, 18),
     ("coffee_strip_1x8_hd18", "coffee_strip_1x8.png", 1, 18), ("rocket_portrait_hd18", "rocket_portrait.png", 1, 18),
@@ -90,11 +91,16 @@ def digest(arr):
 
 
 def asset_image(asset, repeat, tmpdir):
-    """The asset, upscaled by integer pixel repetition (exact, library-free) when repeat > 1."""
+    """The asset, upscaled by integer pixel repetition (exact, library-free) when repeat > 1, or converted
+    to another Pillow mode (upstream's `.convert('RGB')` then undoes it)."""
     from PIL import Image
     path = os.path.join(REPO, "tests", "assets", asset)
     if repeat == 1:
         return path
+    if isinstance(repeat, str):
+        out = os.path.join(tmpdir, f"{os.path.splitext(asset)[0]}_{repeat}.png")
+        Image.open(path).convert(repeat).save(out)
+        return out
     arr = np.asarray(Image.open(path).convert("RGB"))
     arr = np.repeat(np.repeat(arr, repeat, axis=0), repeat, axis=1)
     out = os.path.join(tmpdir, f"{os.path.splitext(asset)[0]}_x{repeat}.png")
