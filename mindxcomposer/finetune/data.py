@@ -75,6 +75,9 @@ class MicroBatch(dict):
 
 
 class FinetuneData:
+    """The data of one worker (`rank` of `world_size`): groups (one per data file, after resampling),
+    every sample checked on construction, micro-batches by `iter_records` / `build` or by iterating."""
+
     def __init__(self, args: DataArguments, tokenizer, world_size: int = 1, rank: int = 0,
                  root: Optional[str] = None):
         args.check()
@@ -150,7 +153,7 @@ class FinetuneData:
                 "come later); upstream would train on it with loss 0. Raise max_length, lower hd_num or shorten "
                 "the sample")
         raise FinetuneDataError(f"{record.describe()}: no supervised tokens: the conversation has no answer "
-                                "(turns whose 'from' is not human/user)")
+                                "(a turn whose 'from' is not human/user), or a '</s>' in its text ends it before one")
 
     # -- micro-batches -------------------------------------------------------------------------------
     def build(self, records: Sequence[Record]) -> MicroBatch:
