@@ -440,13 +440,60 @@ def mask_cases(model, arrays):
     return cases
 
 
+def check_upstream_example(data_mix, finetune, model, captured, finetune_dir, steps=8):
+    """Upstream's own example data (finetune/data.txt, its JSON files and images; not committable here)
+    through upstream and through mindxcomposer.finetune: every micro-batch's ids, labels, attention mask
+    and im_mask must be equal (text micro-batches: upstream's collator keeps row 0 only), its pixels within
+    1e-5. Writes nothing."""
+    from mindxcomposer.finetune import DataArguments, FinetuneData
+    from mindxcomposer.tokenization_internlm2 import InternLM2Tokenizer
+
+    collate = finetune.DataCollatorForSupervisedDataset()
+    tok = InternLM2Tokenizer.from_pretrained()
+    cwd = os.getcwd()
+    os.chdir(finetune_dir)
+    try:
+        for seed, batch_size, hd_num in ((42, 2, 18), (7, 3, 6)):
+            random.seed(seed)
+            args = types.SimpleNamespace(data_path="data.txt", given_num=True, batch_size=batch_size, resolution=560,
+                                         hd_num=hd_num)
+            mix = finetune.make_supervised_data_module(None, args)["train_dataset"]
+            ours = FinetuneData(DataArguments(data_path="data.txt", given_num=True, batch_size=batch_size,
+                                              hd_num=hd_num, seed=seed, max_length=16384), tok)
+            stream = ours.iter_records()
+            for step in range(steps):
+                item = mix[seed if step == 0 else step]
+                out, _ = run_forward(model, captured, collate([item])["samples"], 16384)
+                batch = ours.build(next(stream))
+                if batch["data_type"] == "multi":  # upstream's pixels: per sample, per image [1, 3, H, W]
+                    theirs = [im.numpy() for sample in item["samples"]["image"] for im in sample]
+                    if len(theirs) != len(batch["pixel_values"]) or any(
+                            a.shape != b.shape or np.abs(a - b).max() > 1e-5
+                            for a, b in zip(theirs, batch["pixel_values"])):
+                        raise SystemExit(f"upstream example data, seed {seed}, micro-batch {step}: pixels differ")
+                rows = out["input_ids"].shape[0]
+                for key in ("input_ids", "labels", "attention_mask", "im_mask"):
+                    mine = np.asarray(batch[key]).astype(np.int64)[:rows, :out[key].shape[1]]
+                    if not np.array_equal(mine, out[key].astype(np.int64)):
+                        raise SystemExit(f"upstream example data, seed {seed}, micro-batch {step}: {key} differs")
+                print(f"upstream example data, seed {seed}, batch_size {batch_size}, hd_num {hd_num}, micro-batch "
+                      f"{step}: {batch['data_type']} {list(batch['input_ids'].shape)} equal")
+    finally:
+        os.chdir(cwd)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--finetune", required=True, help="upstream's finetune/ folder")
     ap.add_argument("--upstream", required=True, help="upstream's IXC2.5 model code folder (see README.md here)")
     ap.add_argument("--site", help="folder with torchvision 0.28.0, einops, decord installed by pip --target")
     ap.add_argument("--out", default=OUT)
+    ap.add_argument("--check-example", action="store_true",
+                    help="instead of writing fixtures, compare upstream's own example data (--finetune's data.txt) "
+                         "through upstream and through this repository")
     args = ap.parse_args()
+    if args.check_example:
+        import mindxcomposer.finetune  # noqa: F401  (MindSpore fails to import after decord in one process)
 
     os.chdir(REPO)  # upstream opens data and image paths relative to the working directory
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -458,6 +505,9 @@ def main():
     torch.set_num_threads(2)
     model, captured = build_capturing_model(os.path.abspath(args.upstream))
     data_mix, finetune, stood_in = import_finetune(args.finetune)
+    if args.check_example:
+        check_upstream_example(data_mix, finetune, model, captured, os.path.abspath(args.finetune))
+        return
 
     arrays = {}
     with tempfile.TemporaryDirectory() as tmp:
