@@ -82,6 +82,7 @@ SAMPLING_CASES = [
     ("given_num_b2_seed11", "given_num.txt", True, 2, 18, 11, 14, 0),
     ("ratio_b3_seed5", "ratio.txt", False, 3, 4, 5, 12, 0),
     ("multi_only_b1_seed7", "multi.json", False, 1, 2, 7, 8, 0),
+    ("text_only_b4_seed9", "text.json", False, 4, 18, 9, 6, 2),
 ]
 
 
