@@ -85,35 +85,45 @@ def load_image(image: ImageInput) -> Image.Image:
             raise UnreadableImageError(f"cannot decode image {path!r}: {e}") from e
 
 
-def pad_to_tile(img: Image.Image, tile: int = TILE) -> Image.Image:
-    """Upstream `padding_336`: white rows at the bottom up to a multiple of `tile`."""
+def pad_to_tile(img: Image.Image, tile: int = TILE, centered: bool = False) -> Image.Image:
+    """Upstream `padding_336`: white rows up to a multiple of `tile`, at the bottom (the inference code's
+    version) or, with `centered`, split top / bottom with the odd row at the bottom (the fine-tuning
+    code's version: top = int((target - height) / 2))."""
     width, height = img.size
     target = int(np.ceil(height / tile) * tile)
     if target == height:
         return img.copy()
+    top = int((target - height) / 2) if centered else 0
     canvas = Image.new("RGB", (width, target), (255, 255, 255))
-    canvas.paste(img, (0, 0))
+    canvas.paste(img, (0, top))
     return canvas
 
 
-def hd_scale(width: int, height: int, hd_num: int) -> Tuple[int, int]:
-    """Upstream `Image_transform`'s target (new_w, new_h) for a landscape-oriented (width >= height) image."""
+def hd_scale(width: int, height: int, hd_num: int, width_factor: float = 1.0) -> Tuple[int, int]:
+    """Upstream `Image_transform`'s target (new_w, new_h) for a landscape-oriented (width >= height) image.
+
+    The tile count across is ceil(width * width_factor / 560), bounded by `hd_num`: 1.0 at inference,
+    1.5 in upstream's fine-tuning transform (`R560_HD18_Identity_transform`), which upscales more.
+    """
     ratio = width / height
     scale = 1
     while scale * math.ceil(scale / ratio) <= hd_num:
         scale += 1
-    scale = min(math.ceil(width / TILE), scale - 1)
+    scale = min(math.ceil(width * width_factor / TILE), scale - 1)
     new_w = int(scale * TILE)
     return new_w, int(new_w / ratio)
 
 
-def hd_transform(img: Image.Image, hd_num: int = DEFAULT_HD_NUM) -> Image.Image:
+def hd_transform(img: Image.Image, hd_num: int = DEFAULT_HD_NUM, width_factor: float = 1.0,
+                 centered: bool = False) -> Image.Image:
     """Upstream `Image_transform`: the uint8 canvas (a multiple of 560 on both sides) fed to the vision tower.
 
     Portrait images are transposed, scaled so that at most `hd_num` 560x560 tiles cover them, padded with
     white at the bottom and transposed back (so their padding ends up on the right). Resizing is Pillow's
     bilinear filter, which is what torchvision's `resize` runs on PIL images (antialiased; torchvision's
     `antialias` flag does not apply to PIL input).
+    `width_factor=1.5, centered=True` is upstream's fine-tuning transform instead (see `hd_scale`,
+    `pad_to_tile`); `mindxcomposer.finetune.images` uses it.
     """
     if not isinstance(hd_num, (int, np.integer)) or hd_num < 1:
         raise ValueError(f"hd_num must be a positive integer, got {hd_num!r}")
@@ -126,14 +136,14 @@ def hd_transform(img: Image.Image, hd_num: int = DEFAULT_HD_NUM) -> Image.Image:
     if transposed:
         img = img.transpose(Image.Transpose.TRANSPOSE)
         width, height = img.size
-    new_w, new_h = hd_scale(width, height, int(hd_num))
+    new_w, new_h = hd_scale(width, height, int(hd_num), width_factor)
     if new_h < 1:
         raise EmptyImageError(
             f"image of {size[0]}x{size[1]} has an aspect ratio too extreme for hd_num={hd_num}: "
             f"its short side would resize to {new_h} pixels")
     if (new_w, new_h) != (width, height):
         img = img.resize((new_w, new_h), Image.Resampling.BILINEAR)
-    img = pad_to_tile(img)
+    img = pad_to_tile(img, centered=centered)
     if transposed:
         img = img.transpose(Image.Transpose.TRANSPOSE)
     return img
