@@ -132,15 +132,17 @@ def checkpoint_config(ckpt_dir, state, task_loras):
 
 # ------------------------------------------------------------------------------------- model building
 @contextlib.contextmanager
-def _empty_modules(up, dtype):
+def _empty_modules(up, dtype, with_llm=True):
     """Construct modules without allocating or initialising their parameters (meta device) in `dtype`, as
     `from_pretrained(torch_dtype=dtype)` sets the default dtype; the modules whose *buffers* are computed
-    at construction and never loaded (the RoPE caches, CLIP's position ids) are still built on the CPU."""
+    at construction and never loaded (CLIP's position ids; the RoPE caches unless `with_llm` is False,
+    the LLM being dropped unbuilt then) are still built on the CPU."""
     import torch
     from transformers.models.clip import modeling_clip
 
     classes = [modeling_clip.CLIPVisionEmbeddings] + [
-        c for c in vars(up.modeling_internlm2).values() if isinstance(c, type) and c.__name__.endswith("RotaryEmbedding")]
+        c for c in vars(up.modeling_internlm2).values()
+        if with_llm and isinstance(c, type) and c.__name__.endswith("RotaryEmbedding")]
     originals = {c: c.__dict__["__init__"] for c in classes if "__init__" in c.__dict__}
 
     def on_cpu(init):
@@ -175,13 +177,13 @@ def _load_assign(module, state):
         raise RuntimeError(f"left unloaded: {left[:10]}")
 
 
-def _upstream_shell(up, config, dtype):
+def _upstream_shell(up, config, dtype, with_llm=True):
     """Upstream's InternLMXComposer2ForCausalLM for `config`, its parameters not allocated yet."""
     import torch
     from torch import nn
     import upstream as U
 
-    with U._sized_for(up, config), _empty_modules(up, dtype):
+    with U._sized_for(up, config), _empty_modules(up, dtype, with_llm):
         model = up.modeling_xcomposer2.InternLMXComposer2ForCausalLM(U.upstream_config(up, config))
         merged = config.vision_merged_size  # upstream hard-codes 4096 (4 x the release's ViT width)
         model.plora_glb_GN = nn.Parameter(torch.zeros([1, 1, merged]))
@@ -196,7 +198,7 @@ def build_vision(up, config, state):
     The LLM and the output head are removed unallocated: the 7.7B are never built."""
     import torch
 
-    model = _upstream_shell(up, config, torch.float32)
+    model = _upstream_shell(up, config, torch.float32, with_llm=False)
     del model.model, model.output  # also makes `model.device` (its first parameter's) the CPU
     wanted = {k: v.float() for k, v in state.items() if k.startswith(VISION_PREFIXES)}
     _load_assign(model, wanted)
