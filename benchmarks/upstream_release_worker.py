@@ -22,6 +22,7 @@ The reply is the one stdout line starting with `@@bench ` (libraries print freel
   `plora_sub_GN`, `vision_proj`). Only those modules are built (the LLM is not), from the checkpoint's
   tensors widened to fp32. Saves the embeddings [T, hidden] float32 to --out. Reply: seconds with and
   without the image transform, image tokens T, crops (tiles + the global view), peak RSS, threads.
+  Checked first as for decode (below): the vision weights and all crops' eager attention must fit.
 --stage decode: the whole upstream model (LLM, ViT, projector, PLoRA; the task LoRAs `lora_web/sft/dpo`,
   which the upstream OmniLive code lacks, are dropped) in --dtype (bf16: the release's dtype, as
   `from_pretrained(torch_dtype=torch.bfloat16)` builds it; fp32 for checks). PROMPT.npz holds
@@ -78,7 +79,10 @@ def shard_files(ckpt_dir):
     index = os.path.join(ckpt_dir, "pytorch_model.bin.index.json")
     if os.path.isfile(index):
         with open(index, encoding="utf-8") as f:
-            names = sorted(set(json.load(f)["weight_map"].values()))
+            weight_map = json.load(f).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ValueError(f"{index}: no weight_map")
+        names = sorted(set(weight_map.values()))
         return [os.path.join(ckpt_dir, n) for n in names]
     single = os.path.join(ckpt_dir, "pytorch_model.bin")
     if os.path.isfile(single):
@@ -253,12 +257,48 @@ def decode_bytes_needed(config, state, prompt_len, new_tokens, dtype):
                 total=weights + kv_cache + activations + runtime)
 
 
+def vit_bytes_needed(config, state, crops):
+    """Bytes the vit stage will hold at its peak, by part: the vision tensors in fp32 plus their mapped
+    bf16 source; every layer's hidden states (upstream asks for output_hidden_states) and the larger of
+    CLIP's eager attention for all crops in one batch (the [crops * heads, N, N] scores and their softmax
+    alive together, q/k/v/out) and its MLP; this process's resident memory now."""
+    v = config.vision_config
+    wanted = [t for k, t in state.items() if k.startswith(VISION_PREFIXES)]
+    weights = sum(t.numel() * (4 + t.element_size()) for t in wanted)
+    n = (v.image_size // v.patch_size) ** 2 + 1
+    scores = 2 * crops * v.num_attention_heads * n * n * 4
+    hidden = (v.num_hidden_layers + 1) * crops * n * v.hidden_size * 4
+    # the attention phase (scores, q/k/v/out) or the MLP phase (fc1's output and quick_gelu's 3 temporaries)
+    activations = hidden + max(scores + 4 * crops * n * v.hidden_size * 4, 4 * crops * n * v.intermediate_size * 4)
+    runtime = current_rss_bytes()
+    return dict(weights=weights, activations=activations, runtime=runtime,
+                total=weights + activations + runtime)
+
+
+def _fit_report(need):
+    avail = mem_available_bytes()
+    return dict(fits=need["total"] + SPARE_BYTES <= avail, needed_gb=need["total"] / 1e9,
+                needed_parts_gb={k: v / 1e9 for k, v in need.items() if k != "total"},
+                available_gb=avail / 1e9, spare_gb=SPARE_BYTES / 1e9)
+
+
 # ---------------------------------------------------------------------------------------------- stages
 def stage_vit(args, up, state):
     import numpy as np
     import torch
 
+    from PIL import Image
+
     config = checkpoint_config(args.checkpoint, state, task_loras=False)
+    # The crop count, for the memory check, from upstream's own transform (encode_img repeats it, timed).
+    with Image.open(args.image) as img:
+        w, h = up.ixc_utils.Image_transform(img, hd_num=args.hd_num).size
+    crops = (w // 560) * (h // 560) + 1
+    fit = _fit_report(vit_bytes_needed(config, state, crops))
+    common = dict(stage="vit", hd_num=args.hd_num, crops=crops, dtype="float32", threads=torch.get_num_threads(),
+                  **fit)
+    if not fit["fits"]:
+        return dict(common, peak_rss_mb=_peak_rss_mb())
     t = time.perf_counter()
     vision = build_vision(up, config, state)
     del state  # unmaps the shards: only the widened vision tensors stay
@@ -283,11 +323,12 @@ def stage_vit(args, up, state):
         raise ValueError(f"{args.image}: not an image upstream's encode_img accepts")
     emb = emb[0].numpy().astype(np.float32)
     np.save(args.out, emb)
-    return dict(stage="vit", seconds=seen["img2emb_s"], seconds_with_transform=total_s,
+    if seen["crops"] != crops:
+        raise RuntimeError(f"encode_img ran {seen['crops']} crops, the transform alone gave {crops}")
+    return dict(common, seconds=seen["img2emb_s"], seconds_with_transform=total_s,
                 transform_seconds=total_s - seen["img2emb_s"], tokens=int(emb.shape[0]),
-                hidden=int(emb.shape[1]), crops=seen["crops"], hd_num=args.hd_num, build_s=build_s,
-                dtype="float32", out=os.path.abspath(args.out), peak_rss_mb=_peak_rss_mb(),
-                threads=torch.get_num_threads())
+                hidden=int(emb.shape[1]), build_s=build_s, out=os.path.abspath(args.out),
+                peak_rss_mb=_peak_rss_mb())
 
 
 def stage_decode(args, up, state):
@@ -303,13 +344,10 @@ def stage_decode(args, up, state):
     if im_mask.shape != embeds.shape[:2]:
         raise ValueError(f"{args.prompt}: im_mask must be {embeds.shape[:2]}, got {im_mask.shape}")
     n = embeds.shape[1]
-    need = decode_bytes_needed(config, state, n, args.new_tokens, dtype)
-    avail = mem_available_bytes()
-    common = dict(stage="decode", dtype=args.dtype, prompt_tokens=int(n), needed_gb=need["total"] / 1e9,
-                  needed_parts_gb={k: v / 1e9 for k, v in need.items() if k != "total"},
-                  available_gb=avail / 1e9, spare_gb=SPARE_BYTES / 1e9, threads=torch.get_num_threads())
-    if need["total"] + SPARE_BYTES > avail:
-        return dict(common, fits=False, peak_rss_mb=_peak_rss_mb())
+    fit = _fit_report(decode_bytes_needed(config, state, n, args.new_tokens, dtype))
+    common = dict(stage="decode", dtype=args.dtype, prompt_tokens=int(n), threads=torch.get_num_threads(), **fit)
+    if not fit["fits"]:
+        return dict(common, peak_rss_mb=_peak_rss_mb())
 
     t = time.perf_counter()
     model = build_causal_lm(up, config, state, dtype)
@@ -338,7 +376,7 @@ def stage_decode(args, up, state):
             past = out.past_key_values
             ids.append(int(out.logits[0, -1].argmax()))
     warm = steps[1:] or steps
-    return dict(common, fits=True, build_s=build_s, prefill_s=prefill_s,
+    return dict(common, build_s=build_s, prefill_s=prefill_s,
                 decode_ms_per_token=1e3 * statistics.median(warm) if warm else None,
                 first_step_ms=1e3 * steps[0] if steps else None, step_ms=[1e3 * s for s in steps], ids=ids,
                 new_tokens=args.new_tokens, peak_rss_mb=_peak_rss_mb())
@@ -366,6 +404,13 @@ def parse_args(argv=None):
     for path in [args.upstream, args.checkpoint]:
         if not os.path.isdir(path):
             ap.error(f"{path}: no such folder")
+    try:  # the checkpoint's files, before torch is even imported
+        missing = [f for f in ["config.json"] + shard_files(args.checkpoint) if not os.path.isfile(
+            os.path.join(args.checkpoint, f))]
+    except (FileNotFoundError, ValueError, AttributeError) as e:
+        ap.error(str(e))
+    if missing:
+        ap.error(f"{args.checkpoint}: missing {missing}")
     for path in [args.image, args.prompt]:
         if path is not None and not os.path.isfile(path):
             ap.error(f"{path}: no such file")
