@@ -377,7 +377,7 @@ def stage_decode(args, up, state):
             ids.append(int(out.logits[0, -1].argmax()))
     warm = steps[1:] or steps
     return dict(common, build_s=build_s, prefill_s=prefill_s,
-                decode_ms_per_token=1e3 * statistics.median(warm) if warm else None,
+                decode_ms=1e3 * statistics.median(warm) if warm else None,
                 first_step_ms=1e3 * steps[0] if steps else None, step_ms=[1e3 * s for s in steps], ids=ids,
                 new_tokens=args.new_tokens, peak_rss_mb=_peak_rss_mb())
 
