@@ -213,6 +213,34 @@ def stage_ours(args):
     _reply(out)
 
 
+def stage_ours_vit(args):
+    """The 4K image alone, as the upstream ViT stage runs it: only the vision weights are loaded (the
+    decoder's Parameters stay lazy and take no memory)."""
+    import mindspore as ms
+
+    from mindxcomposer import InternLMXComposer2Config, InternLMXComposer2ForCausalLM
+    from mindxcomposer.modeling_xcomposer2 import to_storage
+    from mindxcomposer.weights import Checkpoint, sizes_from_weights
+
+    ms.set_context(mode=ms.GRAPH_MODE)
+    config = InternLMXComposer2Config.from_pretrained(args.dst)
+    ckpt = Checkpoint(args.dst)
+    for k, v in sizes_from_weights(ckpt).items():
+        setattr(config, k, v)
+    model = InternLMXComposer2ForCausalLM(config, ms.bfloat16)
+    params = {p.name: p for p in model.get_parameters()}
+    for n in ckpt.keys():
+        if n.startswith(("vit.", "vision_proj.", "plora_glb_GN", "plora_sub_GN")):
+            params[n].set_data(to_storage(ckpt.raw(n), model.dtype, ckpt.dtype(n)))
+    rss_loaded = _rss_gib()
+    t = time.perf_counter()
+    emb = model.encode_img(args.big_image, hd_num=24).asnumpy()[0]
+    seconds = time.perf_counter() - t
+    np.save(os.path.join(args.workdir, "emb4k_ours_vit_only.npy"), emb)
+    _reply({"seconds": seconds, "tokens": int(emb.shape[0]), "rss_loaded_gib": rss_loaded, "peak_gib": _peak_gib(),
+            "threads": int(ms.get_context("runtime_num_threads"))})
+
+
 def stage_ours_web(args):
     import mindspore as ms
 
@@ -237,7 +265,8 @@ def stage_convert(args):
     _reply({"seconds": time.perf_counter() - t, "peak_gib": _peak_gib()})
 
 
-STAGES = {"write": stage_write, "convert": stage_convert, "ours": stage_ours, "ours_web": stage_ours_web}
+STAGES = {"write": stage_write, "convert": stage_convert, "ours": stage_ours, "ours_vit": stage_ours_vit,
+          "ours_web": stage_ours_web}
 
 
 # ----------------------------------------------------------------------------------------- orchestrator
@@ -272,7 +301,7 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--hd-num-small", type=int, default=24)
-    ap.add_argument("--stages", default="write,convert,ours,ours_web,upstream")
+    ap.add_argument("--stages", default="write,convert,ours,ours_vit,ours_web,upstream")
     ap.add_argument("--llm-layers", type=int, default=32, help="decoder layers of the written checkpoint (32)")
     ap.add_argument("--vit-layers", type=int, default=24, help="ViT layers of the written checkpoint (24)")
     ap.add_argument("--upstream", help="upstream code folder (internlm-xcomposer2d5-ol-7b/base)")

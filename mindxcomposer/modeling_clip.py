@@ -198,7 +198,9 @@ class CLIPVisionTower(nn.Cell):
             raise ValueError(f"micro_batch must be a positive int, got {mb!r}")
         n = pv.shape[0]
         mb = min(mb, n)
-        layers = [layer.weights() for layer in self.vision_tower.vision_model.encoder.layers]
+        # Tensor views of the Parameters (no copies): a Parameter passed as a graph input makes a new
+        # graph per layer (they differ by name), each keeping its own intermediates.
+        layers = [tuple(Tensor(p) for p in layer.weights()) for layer in self.vision_tower.vision_model.encoder.layers]
         out = []
         for start in range(0, n, mb):
             chunk = pv[start:start + mb]

@@ -98,7 +98,7 @@ class ModelSession:
             x = self._tensor(embeds[:, rows])
             for i in range(d.num_layers):
                 x = self._prefill_layer(x, *args, k_caches[i], v_caches[i], self.tasks, *weights[i])
-        return d.head(x[:, (n - 1) - start], d.norm_weight, d.head_weight)[1].asnumpy()
+        return d.head(x[:, (n - 1) - start], Tensor(d.norm_weight), Tensor(d.head_weight))[1].asnumpy()
 
     def step(self, token_ids, attention_mask=None) -> np.ndarray:
         """One new token per row -> logits [B, V]. Generated tokens never take the image LoRA path."""
