@@ -5,7 +5,6 @@ the host-side preparation (RoPE angles, attention mask) and runs `construct`, th
 head, which MindSpore compiles when the caller's context is GRAPH_MODE. The vision path (`img2emb`)
 likewise runs its cells in whatever mode the caller chose; loading never touches the global context.
 """
-import os
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -23,7 +22,8 @@ from .ops import fused_attention_available
 from .plora import INFER_MODES
 from .prompt import build_inputs, interleave_chat
 from .rope import rope_cos_sin
-from .tokenization_internlm2 import InternLM2Tokenizer
+from .validation import (check_chat_inputs, check_image, check_int, check_model_dir, load_model_tokenizer,
+                         require_tokenizer)
 from .vision import HDMerge, VisionProjector
 from .weights import Checkpoint, CheckpointError, check_names_and_shapes, parameter_shapes, sizes_from_weights
 
@@ -80,8 +80,8 @@ class InternLMXComposer2ForCausalLM(ChatMixin, nn.Cell):
         """Load a model directory in the upstream Hugging Face layout (config.json + safetensors with
         upstream names) or as written by `mxc-convert`. Sizes that config.json does not carry (PLoRA rank,
         task LoRAs, projector width) are read off the weight shapes."""
-        if not os.path.isdir(path):
-            raise FileNotFoundError(f"model directory {path!r} does not exist")
+        path = check_model_dir(path, dtype)
+        tokenizer = load_model_tokenizer(path)  # first: a broken tokenizer.model fails before the weights load
         config = InternLMXComposer2Config.from_pretrained(path)
         ckpt = Checkpoint(path)
         for k, v in sizes_from_weights(ckpt).items():
@@ -90,9 +90,8 @@ class InternLMXComposer2ForCausalLM(ChatMixin, nn.Cell):
         check_names_and_shapes(expected, ckpt, path)
         model = cls(config, dtype, use_fused_attention)
         model.load_weights(ckpt)
-        tok_file = os.path.join(path, "tokenizer.model")
-        if os.path.isfile(tok_file):
-            model.tokenizer = InternLM2Tokenizer.from_pretrained(path)
+        model.name_or_path = path
+        model.tokenizer = tokenizer
         return model
 
     def load_weights(self, ckpt: Checkpoint) -> None:
@@ -188,6 +187,8 @@ class InternLMXComposer2ForCausalLM(ChatMixin, nn.Cell):
         [1, T, hidden]. Unlike upstream, an unsupported file is an error, not a printed warning."""
         if image is None:
             return None
+        check_image(image)
+        hd_num = check_int(hd_num, "hd_num", minimum=1)
         if not isinstance(image, (Tensor, np.ndarray)):
             image = IXCImageProcessor()(image, hd_num=hd_num)
         return self.img2emb(image)[0]
@@ -197,9 +198,11 @@ class InternLMXComposer2ForCausalLM(ChatMixin, nn.Cell):
         """Upstream's prompt assembly: ({'inputs_embeds': [1, L, H]}, im_mask [1, L] bool, total length).
         A number of images that does not match the `<ImageHere>` markers is an error (upstream warns and
         drops or misplaces images); one image without a marker goes first, as upstream."""
-        self._require_tokenizer()
+        require_tokenizer(self)
+        query, image, history, hd_num = check_chat_inputs(query, image, history, hd_num, meta_instruction)
+        max_length = check_int(max_length, "max_length", minimum=1)
         embeds, im_mask, temp_len = interleave_chat(
-            query, list(image), self.tokenizer, self.embed_tokens,
+            query, image, self.tokenizer, self.embed_tokens,
             lambda img, hd: to_numpy(self.encode_img(img, hd)), history=history,
             meta_instruction=meta_instruction, max_length=max_length, hd_num=hd_num)
         return {"inputs_embeds": embeds}, im_mask, temp_len
@@ -207,8 +210,3 @@ class InternLMXComposer2ForCausalLM(ChatMixin, nn.Cell):
     def build_inputs(self, tokenizer, query, history=[], meta_instruction=""):
         """Text-only prompt ids, as upstream (`'<s>' + prompt` tokenized with BOS: a double BOS)."""
         return build_inputs(tokenizer, query, history, meta_instruction)
-
-    def _require_tokenizer(self):
-        if self.tokenizer is None:
-            raise ValueError("model.tokenizer is not set: load a model directory that holds tokenizer.model, "
-                             "or assign model.tokenizer = InternLM2Tokenizer.from_pretrained(...)")

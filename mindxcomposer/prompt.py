@@ -9,11 +9,14 @@ Deliberate deviation: a number of images that differs from the number of `<Image
 than one image and no marker) raises `ImageCountMismatchError`; upstream prints a warning and silently
 drops or misplaces images.
 """
+import logging
 from typing import Callable, List, Sequence, Tuple
 
 import numpy as np
 
 from .errors import ImageCountMismatchError
+
+logger = logging.getLogger(__name__)
 
 IMAGE_MARKER = "<ImageHere>"
 BEGIN_TURN = "[UNUSED_TOKEN_146]"
@@ -105,6 +108,12 @@ def interleave(prompt: str, images: Sequence, tokenizer,
             temp_len += img_embeds.shape[1]
         if temp_len > max_length:
             break
+    if temp_len > max_length:
+        # As upstream, the prompt is cut (even inside an image or before the assistant header), which
+        # changes the answer: say so, once per call.
+        logger.warning("the prompt is longer than max_length: %d tokens (counted up to the part that crossed the "
+                       "limit) cut to max_length=%d; the end of the prompt, including the assistant header, is lost",
+                       temp_len, max_length)
     inputs_embeds = np.concatenate(embeds, axis=1)[:, :max_length]
     im_mask = np.concatenate(masks, axis=1)[:, :max_length]
     return inputs_embeds, im_mask, temp_len
