@@ -81,8 +81,8 @@ class InternLMXComposer2ForCausalLM(ChatMixin, nn.Cell):
         upstream names) or as written by `mxc-convert`. Sizes that config.json does not carry (PLoRA rank,
         task LoRAs, projector width) are read off the weight shapes."""
         path = check_model_dir(path, dtype)
-        tokenizer = load_model_tokenizer(path)  # first: a broken tokenizer.model fails before the weights load
         config = InternLMXComposer2Config.from_pretrained(path)
+        tokenizer = load_model_tokenizer(path)  # before the weights: a broken tokenizer.model fails fast
         ckpt = Checkpoint(path)
         for k, v in sizes_from_weights(ckpt).items():
             setattr(config, k, v)

@@ -19,7 +19,7 @@ from typing import Any, Iterable, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from .errors import (ArgumentTypeError, ConfigError, InvalidArgumentError, InvalidTextError, MissingTokenizerError,
-                     ModelNotFoundError)
+                     ModelNotFoundError, TokenizerNotFoundError)
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +27,7 @@ logger = logging.getLogger(__name__)
 # otherwise show up only as dozens of shape mismatches against the release defaults.
 REQUIRED_CONFIG_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                         "num_attention_heads", "num_key_value_heads")
+TOKENIZER_FILE = "tokenizer.model"
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
@@ -249,8 +250,9 @@ def check_output_dir(output_dir, name: str = "output_dir"):
 
 
 # ---------------------------------------------------------------------------------------------- loading
-def check_model_dir(path, dtype=None) -> str:
-    """`from_pretrained`'s arguments and the directory's config.json, before any weight is read."""
+def check_model_dir(path, dtype=None, need_tokenizer: bool = False) -> str:
+    """`from_pretrained`'s arguments, and that the directory holds config.json (and tokenizer.model, if
+    `need_tokenizer`), before any file is read."""
     if not isinstance(path, (str, os.PathLike)):
         raise ArgumentTypeError(f"path must be a model directory (str or os.PathLike), got {describe(path)} "
                                 f"({_type_name(path)})")
@@ -267,6 +269,8 @@ def check_model_dir(path, dtype=None) -> str:
     cfg_file = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_file):
         raise ModelNotFoundError(f"no config.json in {path!r}: not an IXC2.5 model directory")
+    if need_tokenizer and not os.path.isfile(os.path.join(path, TOKENIZER_FILE)):
+        raise TokenizerNotFoundError(f"no {TOKENIZER_FILE} in {path!r}: copy the model's tokenizer.model there")
     return path
 
 
@@ -296,7 +300,7 @@ def load_model_tokenizer(path: str):
     not a SentencePiece model is a `TokenizerLoadError`."""
     from .tokenization_internlm2 import InternLM2Tokenizer
 
-    if not os.path.isfile(os.path.join(path, "tokenizer.model")):
+    if not os.path.isfile(os.path.join(path, TOKENIZER_FILE)):
         logger.warning("%s has no tokenizer.model: model.tokenizer is None, so chat and the write_* methods will "
                        "refuse to run until one is assigned", path)
         return None

@@ -1,9 +1,12 @@
 """mxc-chat and the demo entry point, run as a user runs them (subprocesses, demo model)."""
+import json
 import os
 import subprocess
 import sys
 
 from conftest import ASSETS, HERE
+
+from mindxcomposer.demo import TOKENIZER_FILE, tiny_config
 
 ROOT = os.path.dirname(HERE)
 
@@ -32,7 +35,8 @@ def test_clear_errors_for_bad_model_and_image(tmp_path):
     assert r.returncode != 0 and "does not exist" in r.stderr
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "pytorch_model.bin").write_bytes(b"")
-    (tmp_path / "m" / "config.json").write_text("{}")
+    (tmp_path / "m" / "config.json").write_text(json.dumps(tiny_config().to_dict()))
+    (tmp_path / "m" / "tokenizer.model").write_bytes(open(TOKENIZER_FILE, "rb").read())
     r = _run(["--model", str(tmp_path / "m"), "hi"])
     assert r.returncode != 0 and "mxc-convert" in r.stderr
     r = _run(["--image", str(tmp_path / "nope.png"), "hi"])
