@@ -1,8 +1,10 @@
 """mxc-chat and the demo entry point, run as a user runs them (subprocesses, demo model)."""
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
 
 from conftest import ASSETS, HERE
 
@@ -41,3 +43,56 @@ def test_clear_errors_for_bad_model_and_image(tmp_path):
     assert r.returncode != 0 and "mxc-convert" in r.stderr
     r = _run(["--image", str(tmp_path / "nope.png"), "hi"])
     assert r.returncode != 0 and "nope.png" in r.stderr
+
+
+def _start(args, tmpdir, stdin=None):
+    """mxc-chat as a user starts it, with its temporary folders in `tmpdir` and Ctrl-C not ignored (a
+    background job of a script would otherwise inherit SIGINT ignored)."""
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), TMPDIR=str(tmpdir))
+    return subprocess.Popen([sys.executable, "-m", "mindxcomposer.cli", *args], stdin=stdin,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
+def _wait_for_output(proc, text: bytes, timeout=300):
+    """Reads stdout until `text` appears (in a thread, so that a silent process fails the test instead of
+    hanging it)."""
+    seen = bytearray()
+
+    def read():
+        while text not in seen:
+            b = proc.stdout.read(1)
+            if not b:
+                return
+            seen.extend(b)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(timeout)
+    assert text in seen, f"no {text!r} on stdout; stderr: {proc.stderr.read().decode(errors='replace')}"
+
+
+def _interrupt(proc):
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    return proc.returncode, err.decode(errors="replace")
+
+
+def test_ctrl_c_mid_generation_in_graph_mode_exits_130_and_removes_the_demo_model(tmp_path):
+    """MindSpore answers Ctrl-C inside a compiled graph with SIGTERM: that, too, must end in cleanup and 130."""
+    proc = _start(["--mode", "graph", "--max-new-tokens", "3000", "Hello there"], tmp_path)
+    _wait_for_output(proc, b" ")  # the streamed answer has begun
+    assert os.listdir(tmp_path), "the demo model's temporary folder should exist while chatting"
+    rc, err = _interrupt(proc)
+    assert rc == 130, err
+    assert "mxc-chat: interrupted" in err and "Traceback" not in err and "Terminated" not in err
+    assert os.listdir(tmp_path) == []
+
+
+def test_ctrl_c_at_the_prompt_exits_130_and_removes_the_demo_model(tmp_path):
+    proc = _start(["--mode", "pynative"], tmp_path, stdin=subprocess.PIPE)
+    _wait_for_output(proc, b"> ")
+    rc, err = _interrupt(proc)
+    assert rc == 130, err
+    assert "mxc-chat: interrupted" in err and "Traceback" not in err
+    assert os.listdir(tmp_path) == []
