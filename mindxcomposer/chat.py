@@ -15,8 +15,9 @@ from .errors import ArgumentTypeError, InvalidArgumentError, InvalidTextError
 from .generation import StopWordsCriteria, generate
 from .prompt import META_INSTRUCTION
 from .session import ModelSession
-from .validation import (check_bool, check_chat_inputs, check_decode_options, check_generation_settings, check_int,
-                         check_output_dir, check_text, check_tokenizer, describe, require_tokenizer)
+from .validation import (check_cache_size, check_chat_inputs, check_decode_options,
+                         check_generation_settings, check_int, check_output_dir, check_text, check_tokenizer, describe,
+                         require_tokenizer)
 
 EOA = "[UNUSED_TOKEN_145]"  # end of an assistant turn
 BOT = "[UNUSED_TOKEN_146]"
@@ -125,6 +126,7 @@ class ChatMixin:
         prompt_len = 1 if prompt_ids is None else prompt_ids.shape[1]
         max_new = max(1, config.total_max_length(prompt_len) - prompt_len)
         beams = config.num_beams
+        check_cache_size(self.config, rows * beams, length, max_new, self.dtype.itemsize)
         session = ModelSession(self, rows * beams, length + max_new, infer_mode=infer_mode, compiled=compiled)
         self.last_session = session  # its `compile_count` tells how many graphs the call compiled
         return generate(_BeamReadySession(session, beams), embeds, attention_mask, prompt_ids=prompt_ids,

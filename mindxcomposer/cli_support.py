@@ -13,6 +13,7 @@
   `import_mindspore()` holds Ctrl-C back until the import is done, then raises it.
 """
 import contextlib
+import os
 import signal
 import sys
 import threading
@@ -91,6 +92,14 @@ def run_command(prog: str, body: Callable[[], Optional[int]], debug: bool = Fals
             traceback.print_exc()
         print(f"\n{prog}: interrupted{interrupted_note}", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader of stdout went away (`mxc-chat ... | head`): stop quietly, as Unix tools do. stdout is
+        # pointed at /dev/null so that the interpreter's final flush does not report the same error again.
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        return 1
     except USER_ERRORS as e:
         if debug:
             traceback.print_exc()

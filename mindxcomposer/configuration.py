@@ -115,8 +115,11 @@ class InternLMXComposer2Config:
             raise ConfigError(f"{cfg_file}: model_type {model_type!r} is not an InternLM-XComposer2 model")
         vision_file = os.path.join(os.path.dirname(cfg_file), "vision_config.json")
         if "vision_config" not in d and os.path.isfile(vision_file):
-            with open(vision_file, encoding="utf-8") as f:
-                d["vision_config"] = CLIPVisionConfig.from_dict(json.load(f))
+            try:
+                with open(vision_file, encoding="utf-8") as f:
+                    d["vision_config"] = CLIPVisionConfig.from_dict(json.load(f))
+            except (ValueError, TypeError, AttributeError) as e:  # not JSON, or not a JSON object
+                raise ConfigError(f"{vision_file} is not a usable CLIP config: {e}") from None
         return cls.from_dict(d)
 
     def to_dict(self) -> dict:

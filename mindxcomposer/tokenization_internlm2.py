@@ -82,8 +82,13 @@ class InternLM2Tokenizer:
         kwargs = {}
         config_file = os.path.join(path, CONFIG_FILE_NAME)
         if os.path.isfile(config_file):
-            with open(config_file, encoding="utf-8") as f:
-                config = json.load(f)
+            try:
+                with open(config_file, encoding="utf-8") as f:
+                    config = json.load(f)
+            except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+                raise TokenizerLoadError(f"{config_file} is not valid JSON: {e}") from None
+            if not isinstance(config, dict):
+                raise TokenizerLoadError(f"{config_file}: expected a JSON object, got {type(config).__name__}")
             for key in ("unk_token", "bos_token", "eos_token", "pad_token"):
                 if config.get(key) is not None:
                     kwargs[key] = _token_content(config[key])

@@ -14,7 +14,7 @@ import math
 import numbers
 import os
 import re
-from typing import Any, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -198,6 +198,29 @@ def check_decode_options(streamer=None, compiled=None, seed=None, stopping_crite
                 raise ArgumentTypeError(f"{name}[{i}] must be callable, got {describe(c)} ({_type_name(c)})")
 
 
+def physical_memory_bytes() -> Optional[int]:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # not a POSIX system
+        return None
+
+
+def check_cache_size(config, rows: int, prompt_length: int, max_new_tokens: int, itemsize: int) -> None:
+    """The static KV cache (keys and values of every layer for prompt + max_new_tokens positions) must fit in
+    the machine's memory: `max_new_tokens=10**9` is refused here instead of failing inside MindSpore."""
+    memory = physical_memory_bytes()
+    if memory is None:
+        return
+    per_position = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * itemsize * rows
+    needed = per_position * (prompt_length + max_new_tokens)
+    if needed > memory:
+        fit = max(0, memory // per_position - prompt_length)
+        raise InvalidArgumentError(
+            f"max_new_tokens={max_new_tokens} with a {prompt_length}-token prompt in {rows} cache row(s) needs a "
+            f"KV cache of {needed / 1e9:.1f} GB, more than this machine's {memory / 1e9:.1f} GB of memory; at most "
+            f"{fit} new tokens fit")
+
+
 def check_chat_inputs(query, image, history, hd_num, meta_instruction, use_meta=False,
                       query_name: str = "query") -> Tuple[str, list, List[Tuple[str, str]], int]:
     """The prompt arguments shared by `chat`, `batch_chat`, `write_*` and `interleav_wrap_chat`; returns them
@@ -265,7 +288,8 @@ def check_model_dir(path, dtype=None, need_tokenizer: bool = False) -> str:
 
         allowed = (ms.float32, ms.float16, ms.bfloat16)
         if dtype not in allowed:
-            raise InvalidArgumentError(f"dtype must be one of mindspore.float32, float16, bfloat16, got {describe(dtype)}")
+            raise InvalidArgumentError(f"dtype must be one of mindspore.float32, float16, bfloat16, got "
+                                       f"{describe(dtype)}")
     cfg_file = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_file):
         raise ModelNotFoundError(f"no config.json in {path!r}: not an IXC2.5 model directory")

@@ -58,6 +58,8 @@ API_CASES = [
          r"max_new_tokens must be an integer >= 1, got -100000"),
     Case("max_new_tokens zero", lambda c: _chat(c, image=[CAT], max_new_tokens=0), InvalidArgumentError,
          r"max_new_tokens"),
+    Case("max_new_tokens beyond memory", lambda c: _chat(c, max_new_tokens=10 ** 12), InvalidArgumentError,
+         r"max_new_tokens=1000000000000 .* needs a KV cache of .* GB, more than this machine's"),
     Case("max_new_tokens float", lambda c: _chat(c, max_new_tokens=2.5), ArgumentTypeError,
          r"max_new_tokens must be an integer or None, got 2\.5 \(float\)"),
     Case("max_new_tokens str", lambda c: _chat(c, max_new_tokens="4"), ArgumentTypeError,
@@ -73,7 +75,8 @@ API_CASES = [
     Case("do_sample str", lambda c: _chat(c, do_sample="False"), ArgumentTypeError, r"do_sample must be True or False"),
     Case("repetition_penalty zero", lambda c: _chat(c, repetition_penalty=0), InvalidArgumentError,
          r"repetition_penalty"),
-    Case("unknown setting", lambda c: _chat(c, max_new_token=3), ArgumentTypeError, r"unknown generation setting.*max_new_token"),
+    Case("unknown setting", lambda c: _chat(c, max_new_token=3), ArgumentTypeError,
+         r"unknown generation setting.*max_new_token"),
     Case("seed str", lambda c: _chat(c, seed="7"), ArgumentTypeError, r"seed must be an integer"),
     Case("compiled str", lambda c: _chat(c, compiled="yes"), ArgumentTypeError, r"compiled must be True or False"),
     Case("streamer without put", lambda c: _chat(c, streamer=print), ArgumentTypeError, r"streamer must have put"),
@@ -83,13 +86,15 @@ API_CASES = [
     # prompt arguments
     Case("image a string, not a list", lambda c: _chat(c, image="x.jpg"), ArgumentTypeError,
          r"image must be a list of images .* pass image=\['x\.jpg'\]"),
-    Case("image list holding None", lambda c: _chat(c, image=[None]), ArgumentTypeError, r"image\[0\] must be a file path"),
+    Case("image list holding None", lambda c: _chat(c, image=[None]), ArgumentTypeError,
+         r"image\[0\] must be a file path"),
     Case("image list holding a number", lambda c: _chat(c, image=[CAT, 3]), ArgumentTypeError, r"image\[1\]"),
     Case("image missing file", lambda c: _chat(c, image=[os.path.join(c.tmp, "none.png")]), InputFileNotFoundError,
          r"no such file"),
     Case("image text file", lambda c: _chat(c, image=[os.path.join(HERE, "conftest.py")]), UnsupportedFormatError,
          r"'\.py'"),
-    Case("query bytes", lambda c: _chat(c, b"hello"), ArgumentTypeError, r"query must be a str, got b'hello' \(bytes\).*decode"),
+    Case("query bytes", lambda c: _chat(c, b"hello"), ArgumentTypeError,
+         r"query must be a str, got b'hello' \(bytes\).*decode"),
     Case("query None", lambda c: _chat(c, None), ArgumentTypeError, r"query must be a str, got None"),
     Case("query lone surrogate", lambda c: _chat(c, SURROGATE), InvalidTextError,
          r"query is not valid Unicode: .*'\\udce9' at character 3"),
@@ -253,6 +258,10 @@ LOADING_CASES = [
     ("garbage tokenizer.model", lambda d: (d / "tokenizer.model").write_bytes(b"\x00garbage" * 100), TokenizerLoadError,
      r"tokenizer\.model is not a SentencePiece model"),
     ("no config.json", lambda d: os.remove(d / "config.json"), ModelNotFoundError, r"no config\.json"),
+    ("vision_config.json not JSON", lambda d: (d / "vision_config.json").write_text("{oops"), ConfigError,
+     r"vision_config\.json is not a usable CLIP config"),
+    ("tokenizer_config.json not JSON", lambda d: (d / "tokenizer_config.json").write_text("[oops"), TokenizerLoadError,
+     r"tokenizer_config\.json is not valid JSON"),
 ]
 
 
@@ -289,7 +298,8 @@ def test_missing_tokenizer_warns_at_load_and_chat_names_the_file(demo_dir, tmp_p
     assert model.tokenizer is None and "has no tokenizer.model" in caplog.text
     for call in (lambda: model.chat(model.tokenizer, "Hi"), lambda: model.write_artical("Hi"),
                  lambda: model.interleav_wrap_chat("Hi", [])):
-        with pytest.raises(MissingTokenizerError, match=r"tokenizer is None \(its directory .* has no tokenizer\.model"):
+        with pytest.raises(MissingTokenizerError, match=r"tokenizer is None \(its directory .* has no "
+                                                        r"tokenizer\.model"):
             call()
 
 
