@@ -74,7 +74,10 @@ def _chat(args) -> int:
     from .validation import require_tokenizer
 
     if args.device:
-        ms.set_context(device_target=args.device)
+        try:
+            ms.set_context(device_target=args.device)
+        except RuntimeError as e:  # MindSpore's report of a device this build or machine does not have
+            raise InvalidArgumentError(f"--device {args.device}: {one_line(e)}") from None
     ms.runtime.launch_blocking()  # asynchronous launch is 10-20x slower on CPU
     tmp = None
     try:
