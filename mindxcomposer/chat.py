@@ -16,8 +16,8 @@ from .generation import StopWordsCriteria, generate
 from .prompt import META_INSTRUCTION
 from .session import ModelSession
 from .validation import (check_cache_size, check_chat_inputs, check_decode_options,
-                         check_generation_settings, check_int, check_output_dir, check_text, check_tokenizer, describe,
-                         require_tokenizer)
+                         check_generation_settings, check_int, check_output_dir, check_text, check_token_ids,
+                         check_tokenizer, describe, require_tokenizer)
 
 EOA = "[UNUSED_TOKEN_145]"  # end of an assistant turn
 BOT = "[UNUSED_TOKEN_146]"
@@ -152,15 +152,7 @@ class ChatMixin:
             raise InvalidArgumentError("pass exactly one of input_ids and inputs_embeds")
         prompt_ids = None
         if input_ids is not None:
-            prompt_ids = np.asarray(input_ids.asnumpy() if hasattr(input_ids, "asnumpy") else input_ids)
-            if prompt_ids.ndim != 2 or 0 in prompt_ids.shape or not np.issubdtype(prompt_ids.dtype, np.integer):
-                raise InvalidArgumentError(f"input_ids must be integer ids [rows, length] with rows, length > 0, "
-                                           f"got {prompt_ids.dtype} {prompt_ids.shape}")
-            vocab = self.config.vocab_size
-            if prompt_ids.min() < 0 or prompt_ids.max() >= vocab:
-                raise InvalidArgumentError(f"input_ids must lie in [0, {vocab}), got values from "
-                                           f"{prompt_ids.min()} to {prompt_ids.max()}")
-            prompt_ids = prompt_ids.astype(np.int64)
+            prompt_ids = check_token_ids(input_ids, self.config.vocab_size)
             inputs_embeds = self.embed_tokens(prompt_ids)
             im_mask = None  # upstream: a text prompt never takes the image LoRA path
         embeds = np.asarray(inputs_embeds.asnumpy() if hasattr(inputs_embeds, "asnumpy") else inputs_embeds)

@@ -42,6 +42,7 @@ def main(argv=None):
 def _check_arguments(args) -> dict:
     """The `chat` keywords from the command line, checked by the same code `chat` checks them with."""
     from .image_processing import IMAGE_EXTENSIONS, load_image
+    from .prompt import split_prompt
     from .validation import (check_generation_settings, check_images, check_int, check_model_dir, check_seed,
                              check_text)
 
@@ -51,9 +52,10 @@ def _check_arguments(args) -> dict:
     gen["hd_num"] = check_int(args.hd_num, "hd_num", minimum=1)
     if args.seed is not None:
         gen["seed"] = check_seed(args.seed)
+    images = check_images(args.image)
     if args.query is not None:
-        check_text(args.query, "query")
-    for path in check_images(args.image):
+        split_prompt(check_text(args.query, "query"), len(images))  # <ImageHere> markers against --image
+    for path in images:
         if os.path.splitext(path)[1].lower() in IMAGE_EXTENSIONS:
             load_image(path)  # a corrupt or empty image is reported now, not after the model has loaded
     if args.model is not None:

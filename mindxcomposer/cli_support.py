@@ -6,8 +6,8 @@
 - Ctrl-C at any moment exits with status 130, after the command's own cleanup (its `finally` blocks) ran;
   cleanup runs under `shielded()`, so a second Ctrl-C cannot cut it short.
 - MindSpore, while a compiled graph runs, replaces the SIGINT handler with its own, which answers Ctrl-C by
-  sending the process SIGTERM (without a handler: "Terminated", status 143, no cleanup). SIGTERM is
-  therefore handled like Ctrl-C while a command runs.
+  sending the process SIGTERM (without a handler: "Terminated", status 143, no cleanup). SIGTERM (and
+  SIGHUP, a closed terminal) are therefore handled like Ctrl-C while a command runs.
 - A KeyboardInterrupt raised while MindSpore's C++ extension initialises turns into `ImportError:
   initialization failed` or aborts the interpreter ("Fatal Python error: PyThreadState_Get").
   `import_mindspore()` holds Ctrl-C back until the import is done, then raises it.
@@ -20,7 +20,8 @@ import threading
 import traceback
 from typing import Callable, Optional
 
-_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# SIGHUP too: closing the terminal must not leave a temporary folder behind either.
+_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
 USER_ERRORS = (ValueError, TypeError, OSError)
 
 

@@ -138,7 +138,8 @@ def _read_index(index: str) -> Dict[str, str]:
 
 def _import_torch(path: str):
     try:
-        import torch
+        with deferred_interrupts():  # torch's C++ start-up, like MindSpore's, must not be interrupted half-way
+            import torch
     except ImportError:
         raise ConvertError(f"{path} is a PyTorch checkpoint: reading it needs torch, "
                            f"which is not installed. Install it with: {TORCH_HINT}") from None

@@ -146,10 +146,13 @@ def pad_to_tile(img: Image.Image, tile: int = TILE) -> Image.Image:
 def hd_scale(width: int, height: int, hd_num: int) -> Tuple[int, int]:
     """Upstream `Image_transform`'s target (new_w, new_h) for a landscape-oriented (width >= height) image."""
     ratio = width / height
+    limit = math.ceil(width / TILE)
     scale = 1
-    while scale * math.ceil(scale / ratio) <= hd_num:
+    # Stopping once scale passes `limit` gives the same result (it is capped at `limit` below) and keeps
+    # a huge hd_num from looping for minutes.
+    while scale * math.ceil(scale / ratio) <= hd_num and scale <= limit:
         scale += 1
-    scale = min(math.ceil(width / TILE), scale - 1)
+    scale = min(limit, scale - 1)
     new_w = int(scale * TILE)
     return new_w, int(new_w / ratio)
 

@@ -22,8 +22,8 @@ from .ops import fused_attention_available
 from .plora import INFER_MODES
 from .prompt import build_inputs, interleave_chat
 from .rope import rope_cos_sin
-from .validation import (check_chat_inputs, check_image, check_int, check_model_dir, load_model_tokenizer,
-                         require_tokenizer)
+from .validation import (check_chat_inputs, check_image, check_int, check_model_dir, check_token_ids,
+                         load_model_tokenizer, require_tokenizer)
 from .vision import HDMerge, VisionProjector
 from .weights import Checkpoint, CheckpointError, check_names_and_shapes, parameter_shapes, sizes_from_weights
 
@@ -80,7 +80,7 @@ class InternLMXComposer2ForCausalLM(ChatMixin, nn.Cell):
         """Load a model directory in the upstream Hugging Face layout (config.json + safetensors with
         upstream names) or as written by `mxc-convert`. Sizes that config.json does not carry (PLoRA rank,
         task LoRAs, projector width) are read off the weight shapes."""
-        path = check_model_dir(path, dtype)
+        path = check_model_dir(path, dtype, use_fused_attention=use_fused_attention)
         config = InternLMXComposer2Config.from_pretrained(path)
         tokenizer = load_model_tokenizer(path)  # before the weights: a broken tokenizer.model fails fast
         ckpt = Checkpoint(path)
@@ -127,7 +127,7 @@ class InternLMXComposer2ForCausalLM(ChatMixin, nn.Cell):
         return self.model.tok_embeddings
 
     def embed_tokens(self, input_ids) -> np.ndarray:
-        ids = Tensor(np.asarray(to_numpy(input_ids), dtype=np.int32))
+        ids = Tensor(check_token_ids(input_ids, self.config.vocab_size).astype(np.int32))
         return self.model.tok_embeddings(ids).asnumpy()
 
     def construct(self, inputs_embeds, cos, sin, mask, im_mask, infer_mode="base", output_hidden_states=False):

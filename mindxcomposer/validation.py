@@ -133,18 +133,40 @@ def check_history(history, name: str = "history") -> List[Tuple[str, str]]:
     return out
 
 
+def check_token_ids(ids, vocab_size: int, name: str = "input_ids") -> np.ndarray:
+    """Integer token ids [rows, length] (rows, length > 0) inside the vocabulary, as int64. A float or
+    negative id would otherwise be truncated or wrapped silently, one past the vocabulary fail in Gather."""
+    arr = np.asarray(ids.asnumpy() if hasattr(ids, "asnumpy") else ids)
+    if arr.ndim != 2 or 0 in arr.shape or not np.issubdtype(arr.dtype, np.integer):
+        raise InvalidArgumentError(f"{name} must be integer ids [rows, length] with rows, length > 0, got "
+                                   f"{arr.dtype} {arr.shape}")
+    low, high = int(arr.min()), int(arr.max())
+    if low < 0 or high >= vocab_size:
+        raise InvalidArgumentError(f"{name} must lie in [0, {vocab_size}), got values from {low} to {high}")
+    return arr.astype(np.int64)
+
+
 # ---------------------------------------------------------------------------------------------- images
 def check_image(value, name: str = "image"):
     """One image: a path (image or video file), a PIL image, or pixel values [1, 3, H, W]. Only the type and,
     for paths, the existence and extension are checked here; decoding is `image_processing`'s."""
     from PIL import Image
 
-    from .image_processing import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, check_media_path
+    from .image_processing import IMAGE_EXTENSIONS, TILE, VIDEO_EXTENSIONS, check_media_path
 
     if isinstance(value, (str, os.PathLike)):
         check_media_path(value, IMAGE_EXTENSIONS | VIDEO_EXTENSIONS)
         return value
-    if isinstance(value, (Image.Image, np.ndarray)) or _is_tensor(value):
+    if isinstance(value, Image.Image):
+        return value
+    if isinstance(value, np.ndarray) or _is_tensor(value):
+        shape, dtype = tuple(value.shape), str(value.dtype)
+        floating = dtype.lower().startswith(("float", "bfloat"))  # numpy's and MindSpore's names
+        # the layout `IXCImageProcessor` returns; a ViT tile is 560 pixels in every IXC2.5 model
+        if (len(shape) != 4 or shape[:2] != (1, 3) or 0 in shape[2:] or shape[2] % TILE or shape[3] % TILE
+                or not floating):
+            raise InvalidArgumentError(f"{name}: pixel values must be float [1, 3, H, W] with H and W multiples of "
+                                       f"{TILE} (what IXCImageProcessor returns), got {dtype} {shape}")
         return value
     raise ArgumentTypeError(f"{name} must be a file path, a PIL image or pixel values [1, 3, H, W], got "
                             f"{describe(value)} ({_type_name(value)})")
@@ -273,9 +295,11 @@ def check_output_dir(output_dir, name: str = "output_dir"):
 
 
 # ---------------------------------------------------------------------------------------------- loading
-def check_model_dir(path, dtype=None, need_tokenizer: bool = False) -> str:
+def check_model_dir(path, dtype=None, need_tokenizer: bool = False, use_fused_attention=None) -> str:
     """`from_pretrained`'s arguments, and that the directory holds config.json (and tokenizer.model, if
     `need_tokenizer`), before any file is read."""
+    if use_fused_attention is not None:
+        check_bool(use_fused_attention, "use_fused_attention")
     if not isinstance(path, (str, os.PathLike)):
         raise ArgumentTypeError(f"path must be a model directory (str or os.PathLike), got {describe(path)} "
                                 f"({_type_name(path)})")

@@ -89,6 +89,10 @@ API_CASES = [
     Case("image list holding None", lambda c: _chat(c, image=[None]), ArgumentTypeError,
          r"image\[0\] must be a file path"),
     Case("image list holding a number", lambda c: _chat(c, image=[CAT, 3]), ArgumentTypeError, r"image\[1\]"),
+    Case("image pixel values of the wrong shape", lambda c: _chat(c, image=[np.zeros((3, 560, 560), np.float32)]),
+         InvalidArgumentError, r"image\[0\]: pixel values must be float \[1, 3, H, W\]"),
+    Case("image pixel values uint8", lambda c: _chat(c, image=[np.zeros((1, 3, 560, 560), np.uint8)]),
+         InvalidArgumentError, r"pixel values must be float"),
     Case("image missing file", lambda c: _chat(c, image=[os.path.join(c.tmp, "none.png")]), InputFileNotFoundError,
          r"no such file"),
     Case("image text file", lambda c: _chat(c, image=[os.path.join(HERE, "conftest.py")]), UnsupportedFormatError,
@@ -156,6 +160,12 @@ API_CASES = [
          r"exactly one of input_ids and inputs_embeds"),
     Case("generate ids outside vocab", lambda c: c.model.generate(input_ids=[[1, 10 ** 6]], max_new_tokens=2),
          InvalidArgumentError, r"input_ids must lie in \[0, 92544\)"),
+    Case("generate negative ids", lambda c: c.model.generate(input_ids=[[1, -5]], max_new_tokens=2),
+         InvalidArgumentError, r"input_ids must lie in \[0, 92544\), got values from -5"),
+    Case("forward float ids", lambda c: c.model(input_ids=np.array([[1.7, 2.0]])), InvalidArgumentError,
+         r"input_ids must be integer ids"),
+    Case("forward ids outside vocab", lambda c: c.model(input_ids=np.array([[1, 92544]])), InvalidArgumentError,
+         r"input_ids must lie in"),
     Case("generate float ids", lambda c: c.model.generate(input_ids=[[1.5, 2.0]], max_new_tokens=2),
          InvalidArgumentError, r"input_ids must be integer ids"),
     Case("generate embeds width", lambda c: c.model.generate(inputs_embeds=np.zeros((1, 3, 5)), max_new_tokens=2),
@@ -212,6 +222,11 @@ def test_valid_arguments_still_run(demo_model):
                                         num_beams=np.int32(1), do_sample=np.bool_(False), history=[["a", "b"]],
                                         seed=-1)
     assert isinstance(response, str) and history[-1] == ("Hi", response)
+    import mindspore as ms
+
+    pixels = IXCImageProcessor()(CAT, hd_num=1)
+    from_array = demo_model.encode_img(pixels)
+    np.testing.assert_array_equal(demo_model.encode_img(ms.Tensor(pixels)).asnumpy(), from_array.asnumpy())
 
 
 def test_prompt_cut_at_max_length_warns_once_naming_both_lengths(demo_model, caplog):
@@ -280,7 +295,8 @@ def test_loading_errors(demo_dir, tmp_path, edit, error, match):
     ("/nonexistent/model", {}, ModelNotFoundError, r"does not exist"),
     (COFFEE, {}, ModelNotFoundError, r"is a file"),
     (ASSETS, {"dtype": "fp32"}, InvalidArgumentError, r"dtype must be one of"),
-], ids=["path int", "missing dir", "a file", "dtype str"])
+    (ASSETS, {"use_fused_attention": "no"}, ArgumentTypeError, r"use_fused_attention must be True or False"),
+], ids=["path int", "missing dir", "a file", "dtype str", "use_fused_attention str"])
 def test_from_pretrained_arguments(path, kwargs, error, match):
     from mindxcomposer import InternLMXComposer2ForCausalLM
 
@@ -340,6 +356,8 @@ CLI_CASES = [
     ("model without config.json", lambda t: ["--model", t, "hi"], r"no config\.json in"),
     ("model without tokenizer", lambda t: ["--model", _config_only(t), "hi"], r"no tokenizer\.model in"),
     ("image missing", lambda t: ["--image", os.path.join(t, "nope.png"), "hi"], r"no such file: .*nope\.png"),
+    ("two images, no markers", lambda t: ["--image", CAT, "--image", CAT, "hi"],
+     r"0 <ImageHere> marker\(s\) but 2 image\(s\)"),
 ]
 
 
