@@ -16,6 +16,7 @@ from PIL import Image
 
 from .errors import (EmptyImageError, ImageTooLargeError, InputError, InputFileNotFoundError, UnreadableImageError,
                      UnsupportedFormatError)
+from .validation import check_int
 
 # The extension sets upstream's `encode_img` dispatches on.
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp"})
@@ -165,8 +166,7 @@ def hd_transform(img: Image.Image, hd_num: int = DEFAULT_HD_NUM) -> Image.Image:
     bilinear filter, which is what torchvision's `resize` runs on PIL images (antialiased; torchvision's
     `antialias` flag does not apply to PIL input).
     """
-    if not isinstance(hd_num, (int, np.integer)) or hd_num < 1:
-        raise ValueError(f"hd_num must be a positive integer, got {hd_num!r}")
+    hd_num = check_int(hd_num, "hd_num", minimum=1)
     _check_pixels(img, "image")
     img = to_rgb8(img)
     size = img.size
@@ -280,6 +280,14 @@ class IXCImageProcessor:
 
     def __call__(self, image: ImageInput, hd_num: int = DEFAULT_HD_NUM) -> np.ndarray:
         return to_pixel_values(self.canvas(image, hd_num), self.image_mean, self.image_std)
+
+
+def pixel_values(image, hd_num: int = DEFAULT_HD_NUM):
+    """`IXCImageProcessor()(image, hd_num)` for a path or PIL image; pixel values (numpy or MindSpore) as
+    they are."""
+    if isinstance(image, np.ndarray) or hasattr(image, "asnumpy"):
+        return image
+    return IXCImageProcessor()(image, hd_num=hd_num)
 
 
 class BatchFeature(dict):

@@ -14,7 +14,7 @@ from mindspore import Tensor, nn
 
 from .chat import ChatMixin
 from .configuration import InternLMXComposer2Config
-from .image_processing import IXCImageProcessor, global_view
+from .image_processing import global_view, pixel_values
 from .layers import Linear, lazy_param
 from .modeling_clip import CLIPVisionTower
 from .modeling_internlm2 import InternLM2Model
@@ -189,9 +189,7 @@ class InternLMXComposer2ForCausalLM(ChatMixin, nn.Cell):
             return None
         check_image(image)
         hd_num = check_int(hd_num, "hd_num", minimum=1)
-        if not isinstance(image, (Tensor, np.ndarray)):
-            image = IXCImageProcessor()(image, hd_num=hd_num)
-        return self.img2emb(image)[0]
+        return self.img2emb(pixel_values(image, hd_num))[0]
 
     # ------------------------------------------------------------------ prompts
     def interleav_wrap_chat(self, query, image, history=[], meta_instruction="", max_length=16384, hd_num=24):
@@ -204,7 +202,7 @@ class InternLMXComposer2ForCausalLM(ChatMixin, nn.Cell):
         embeds, im_mask, temp_len = interleave_chat(
             query, image, self.tokenizer, self.embed_tokens,
             lambda img, hd: to_numpy(self.encode_img(img, hd)), history=history,
-            meta_instruction=meta_instruction, max_length=max_length, hd_num=hd_num)
+            meta_instruction=meta_instruction, max_length=max_length, hd_num=hd_num, prepare_image=pixel_values)
         return {"inputs_embeds": embeds}, im_mask, temp_len
 
     def build_inputs(self, tokenizer, query, history=[], meta_instruction=""):

@@ -10,7 +10,7 @@ than one image and no marker) raises `ImageCountMismatchError`; upstream prints 
 drops or misplaces images.
 """
 import logging
-from typing import Callable, List, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -79,16 +79,21 @@ def interleave(prompt: str, images: Sequence, tokenizer,
                embed_tokens: Callable[[np.ndarray], np.ndarray],
                encode_image: Callable[[object, int], np.ndarray],
                hd_num: int = SINGLE_IMAGE_HD_NUM,
-               max_length: int = DEFAULT_MAX_LENGTH) -> Tuple[np.ndarray, np.ndarray, int]:
+               max_length: int = DEFAULT_MAX_LENGTH,
+               prepare_image: Optional[Callable[[object, int], object]] = None) -> Tuple[np.ndarray, np.ndarray, int]:
     """Text and image embeddings in prompt order.
 
     embed_tokens(ids int64 [1, n]) -> float32 [1, n, H]; encode_image(image, hd_num) -> float32 [1, m, H].
+    `prepare_image(image, hd_num)`, if given, runs on every image before the first is encoded (decoding,
+    so that a broken image is reported before the vision tower has run); encode_image gets its result.
     Returns (inputs_embeds [1, L, H], im_mask bool [1, L], temp_len) with L = min(temp_len, max_length);
     as upstream, temp_len counts every part up to the one that crossed max_length, and no later part is
     encoded.
     """
     parts = split_prompt(prompt, len(images))
     hd_num = image_hd_num(len(images), hd_num)
+    if prepare_image is not None:
+        images = [prepare_image(image, hd_num) for image in images]
     embeds: List[np.ndarray] = []
     masks: List[np.ndarray] = []
     temp_len = 0
@@ -122,7 +127,7 @@ def interleave(prompt: str, images: Sequence, tokenizer,
 def interleave_chat(query: str, images: Sequence, tokenizer, embed_tokens, encode_image,
                     history: History = (), meta_instruction: str = "",
                     max_length: int = DEFAULT_MAX_LENGTH,
-                    hd_num: int = SINGLE_IMAGE_HD_NUM) -> Tuple[np.ndarray, np.ndarray, int]:
+                    hd_num: int = SINGLE_IMAGE_HD_NUM, prepare_image=None) -> Tuple[np.ndarray, np.ndarray, int]:
     """Upstream `interleav_wrap_chat(query, image, history, meta_instruction, max_length, hd_num)`."""
     return interleave(chat_prompt(query, history, meta_instruction), images, tokenizer, embed_tokens,
-                      encode_image, hd_num=hd_num, max_length=max_length)
+                      encode_image, hd_num=hd_num, max_length=max_length, prepare_image=prepare_image)

@@ -113,6 +113,10 @@ API_CASES = [
     Case("history triple", lambda c: _chat(c, history=[("a", "b", "c")]), ArgumentTypeError, r"history\[0\]"),
     Case("meta_instruction None", lambda c: _chat(c, meta_instruction=None, use_meta=True), ArgumentTypeError,
          r"meta_instruction must be a str"),
+    Case("second image broken", lambda c: _chat(c, "<ImageHere>a<ImageHere>b", image=[CAT, c.junk]),
+         UnreadableImageError, r"cannot decode image .*junk\.png"),
+    Case("second image empty", lambda c: _chat(c, "<ImageHere>a<ImageHere>b", image=[CAT, Image.new("RGB", (0, 5))]),
+         EmptyImageError, r"no pixels"),
     Case("markers and images disagree", lambda c: _chat(c, "<ImageHere><ImageHere>two", image=[CAT]),
          ImageCountMismatchError, r"2 <ImageHere> marker\(s\) but 1 image"),
     Case("tokenizer None", lambda c: c.model.chat(None, "Hi", max_new_tokens=2), MissingTokenizerError,
@@ -192,6 +196,9 @@ def ctx(demo_model, tmp_path, monkeypatch):
     c.model, c.tok, c.tmp = demo_model, demo_model.tokenizer, str(tmp_path)
     c.file = str(tmp_path / "a_file")
     open(c.file, "w").close()
+    c.junk = str(tmp_path / "junk.png")
+    with open(c.junk, "wb") as f:
+        f.write(b"not a png at all" * 10)
     c.work = []
     monkeypatch.setattr(demo_model, "img2emb", lambda *a, **k: c.work.append("vision tower"))
     import mindxcomposer.chat as chat_module
