@@ -8,6 +8,7 @@ import argparse
 import os
 import sys
 import tempfile
+import traceback
 
 DEMO_NOTICE = ("[mxc-chat] no --model given: using the bundled demo model. Its weights are RANDOM, so its "
                "answers are gibberish; it only shows that the pipeline runs.")
@@ -33,10 +34,11 @@ def _parser():
 
 
 def main(argv=None):
+    """`argv` None: the command line of this process (then `main` is the whole program)."""
     args = _parser().parse_args(argv)
     from .cli_support import run_command
 
-    return run_command("mxc-chat", lambda: _chat(args), debug=args.debug)
+    return run_command("mxc-chat", lambda: _chat(args), debug=args.debug, whole_process=argv is None)
 
 
 def _check_arguments(args) -> dict:
@@ -118,6 +120,8 @@ def _chat(args) -> int:
             try:
                 history = ask(query, history)
             except (InputError, InvalidArgumentError) as e:  # this turn's text: say so and go on
+                if args.debug:
+                    traceback.print_exc()
                 print(f"mxc-chat: error: {one_line(e)}", file=sys.stderr)
         return 0
     finally:

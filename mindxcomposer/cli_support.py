@@ -83,12 +83,21 @@ def one_line(error: BaseException) -> str:
 
 
 def run_command(prog: str, body: Callable[[], Optional[int]], debug: bool = False,
-                interrupted_note: str = "") -> int:
-    """Run `body()` as the command `prog`; returns the exit status (see the module docstring)."""
+                interrupted_note: str = "", whole_process: bool = False) -> int:
+    """Run `body()` as the command `prog`; returns the exit status (see the module docstring).
+
+    `whole_process`: the command is the program (not a call from Python code), so after an interrupt
+    further Ctrl-C / SIGTERM are ignored until it exits: repeated Ctrl-C during a compiled graph make
+    MindSpore send more SIGTERMs, one of which can arrive after the handlers are restored and would turn
+    status 130 into 143."""
     try:
         with _handlers(_raise_interrupt):
             return body() or 0
     except KeyboardInterrupt:
+        if whole_process and _in_main_thread():
+            for s in _SIGNALS:
+                if signal.getsignal(s) is not signal.SIG_IGN:
+                    signal.signal(s, signal.SIG_IGN)
         if debug:
             traceback.print_exc()
         print(f"\n{prog}: interrupted{interrupted_note}", file=sys.stderr)

@@ -832,7 +832,7 @@ def main(argv=None) -> int:
         print(convert(args.src, args.dst, dtype=args.dtype, merge_task=args.merge_task, force=args.force,
                       verify=args.verify, shard_size=args.shard_size))
 
-    return run_command("mxc-convert", run, debug=args.debug,
+    return run_command("mxc-convert", run, debug=args.debug, whole_process=argv is None,
                        interrupted_note=f"; nothing was written to {args.dst}")
 
 

@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 
 from conftest import ASSETS, HERE
 
@@ -72,8 +73,10 @@ def _wait_for_output(proc, text: bytes, timeout=300):
     assert text in seen, f"no {text!r} on stdout; stderr: {proc.stderr.read().decode(errors='replace')}"
 
 
-def _interrupt(proc):
-    proc.send_signal(signal.SIGINT)
+def _interrupt(proc, times=1):
+    for _ in range(times):
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.01)
     _, err = proc.communicate(timeout=120)
     return proc.returncode, err.decode(errors="replace")
 
@@ -96,3 +99,13 @@ def test_ctrl_c_at_the_prompt_exits_130_and_removes_the_demo_model(tmp_path):
     assert rc == 130, err
     assert "mxc-chat: interrupted" in err and "Traceback" not in err
     assert os.listdir(tmp_path) == []
+
+
+def test_repeated_ctrl_c_mid_generation_still_cleans_up_and_exits_130(tmp_path):
+    """An impatient user presses Ctrl-C three times: cleanup must not be cut short, and the extra SIGTERMs
+    MindSpore sends must not turn the status into 143."""
+    proc = _start(["--mode", "graph", "--max-new-tokens", "3000", "Hello there"], tmp_path)
+    _wait_for_output(proc, b" ")
+    rc, err = _interrupt(proc, times=3)
+    assert rc == 130, err
+    assert "Traceback" not in err and os.listdir(tmp_path) == []
