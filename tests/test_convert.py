@@ -506,21 +506,23 @@ def test_destination_under_a_file_is_a_clear_error(sources, tmp_path, capsys):
     assert "Traceback" not in err
 
 
-def test_ctrl_c_during_the_mindspore_import_exits_130_and_leaves_nothing(sources, tmp_path):
-    """The signal arrives while `import mindspore` runs: the import must complete (a KeyboardInterrupt inside
-    its C++ initialisation gives "ImportError: initialization failed" or aborts the interpreter), then the
-    command exits 130 and removes what it created."""
-    src, _ = sources("st")
+@pytest.mark.parametrize("kind,module,extension", [("st", "mindspore", "mindspore._c_expression"),
+                                                    ("bin", "torch", "torch._C")])
+def test_ctrl_c_during_a_framework_import_exits_130_and_leaves_nothing(sources, tmp_path, kind, module, extension):
+    """The signal arrives while `import mindspore` (or torch, for .bin sources) runs: the import must complete
+    (a KeyboardInterrupt inside MindSpore's C++ initialisation gives "ImportError: initialization failed" or
+    aborts the interpreter), then the command exits 130 and removes what it created."""
+    src, _ = sources(kind)
     dst = str(tmp_path / "a" / "b" / "out")
     script = (
         "import atexit, os, signal, sys\n"
         "class SendCtrlC:\n"
         "    def find_spec(self, name, path=None, target=None):\n"
-        "        if name == 'mindspore':\n"
+        f"        if name == {module!r}:\n"
         "            os.kill(os.getpid(), signal.SIGINT)\n"
         "        return None\n"
         "sys.meta_path.insert(0, SendCtrlC())\n"
-        "atexit.register(lambda: print('imported', 'mindspore._c_expression' in sys.modules, file=sys.stderr))\n"
+        f"atexit.register(lambda: print('imported', {extension!r} in sys.modules, file=sys.stderr))\n"
         "from mindxcomposer.cli_support import convert_main\n"
         f"sys.exit(convert_main([{src!r}, {dst!r}]))\n")
     env = dict(os.environ, PYTHONPATH=os.path.dirname(HERE) + os.pathsep + os.environ.get("PYTHONPATH", ""))
