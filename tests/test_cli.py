@@ -7,6 +7,8 @@ import sys
 import threading
 import time
 
+import pytest
+
 from conftest import ASSETS, HERE
 
 from mindxcomposer.demo import TOKENIZER_FILE, tiny_config
@@ -81,9 +83,11 @@ def _interrupt(proc, times=1):
     return proc.returncode, err.decode(errors="replace")
 
 
-def test_ctrl_c_mid_generation_in_graph_mode_exits_130_and_removes_the_demo_model(tmp_path):
-    """MindSpore answers Ctrl-C inside a compiled graph with SIGTERM: that, too, must end in cleanup and 130."""
-    proc = _start(["--mode", "graph", "--max-new-tokens", "3000", "Hello there"], tmp_path)
+@pytest.mark.parametrize("mode", ["graph", "pynative"])
+def test_ctrl_c_mid_generation_exits_130_and_removes_the_demo_model(tmp_path, mode):
+    """In graph mode MindSpore answers Ctrl-C inside a compiled graph with SIGTERM: that, too, must end in
+    cleanup and 130."""
+    proc = _start(["--mode", mode, "--max-new-tokens", "3000", "Hello there"], tmp_path)
     _wait_for_output(proc, b" ")  # the streamed answer has begun
     assert os.listdir(tmp_path), "the demo model's temporary folder should exist while chatting"
     rc, err = _interrupt(proc)
