@@ -305,7 +305,7 @@ class ChatMixin:
         """Upstream's webpage generation (task LoRA web). The page is also written to
         `<output_dir>/<task with underscores>.html` (upstream: the current directory); None writes nothing."""
         image = self._check_web_call(inst, image, use_meta, task, output_dir, max_new_tokens, do_sample, num_beams,
-                             temperature, repetition_penalty, seed, kwargs)
+                                     temperature, repetition_penalty, seed, kwargs)
         html = self._web_generate(inst, image, max_new_tokens, do_sample, num_beams, temperature,
                                   repetition_penalty, seed, kwargs)
         return self._save_page(_random_images(html), task, output_dir)
@@ -317,7 +317,7 @@ class ChatMixin:
         """Upstream's resume to personal page: `inst` is the path of a markdown resume; an HTML page is
         generated, then JavaScript for it, and the two are merged."""
         image = self._check_web_call(inst, image, use_meta, task, output_dir, max_new_tokens, do_sample, num_beams,
-                             temperature, repetition_penalty, seed, kwargs)
+                                     temperature, repetition_penalty, seed, kwargs)
         if not os.path.isfile(inst):
             raise FileNotFoundError(f"resume file {inst!r} does not exist (resume_2_webpage takes the path of a "
                                     "markdown resume)")
@@ -340,11 +340,11 @@ class ChatMixin:
                          num_beams: int = 2, temperature: float = 1.0, repetition_penalty: float = 3.0,
                          seed: int = -1, use_meta: bool = False, task: str = "Screenshot-to-Webpage",
                          output_dir: Optional[str] = ".", **kwargs) -> str:
-        """Upstream's screenshot to webpage; `inst` is ignored, as upstream ignores it."""
-        image = self._check_web_call(inst, image, use_meta, task, output_dir, max_new_tokens, do_sample, num_beams,
-                             temperature, repetition_penalty, seed, kwargs)
+        """Upstream's screenshot to webpage; `inst` is ignored (and not checked), as upstream ignores it."""
+        image = self._check_web_call("", image, use_meta, task, output_dir, max_new_tokens, do_sample, num_beams,
+                                     temperature, repetition_penalty, seed, kwargs)
         if len(image) == 0:
-            raise ValueError("screen_2_webpage needs the screenshot: pass image=[path]")
+            raise InvalidArgumentError("screen_2_webpage needs the screenshot: pass image=[path]")
         html = self._web_generate(" Generate the HTML code of this web image with Tailwind CSS.", image,
                                   max_new_tokens, do_sample, num_beams, temperature, repetition_penalty, seed, kwargs)
         return self._save_page(_random_images(html), task, output_dir)
