@@ -3,8 +3,10 @@
 - An error is one line on stderr, `<prog>: error: <message>`, and exit status 1; `--debug` adds the traceback.
   Errors that are not the user's (anything but ValueError / TypeError / OSError and their subclasses, which
   the project's own exceptions are) say "internal error" instead.
-- Ctrl-C at any moment exits with status 130, after the command's own cleanup (its `finally` blocks) ran;
-  cleanup runs under `shielded()`, so a second Ctrl-C cannot cut it short.
+- Ctrl-C at any moment once the command's code runs (for mxc-convert, `convert_main`, from before its
+  imports) exits with status 130, after the command's own cleanup (its `finally` blocks) ran; cleanup runs
+  under `shielded()`, so a second Ctrl-C cannot cut it short.
+- A closed stdout (`mxc-chat ... | head`) ends the command quietly with status 1.
 - MindSpore, while a compiled graph runs, replaces the SIGINT handler with its own, which answers Ctrl-C by
   sending the process SIGTERM (without a handler: "Terminated", status 143, no cleanup). SIGTERM (and
   SIGHUP, a closed terminal) are therefore handled like Ctrl-C while a command runs.
