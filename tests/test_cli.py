@@ -72,7 +72,10 @@ def _wait_for_output(proc, text: bytes, timeout=300):
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
     reader.join(timeout)
-    assert text in seen, f"no {text!r} on stdout; stderr: {proc.stderr.read().decode(errors='replace')}"
+    if text not in seen:
+        proc.kill()  # not left running (nor its temporary folder) when the test fails
+        _, err = proc.communicate(timeout=60)
+        raise AssertionError(f"no {text!r} on stdout within {timeout} s; stderr: {err.decode(errors='replace')}")
 
 
 def _interrupt(proc, times=1):
