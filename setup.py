@@ -25,7 +25,7 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "mxc-convert=mindxcomposer.convert:main",
+            "mxc-convert=mindxcomposer.cli_support:convert_main",
             "mxc-chat=mindxcomposer.cli:main",
         ]
     },

@@ -5,7 +5,6 @@ the host-side preparation (RoPE angles, attention mask) and runs the decoder lay
 output head; MindSpore compiles each (one graph for all layers) when the caller's context is GRAPH_MODE. The vision path (`img2emb`)
 likewise runs its cells in whatever mode the caller chose; loading never touches the global context.
 """
-import os
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -15,7 +14,8 @@ from mindspore import Tensor, nn
 
 from .chat import ChatMixin
 from .configuration import InternLMXComposer2Config
-from .image_processing import IXCImageProcessor, global_view
+from .errors import InvalidArgumentError
+from .image_processing import global_view, pixel_values
 from .layers import Linear, lazy_param
 from .modeling_clip import CLIPVisionTower
 from .modeling_internlm2 import LINEARS, InternLM2Model
@@ -23,7 +23,8 @@ from .ops import enable_kernels, fused_attention_available
 from .plora import INFER_MODES, TASKS_OF_MODE
 from .prompt import build_inputs, interleave_chat
 from .rope import packed_rope
-from .tokenization_internlm2 import InternLM2Tokenizer
+from .validation import (check_chat_inputs, check_image, check_int, check_model_dir, check_token_ids,
+                         load_model_tokenizer, require_tokenizer)
 from .vision import HDMerge, VisionProjector
 from .weights import (TASK_LORAS, Checkpoint, CheckpointError, check_names_and_shapes, fp32_to_bf16,
                       parameter_shapes, sizes_from_weights)
@@ -38,10 +39,10 @@ def resolve_dtype(dtype, what="dtype"):
     """A MindSpore float dtype from a dtype or its name ('bf16', 'fp16', 'fp32')."""
     if isinstance(dtype, str):
         if dtype.lower() not in _DTYPE_NAMES:
-            raise ValueError(f"{what} must be one of {sorted(_DTYPE_NAMES)} or a MindSpore float dtype, got {dtype!r}")
+            raise InvalidArgumentError(f"{what} must be one of {sorted(_DTYPE_NAMES)} or a MindSpore float dtype, got {dtype!r}")
         return _DTYPE_NAMES[dtype.lower()]
     if dtype not in (ms.bfloat16, ms.float16, ms.float32):
-        raise ValueError(f"{what} must be bf16, fp16 or fp32, got {dtype!r}")
+        raise InvalidArgumentError(f"{what} must be bf16, fp16 or fp32, got {dtype!r}")
     return dtype
 
 
@@ -134,9 +135,12 @@ class InternLMXComposer2ForCausalLM(ChatMixin, nn.Cell):
 
         `dtype` is the storage dtype: None keeps the checkpoint's (a bf16 checkpoint stays bf16 in
         memory, no fp32 copy is made), or 'bf16' / 'fp16' / 'fp32'. `compute_dtype`: see the class."""
-        if not os.path.isdir(path):
-            raise FileNotFoundError(f"model directory {path!r} does not exist")
+        dtype = None if dtype is None else resolve_dtype(dtype)
+        if compute_dtype is not None:
+            compute_dtype = resolve_dtype(compute_dtype, "compute_dtype")
+        path = check_model_dir(path, dtype, use_fused_attention=use_fused_attention)
         config = InternLMXComposer2Config.from_pretrained(path)
+        tokenizer = load_model_tokenizer(path)  # before the weights: a broken tokenizer.model fails fast
         ckpt = Checkpoint(path)
         for k, v in sizes_from_weights(ckpt).items():
             setattr(config, k, v)
@@ -146,9 +150,8 @@ class InternLMXComposer2ForCausalLM(ChatMixin, nn.Cell):
             dtype = _ST_TO_MS.get(ckpt.dtype("model.tok_embeddings.weight"), ms.float32)
         model = cls(config, dtype, use_fused_attention, compute_dtype)
         model.load_weights(ckpt)
-        tok_file = os.path.join(path, "tokenizer.model")
-        if os.path.isfile(tok_file):
-            model.tokenizer = InternLM2Tokenizer.from_pretrained(path)
+        model.name_or_path = path
+        model.tokenizer = tokenizer
         return model
 
     def load_weights(self, ckpt: Checkpoint) -> None:
@@ -236,7 +239,7 @@ class InternLMXComposer2ForCausalLM(ChatMixin, nn.Cell):
         return self.model.tok_embeddings
 
     def embed_tokens(self, input_ids) -> np.ndarray:
-        ids = Tensor(np.asarray(to_numpy(input_ids), dtype=np.int32))
+        ids = Tensor(check_token_ids(input_ids, self.config.vocab_size).astype(np.int32))
         return self.model.tok_embeddings(ids).astype(ms.float32).asnumpy()
 
     def __call__(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None,
@@ -295,30 +298,27 @@ class InternLMXComposer2ForCausalLM(ChatMixin, nn.Cell):
         [1, T, hidden]. Unlike upstream, an unsupported file is an error, not a printed warning."""
         if image is None:
             return None
-        if not isinstance(image, (Tensor, np.ndarray)):
-            image = IXCImageProcessor()(image, hd_num=hd_num)
-        return self.img2emb(image)[0]
+        check_image(image)
+        hd_num = check_int(hd_num, "hd_num", minimum=1)
+        return self.img2emb(pixel_values(image, hd_num))[0]
 
     # ------------------------------------------------------------------ prompts
     def interleav_wrap_chat(self, query, image, history=[], meta_instruction="", max_length=16384, hd_num=24):
         """Upstream's prompt assembly: ({'inputs_embeds': [1, L, H]}, im_mask [1, L] bool, total length).
         A number of images that does not match the `<ImageHere>` markers is an error (upstream warns and
         drops or misplaces images); one image without a marker goes first, as upstream."""
-        self._require_tokenizer()
+        require_tokenizer(self)
+        query, image, history, hd_num = check_chat_inputs(query, image, history, hd_num, meta_instruction)
+        max_length = check_int(max_length, "max_length", minimum=1)
         embeds, im_mask, temp_len = interleave_chat(
-            query, list(image), self.tokenizer, self.embed_tokens,
+            query, image, self.tokenizer, self.embed_tokens,
             lambda img, hd: to_numpy(self.encode_img(img, hd)), history=history,
-            meta_instruction=meta_instruction, max_length=max_length, hd_num=hd_num)
+            meta_instruction=meta_instruction, max_length=max_length, hd_num=hd_num, prepare_image=pixel_values)
         return {"inputs_embeds": embeds}, im_mask, temp_len
 
     def build_inputs(self, tokenizer, query, history=[], meta_instruction=""):
         """Text-only prompt ids, as upstream (`'<s>' + prompt` tokenized with BOS: a double BOS)."""
         return build_inputs(tokenizer, query, history, meta_instruction)
-
-    def _require_tokenizer(self):
-        if self.tokenizer is None:
-            raise ValueError("model.tokenizer is not set: load a model directory that holds tokenizer.model, "
-                             "or assign model.tokenizer = InternLM2Tokenizer.from_pretrained(...)")
 
 
 def _is_task_lora(name: str) -> bool:
