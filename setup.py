@@ -15,7 +15,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.9,<3.12",
     packages=find_packages(include=["mindxcomposer", "mindxcomposer.*"]),
-    package_data={"mindxcomposer": ["assets/*", "serve/static/*"]},
+    package_data={"mindxcomposer": ["assets/*", "ops/csrc/*.cc", "serve/static/*"]},
     install_requires=install_requires,
     extras_require={
         # Reading the released .bin shards needs torch; the CPU build is enough.
@@ -31,7 +31,7 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "mxc-convert=mindxcomposer.convert:main",
+            "mxc-convert=mindxcomposer.cli_support:convert_main",
             "mxc-chat=mindxcomposer.cli:main",
             "mxc-serve=mindxcomposer.serve.cli:main",
         ]

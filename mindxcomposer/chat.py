@@ -11,9 +11,13 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from .errors import ArgumentTypeError, InvalidArgumentError, InvalidTextError
 from .generation import StopWordsCriteria, generate
 from .prompt import META_INSTRUCTION
 from .session import ModelSession
+from .validation import (check_cache_size, check_chat_inputs, check_decode_options,
+                         check_generation_settings, check_int, check_output_dir, check_text, check_token_ids,
+                         check_tokenizer, describe, require_tokenizer)
 
 EOA = "[UNUSED_TOKEN_145]"  # end of an assistant turn
 BOT = "[UNUSED_TOKEN_146]"
@@ -39,6 +43,10 @@ def _seed(seed):
     return None if seed is None or seed == -1 else seed
 
 
+# `generate` keywords that are not GenerationConfig fields
+_DECODE_OPTIONS = ("streamer", "stopping_criteria", "logits_processor", "seed", "compiled", "infer_mode")
+
+
 def write_text_atomically(path: str, text: str) -> str:
     """Write `text` to `path` through a temporary file in the same directory, so that a failure never
     leaves a half-written file."""
@@ -53,6 +61,19 @@ def write_text_atomically(path: str, text: str) -> str:
         os.unlink(tmp)
         raise
     return path
+
+
+def _check_rows(value, name, n, accepted):
+    """One entry per request of `batch_chat`: None means n empty entries (not allowed for `queries`)."""
+    if value is None and n is not None:
+        return [None] * n
+    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+        raise ArgumentTypeError(f"{name} must be {accepted}, got {describe(value)} ({type(value).__name__})")
+    if n is None and not value:
+        raise InvalidArgumentError(f"{name} is empty: batch_chat needs at least one query")
+    if n is not None and len(value) != n:
+        raise InvalidArgumentError(f"{n} queries but {len(value)} {name}: {name} must have one entry per query")
+    return list(value)
 
 
 class _BeamReadySession:
@@ -98,32 +119,66 @@ class ChatMixin:
         repetition_penalty, length_penalty, eos_token_id, ...). `compiled` picks graph-compiled decoding
         steps (default: compiled except on GPU); `seed` makes sampling reproducible. `session_factory`
         replaces `ModelSession` (same arguments): the server uses it to decode rows inside a shared batch."""
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of input_ids and inputs_embeds")
-        self.check_infer_mode(infer_mode)
-        prompt_ids = None
-        if input_ids is not None:
-            prompt_ids = np.asarray(input_ids, np.int64)
-            inputs_embeds = self.embed_tokens(prompt_ids)
-            im_mask = None  # upstream: a text prompt never takes the image LoRA path
-        embeds = np.asarray(inputs_embeds.asnumpy() if hasattr(inputs_embeds, "asnumpy") else inputs_embeds,
-                            np.float32)
+        # Every setting is checked before the KV cache is allocated or a graph compiled.
+        config = self._check_decoding(dict(settings, streamer=streamer, stopping_criteria=stopping_criteria,
+                                           seed=seed, compiled=compiled, infer_mode=infer_mode))
+        prompt_ids, embeds, attention_mask, im = self._check_prompt_arrays(input_ids, inputs_embeds, attention_mask,
+                                                                           im_mask)
         rows, length = embeds.shape[:2]
-        attention_mask = np.ones((rows, length), np.int64) if attention_mask is None else np.asarray(attention_mask)
-        im = np.zeros((rows, length), bool) if im_mask is None else np.asarray(im_mask, bool).reshape(rows, length)
-        cfg = self.config
-        settings.setdefault("bos_token_id", cfg.bos_token_id)
-        settings.setdefault("eos_token_id", cfg.eos_token_id)
-        settings.setdefault("pad_token_id", cfg.pad_token_id)
-        max_new = settings.get("max_new_tokens")
-        if max_new is None:
-            max_new = max(1, settings.get("max_length", 20) - (1 if prompt_ids is None else prompt_ids.shape[1]))
-        beams = settings.get("num_beams", 1)
+        prompt_len = 1 if prompt_ids is None else prompt_ids.shape[1]
+        max_new = max(1, config.total_max_length(prompt_len) - prompt_len)
+        beams = config.num_beams
+        check_cache_size(self.config, rows * beams, length, max_new, self.compute_dtype.itemsize)
         session = (session_factory or ModelSession)(self, rows * beams, length + max_new, infer_mode=infer_mode,
                                                     compiled=compiled)
         self.last_session = session  # its `compile_count` tells how many graphs the call compiled
-        return generate(_BeamReadySession(session, beams), embeds, attention_mask, prompt_ids=prompt_ids, model_inputs={"im_mask": im},
-                        stopping_criteria=stopping_criteria, streamer=streamer, rng=_seed(seed), **settings)
+        return generate(_BeamReadySession(session, beams), embeds, attention_mask, prompt_ids=prompt_ids,
+                        model_inputs={"im_mask": im}, generation_config=config, stopping_criteria=stopping_criteria,
+                        streamer=streamer, rng=_seed(seed), logits_processor=settings.get("logits_processor", ()))
+
+    def _check_decoding(self, options: dict):
+        """The `generate` keywords (GenerationConfig fields and `_DECODE_OPTIONS`) checked, as the
+        GenerationConfig to decode with; the model's bos / eos / pad ids fill what is not given."""
+        settings = {k: v for k, v in options.items() if k not in _DECODE_OPTIONS}
+        if "infer_mode" in options:
+            self.check_infer_mode(options["infer_mode"])
+        check_decode_options(**{k: options[k] for k in _DECODE_OPTIONS if k in options and k != "infer_mode"})
+        cfg = self.config
+        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            settings.setdefault(key, getattr(cfg, key))
+        return check_generation_settings(settings)
+
+    def _check_prompt_arrays(self, input_ids, inputs_embeds, attention_mask, im_mask):
+        """(prompt ids or None, embeddings float32 [rows, length, hidden], attention mask, im_mask) of a
+        `generate` call, shapes and ids checked before anything is embedded or allocated."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise InvalidArgumentError("pass exactly one of input_ids and inputs_embeds")
+        prompt_ids = None
+        if input_ids is not None:
+            prompt_ids = check_token_ids(input_ids, self.config.vocab_size)
+            inputs_embeds = self.embed_tokens(prompt_ids)
+            im_mask = None  # upstream: a text prompt never takes the image LoRA path
+        embeds = np.asarray(inputs_embeds.asnumpy() if hasattr(inputs_embeds, "asnumpy") else inputs_embeds)
+        hidden = self.config.hidden_size
+        if embeds.ndim != 3 or 0 in embeds.shape[:2] or embeds.shape[2] != hidden or embeds.dtype.kind not in "fiu":
+            raise InvalidArgumentError(f"inputs_embeds must be numbers [rows, length, {hidden}] with rows, length > 0, "
+                                       f"got {embeds.dtype} {embeds.shape}")
+        embeds = embeds.astype(np.float32)
+        rows, length = embeds.shape[:2]
+        if attention_mask is None:
+            attention_mask = np.ones((rows, length), np.int64)
+        attention_mask = np.asarray(attention_mask.asnumpy() if hasattr(attention_mask, "asnumpy") else attention_mask)
+        if attention_mask.shape != (rows, length):
+            raise InvalidArgumentError(f"attention_mask must be [rows, length] = {(rows, length)}, got "
+                                       f"{attention_mask.shape}")
+        if im_mask is None:
+            im = np.zeros((rows, length), bool)
+        else:
+            im = np.asarray(im_mask.asnumpy() if hasattr(im_mask, "asnumpy") else im_mask)
+            if im.size != rows * length:
+                raise InvalidArgumentError(f"im_mask must be [rows, length] = {(rows, length)}, got {im.shape}")
+            im = im.astype(bool).reshape(rows, length)
+        return prompt_ids, embeds, attention_mask, im
 
     def _eos_ids(self, tokenizer) -> List[int]:
         # also the end-of-assistant token, as upstream's chat does, to stop at the end of the turn
@@ -134,17 +189,22 @@ class ChatMixin:
              num_beams: int = 1, temperature: float = 1.0, top_p: float = 0.8, repetition_penalty: float = 1.005,
              infer_mode: str = "base", use_meta: bool = False, meta_instruction: str = META_INSTRUCTION, **kwargs):
         """Upstream's `chat`: returns (response, history + [(query, response)])."""
+        check_tokenizer(tokenizer, self)
+        query, images, history, hd_num = check_chat_inputs(query, image, history, hd_num, meta_instruction, use_meta)
+        if image is not None:
+            require_tokenizer(self)  # prompts with images are tokenized with model.tokenizer, as upstream
         if not use_meta:
             meta_instruction = ""
         gen = dict(streamer=streamer, max_new_tokens=max_new_tokens, do_sample=do_sample, num_beams=num_beams,
                    temperature=temperature, top_p=top_p, repetition_penalty=repetition_penalty,
                    eos_token_id=self._eos_ids(tokenizer), infer_mode=infer_mode, **kwargs)
+        self._check_decoding(gen)  # before the vision tower runs
         if image is None:
             ids = self.build_inputs(tokenizer, query, history, meta_instruction)["input_ids"]
             ids = np.asarray(ids, np.int64).reshape(1, -1)
             outputs = self.generate(input_ids=ids, **gen)[0][ids.shape[1]:]
         else:
-            inputs, im_mask, _ = self.interleav_wrap_chat(query, image, history=history,
+            inputs, im_mask, _ = self.interleav_wrap_chat(query, images, history=history,
                                                           meta_instruction=meta_instruction, hd_num=hd_num)
             outputs = self.generate(inputs_embeds=inputs["inputs_embeds"], im_mask=im_mask, **gen)[0]
         response = tokenizer.decode(outputs.tolist(), skip_special_tokens=True).split(EOA)[0]
@@ -158,11 +218,18 @@ class ChatMixin:
                    **kwargs) -> List[str]:
         """Several independent chat requests decoded together (not in upstream). Prompts are left-padded;
         each row gets the tokens it would get alone (through the image path of `chat`)."""
+        check_tokenizer(tokenizer, self)
+        require_tokenizer(self)
+        queries = _check_rows(queries, "queries", None, "a list of str")
         n = len(queries)
-        images = [[] for _ in range(n)] if images is None else [list(i or []) for i in images]
-        histories = [[] for _ in range(n)] if histories is None else list(histories)
-        if not (len(images) == len(histories) == n):
-            raise ValueError(f"{n} queries but {len(images)} image lists and {len(histories)} histories")
+        images = _check_rows(images, "images", n, "a list with one image list (or None) per query")
+        histories = _check_rows(histories, "histories", n, "a list with one history per query")
+        checked = [check_chat_inputs(q, im, h, hd_num, meta_instruction, use_meta, query_name=f"queries[{r}]")
+                   for r, (q, im, h) in enumerate(zip(queries, images, histories))]
+        queries, images, histories = ([c[k] for c in checked] for k in range(3))
+        self._check_decoding(dict(max_new_tokens=max_new_tokens, do_sample=do_sample, num_beams=num_beams,
+                                  temperature=temperature, top_p=top_p, repetition_penalty=repetition_penalty,
+                                  eos_token_id=self._eos_ids(tokenizer), infer_mode=infer_mode, **kwargs))
         meta = meta_instruction if use_meta else ""
         prompts = [self.interleav_wrap_chat(q, im, history=h, meta_instruction=meta, hd_num=hd_num)
                    for q, im, h in zip(queries, images, histories)]
@@ -188,8 +255,18 @@ class ChatMixin:
         """Upstream's article writing (task LoRAs sft + dpo). As upstream: `max_new_tokens`, `top_p`,
         `hd_num` and `history` are accepted but not used (it generates up to `max_length` in all, with
         top_p 0.8, top_k 40, and the default hd_num 24), and it stops at the end-of-turn token."""
+        require_tokenizer(self)
+        inst, image, history, _ = check_chat_inputs(inst, image, history, hd_num, "", use_meta, query_name="inst")
+        max_length = check_int(max_length, "max_length", minimum=1)
+        check_int(max_new_tokens, "max_new_tokens", minimum=1)  # unused, as upstream, but not silently wrong
+        self._check_decoding(dict(do_sample=do_sample, num_beams=num_beams, temperature=temperature,
+                                  repetition_penalty=repetition_penalty, top_p=top_p, top_k=40, seed=seed,
+                                  streamer=streamer, infer_mode="write", **kwargs))
         meta = WRITE_META_INSTRUCTION if use_meta else ""
         inputs, im_mask, n_input = self.interleav_wrap_chat(inst, image, meta_instruction=meta, max_length=max_length)
+        if n_input >= max_length:
+            raise InvalidArgumentError(f"the prompt is {n_input} tokens, which leaves nothing to write within "
+                                       f"max_length={max_length} (prompt and article together); raise max_length")
         eoa = self.tokenizer.convert_tokens_to_ids([EOA])[0]
         out = self.generate(inputs_embeds=inputs["inputs_embeds"], im_mask=im_mask, do_sample=do_sample,
                             num_beams=num_beams, temperature=temperature, repetition_penalty=repetition_penalty,
@@ -197,6 +274,19 @@ class ChatMixin:
                             top_p=0.8, top_k=40, length_penalty=1.0, infer_mode="write", seed=_seed(seed),
                             streamer=streamer, **kwargs)
         return _clean(self.tokenizer.decode(out[0].tolist(), skip_special_tokens=True))
+
+    def _check_web_call(self, inst, image, use_meta, task, output_dir, max_new_tokens, do_sample, num_beams,
+                        temperature, repetition_penalty, seed, kwargs):
+        """Every argument of a webpage method, before the first generation (a bad output_dir would
+        otherwise be found only after minutes of decoding). Returns the images as a list."""
+        require_tokenizer(self)
+        _, images, _, _ = check_chat_inputs(inst, image, [], 24, "", use_meta, query_name="inst")
+        check_text(task, "task")
+        check_output_dir(output_dir)
+        self._check_decoding(dict(max_new_tokens=max_new_tokens, do_sample=do_sample, num_beams=num_beams,
+                                  temperature=temperature, repetition_penalty=repetition_penalty, seed=seed,
+                                  infer_mode="web", **kwargs))
+        return images
 
     def _web_generate(self, inst, image, max_new_tokens, do_sample, num_beams, temperature, repetition_penalty,
                       seed, kwargs) -> str:
@@ -217,6 +307,8 @@ class ChatMixin:
                       output_dir: Optional[str] = ".", **kwargs) -> str:
         """Upstream's webpage generation (task LoRA web). The page is also written to
         `<output_dir>/<task with underscores>.html` (upstream: the current directory); None writes nothing."""
+        image = self._check_web_call(inst, image, use_meta, task, output_dir, max_new_tokens, do_sample, num_beams,
+                                     temperature, repetition_penalty, seed, kwargs)
         html = self._web_generate(inst, image, max_new_tokens, do_sample, num_beams, temperature,
                                   repetition_penalty, seed, kwargs)
         return self._save_page(_random_images(html), task, output_dir)
@@ -227,11 +319,16 @@ class ChatMixin:
                          output_dir: Optional[str] = ".", **kwargs) -> str:
         """Upstream's resume to personal page: `inst` is the path of a markdown resume; an HTML page is
         generated, then JavaScript for it, and the two are merged."""
+        image = self._check_web_call(inst, image, use_meta, task, output_dir, max_new_tokens, do_sample, num_beams,
+                                     temperature, repetition_penalty, seed, kwargs)
         if not os.path.isfile(inst):
             raise FileNotFoundError(f"resume file {inst!r} does not exist (resume_2_webpage takes the path of a "
                                     "markdown resume)")
-        with open(inst, encoding="utf-8") as f:
-            resume = f.read()
+        with open(inst, "rb") as f:
+            try:
+                resume = f.read().decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise InvalidTextError(f"resume file {inst!r} is not UTF-8 text: {e}") from None
         gen = (max_new_tokens, do_sample, num_beams, temperature, repetition_penalty, seed, kwargs)
         html = self._web_generate(" Generate a personal page using the content in the resume:" + resume, image, *gen)
         js = self._web_generate(" Generate JavaScript events for the html code:" + html, image, *gen)
@@ -246,9 +343,11 @@ class ChatMixin:
                          num_beams: int = 2, temperature: float = 1.0, repetition_penalty: float = 3.0,
                          seed: int = -1, use_meta: bool = False, task: str = "Screenshot-to-Webpage",
                          output_dir: Optional[str] = ".", **kwargs) -> str:
-        """Upstream's screenshot to webpage; `inst` is ignored, as upstream ignores it."""
+        """Upstream's screenshot to webpage; `inst` is ignored (and not checked), as upstream ignores it."""
+        image = self._check_web_call("", image, use_meta, task, output_dir, max_new_tokens, do_sample, num_beams,
+                                     temperature, repetition_penalty, seed, kwargs)
         if len(image) == 0:
-            raise ValueError("screen_2_webpage needs the screenshot: pass image=[path]")
+            raise InvalidArgumentError("screen_2_webpage needs the screenshot: pass image=[path]")
         html = self._web_generate(" Generate the HTML code of this web image with Tailwind CSS.", image,
                                   max_new_tokens, do_sample, num_beams, temperature, repetition_penalty, seed, kwargs)
         return self._save_page(_random_images(html), task, output_dir)

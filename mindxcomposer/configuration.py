@@ -10,6 +10,9 @@ import os
 from dataclasses import asdict, dataclass, field, fields
 from typing import Dict, Optional
 
+from .errors import ConfigError, ModelNotFoundError
+from .validation import read_config_json
+
 
 @dataclass
 class CLIPVisionConfig:
@@ -105,19 +108,18 @@ class InternLMXComposer2Config:
         """Read `config.json` (upstream or ours) and the CLIP config beside it, if any."""
         cfg_file = os.path.join(path, "config.json") if os.path.isdir(path) else path
         if not os.path.isfile(cfg_file):
-            raise FileNotFoundError(f"no config.json in {path!r}: not an IXC2.5 model directory")
-        try:
-            with open(cfg_file, encoding="utf-8") as f:
-                d = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{cfg_file} is not valid JSON: {e}") from None
+            raise ModelNotFoundError(f"no config.json in {path!r}: not an IXC2.5 model directory")
+        d = read_config_json(cfg_file)
         model_type = d.get("model_type")
         if model_type not in (None, "internlm2", "internlmxcomposer2"):
-            raise ValueError(f"{cfg_file}: model_type {model_type!r} is not an InternLM-XComposer2 model")
+            raise ConfigError(f"{cfg_file}: model_type {model_type!r} is not an InternLM-XComposer2 model")
         vision_file = os.path.join(os.path.dirname(cfg_file), "vision_config.json")
         if "vision_config" not in d and os.path.isfile(vision_file):
-            with open(vision_file, encoding="utf-8") as f:
-                d["vision_config"] = CLIPVisionConfig.from_dict(json.load(f))
+            try:
+                with open(vision_file, encoding="utf-8") as f:
+                    d["vision_config"] = CLIPVisionConfig.from_dict(json.load(f))
+            except (ValueError, TypeError, AttributeError) as e:  # not JSON, or not a JSON object
+                raise ConfigError(f"{vision_file} is not a usable CLIP config: {e}") from None
         return cls.from_dict(d)
 
     def to_dict(self) -> dict:

@@ -33,6 +33,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 
 from . import __version__
+from .cli_support import deferred_interrupts, import_mindspore, run_command, shielded
 from .configuration import InternLMXComposer2Config
 from .demo import TOKENIZER_FILE
 from .weights import (PLORA_LINEARS, TASK_LORAS, Checkpoint, CheckpointError, SafetensorsFile, bf16_to_fp32,
@@ -137,7 +138,8 @@ def _read_index(index: str) -> Dict[str, str]:
 
 def _import_torch(path: str):
     try:
-        import torch
+        with deferred_interrupts():  # torch's C++ start-up, like MindSpore's, must not be interrupted half-way
+            import torch
     except ImportError:
         raise ConvertError(f"{path} is a PyTorch checkpoint: reading it needs torch, "
                            f"which is not installed. Install it with: {TORCH_HINT}") from None
@@ -472,7 +474,7 @@ def _sha256(arr: np.ndarray) -> str:
 def _save_shard(path: str, arrays: Dict[str, np.ndarray], dtypes: Dict[str, str]) -> None:
     """Write one safetensors file through MindSpore. `Tensor.from_numpy` shares the arrays' memory and
     MindSpore passes their pointers on to safetensors, so the shard is not copied again on the way."""
-    import mindspore as ms  # here, so that argument and source errors come without MindSpore's start-up
+    ms = import_mindspore()  # here, so that argument and source errors come without MindSpore's start-up
 
     bf16 = ms.dtype_to_nptype(ms.bfloat16)
     items = [{"name": n, "data": ms.Tensor.from_numpy(a.view(bf16) if dtypes[n] == "BF16" else a)}
@@ -574,10 +576,13 @@ def convert(src: str, dst: str, dtype: Optional[str] = None, merge_task: Optiona
         notes.append("no vision config beside config.json: wrote the release's CLIP ViT-L/14-560 config")
     progress = _Progress(progress_stream)
 
-    parent = os.path.dirname(dst)
-    os.makedirs(parent, exist_ok=True)
-    tmp = _make_sibling_dir(dst, "partial")
+    created = _missing_parents(dst)  # removed again on failure: an interrupted run leaves nothing behind
+    tmp = None
     try:
+        with deferred_interrupts():  # the folders and the record of them, or neither
+            for folder in created:
+                os.mkdir(folder)
+            tmp = _make_sibling_dir(dst, "partial")
         manifest, read, written, overflow = _write(tmp, plan, source, progress)
         if overflow:
             notes.append(f"{overflow} values are +-inf in the fp16 output (inf in the source, or beyond fp16's "
@@ -588,16 +593,41 @@ def convert(src: str, dst: str, dtype: Optional[str] = None, merge_task: Optiona
             json.dump(manifest, f, indent=1)
         if verify:
             _verify(tmp, plan, source, manifest, progress)
-        _publish(tmp, dst, src, force)
+        with deferred_interrupts():  # renames that must not stop half-way
+            _publish(tmp, dst, src, force)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with shielded():  # a second Ctrl-C must not cut the cleanup short
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+            for folder in reversed(created):
+                try:
+                    os.rmdir(folder)  # only if still empty
+                except OSError:
+                    pass
         raise
     return ConversionSummary(dst, len(plan.names), len(plan.shards), read, written, time.monotonic() - t0,
                              dtype or "source", merge_task, verify, notes)
 
 
+def _missing_parents(dst: str) -> List[str]:
+    """The folders above dst that do not exist yet, outermost first."""
+    missing = []
+    parent = os.path.dirname(dst)
+    while not os.path.lexists(parent):
+        missing.append(parent)
+        parent = os.path.dirname(parent)
+    return missing[::-1]
+
+
 def _check_destination(src: str, dst: str, force: bool) -> None:
     if not os.path.lexists(dst):
+        parent = os.path.dirname(dst)
+        while not os.path.lexists(parent):
+            parent = os.path.dirname(parent)
+        if not os.path.isdir(parent):
+            raise ConvertError(f"cannot create {dst}: {parent} is a file, not a directory")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise ConvertError(f"cannot create {dst}: {parent} is not writable")
         return
     if not os.path.isdir(dst):
         raise ConvertError(f"destination {dst} exists and is not a directory")
@@ -714,9 +744,7 @@ def _write(tmp: str, plan: _Plan, source: _Source, progress: _Progress) -> Tuple
 
 
 def _mindspore_version() -> str:
-    import mindspore as ms
-
-    return ms.__version__
+    return import_mindspore().__version__
 
 
 def _copy_tokenizer(root: str, tmp: str, manifest: dict) -> List[str]:
@@ -797,18 +825,15 @@ def main(argv=None) -> int:
     parser.add_argument("--shard-size", default=DEFAULT_SHARD_SIZE,
                         help="maximum bytes per output shard, e.g. 5GB, 500MB, 2GiB (default %(default)s); one "
                              "shard is held in memory while it is written")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = parser.parse_args(argv)
-    try:
-        summary = convert(args.src, args.dst, dtype=args.dtype, merge_task=args.merge_task, force=args.force,
-                          verify=args.verify, shard_size=args.shard_size)
-    except KeyboardInterrupt:
-        print(f"\nmxc-convert: interrupted; nothing was written to {args.dst}", file=sys.stderr)
-        return 130
-    except (CheckpointError, OSError) as e:
-        print(f"mxc-convert: error: {e}", file=sys.stderr)
-        return 1
-    print(summary)
-    return 0
+
+    def run():
+        print(convert(args.src, args.dst, dtype=args.dtype, merge_task=args.merge_task, force=args.force,
+                      verify=args.verify, shard_size=args.shard_size))
+
+    return run_command("mxc-convert", run, debug=args.debug, whole_process=argv is None,
+                       interrupted_note=f"; nothing was written to {args.dst}")
 
 
 if __name__ == "__main__":

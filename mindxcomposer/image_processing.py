@@ -16,6 +16,7 @@ from PIL import Image
 
 from .errors import (EmptyImageError, ImageTooLargeError, InputError, InputFileNotFoundError, UnreadableImageError,
                      UnsupportedFormatError)
+from .validation import check_int
 
 # The extension sets upstream's `encode_img` dispatches on.
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp"})
@@ -53,12 +54,58 @@ def _check_pixels(img: Image.Image, what: str) -> None:
             "raise that limit if the image is trusted")
 
 
-def load_image(image: ImageInput) -> Image.Image:
-    """Open a path or take a PIL image; return it decoded and in RGB.
+_SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N"})
 
-    Any other mode (RGBA, LA, L, P, CMYK, I;16, ...) is converted with `Image.convert("RGB")`, which drops
-    alpha rather than compositing it; upstream crashes on such images instead.
-    Images above Pillow's decompression-bomb limit are an error here, not Pillow's warning.
+
+def _gray_to_uint8(arr: np.ndarray, mode: str) -> np.ndarray:
+    """8-bit grey levels of a 16-bit, 32-bit integer ("I") or float ("F") single-channel image.
+
+    Pillow's own conversion clips these at 255 (a full-range 16-bit image turns almost white). Here 16-bit
+    values are scaled, v * 255 / 65535 rounded (so 257 * g maps back to g exactly); "I" images are taken as
+    8-bit when no value exceeds 255 and as 16-bit otherwise (values clipped to [0, 65535]); "F" images as
+    [0, 1] when no value exceeds 1 and as [0, 255] otherwise (NaN is 0, values clipped).
+    """
+    if mode == "F":
+        x = np.nan_to_num(arr.astype(np.float64), nan=0.0, posinf=255.0, neginf=0.0)
+        if x.size and x.max() <= 1.0:
+            x = x * 255.0
+        return np.rint(np.clip(x, 0, 255)).astype(np.uint8)
+    x = np.clip(arr.astype(np.int64), 0, 65535)
+    if mode == "I" and (x.size == 0 or x.max() <= 255):
+        return x.astype(np.uint8)
+    return ((x * 255 + 32767) // 65535).astype(np.uint8)
+
+
+def to_rgb8(img: Image.Image) -> Image.Image:
+    """Any Pillow mode as 8-bit RGB. Alpha (RGBA, LA, PA, a palette's transparent index) is dropped, not
+    composited: a transparent pixel keeps its colour. 16-bit, "I" and "F" images are scaled to 8 bits
+    (`_gray_to_uint8`), LAB goes through Pillow's colour management to sRGB, every other mode through
+    `Image.convert("RGB")`."""
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode in _SIXTEEN_BIT_MODES or mode in ("I", "F"):
+        return Image.fromarray(_gray_to_uint8(np.asarray(img), mode)).convert("RGB")
+    if mode in ("P", "PA"):
+        # via RGBA, so that a palette's transparency (index or per-entry bytes) is read and then dropped
+        # like any alpha, without Pillow's warning about transparency "expressed in bytes"
+        return img.convert("RGBA").convert("RGB")
+    if mode == "La":  # premultiplied: Pillow converts it only to LA
+        return img.convert("LA").convert("RGB")
+    if mode == "LAB":  # Image.convert("RGB") would copy the L, a, b bytes into R, G, B
+        from PIL import ImageCms
+
+        transform = ImageCms.buildTransform(ImageCms.createProfile("LAB"), ImageCms.createProfile("sRGB"),
+                                            "LAB", "RGB")
+        return ImageCms.applyTransform(img, transform)
+    return img.convert("RGB")
+
+
+def load_image(image: ImageInput) -> Image.Image:
+    """Open a path or take a PIL image; return it decoded and in 8-bit RGB (`to_rgb8`).
+
+    Upstream crashes on images that are not RGB. Images above Pillow's decompression-bomb limit are an
+    error here, not Pillow's warning.
     """
     if isinstance(image, Image.Image):
         _check_pixels(image, "image")
@@ -66,7 +113,7 @@ def load_image(image: ImageInput) -> Image.Image:
             image.load()
         except (OSError, SyntaxError, ValueError) as e:
             raise UnreadableImageError(f"cannot decode the given PIL image: {e}") from e
-        return image if image.mode == "RGB" else image.convert("RGB")
+        return to_rgb8(image)
     if not isinstance(image, (str, os.PathLike)):
         raise TypeError(f"expected a path or a PIL.Image.Image, got {type(image).__name__}")
     path, _ = check_media_path(image, IMAGE_EXTENSIONS)
@@ -76,7 +123,8 @@ def load_image(image: ImageInput) -> Image.Image:
             with Image.open(path) as opened:
                 _check_pixels(opened, f"image {path!r}")
                 opened.load()
-                return opened.convert("RGB")
+                rgb = to_rgb8(opened)
+                return rgb.copy() if rgb is opened else rgb  # a copy outlives the closed file
         except InputError:
             raise
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
@@ -85,55 +133,66 @@ def load_image(image: ImageInput) -> Image.Image:
             raise UnreadableImageError(f"cannot decode image {path!r}: {e}") from e
 
 
-def pad_to_tile(img: Image.Image, tile: int = TILE) -> Image.Image:
-    """Upstream `padding_336`: white rows at the bottom up to a multiple of `tile`."""
+def pad_to_tile(img: Image.Image, tile: int = TILE, centered: bool = False) -> Image.Image:
+    """Upstream `padding_336`: white rows up to a multiple of `tile`, at the bottom (the inference code's
+    version) or, with `centered`, split top / bottom with the odd row at the bottom (the fine-tuning
+    code's version: top = int((target - height) / 2))."""
     width, height = img.size
     target = int(np.ceil(height / tile) * tile)
     if target == height:
         return img.copy()
+    top = int((target - height) / 2) if centered else 0
     canvas = Image.new("RGB", (width, target), (255, 255, 255))
-    canvas.paste(img, (0, 0))
+    canvas.paste(img, (0, top))
     return canvas
 
 
-def hd_scale(width: int, height: int, hd_num: int) -> Tuple[int, int]:
-    """Upstream `Image_transform`'s target (new_w, new_h) for a landscape-oriented (width >= height) image."""
+def hd_scale(width: int, height: int, hd_num: int, width_factor: float = 1.0) -> Tuple[int, int]:
+    """Upstream `Image_transform`'s target (new_w, new_h) for a landscape-oriented (width >= height) image.
+
+    The tile count across is ceil(width * width_factor / 560), bounded by `hd_num`: 1.0 at inference,
+    1.5 in upstream's fine-tuning transform (`R560_HD18_Identity_transform`), which upscales more.
+    """
     ratio = width / height
+    limit = math.ceil(width * width_factor / TILE)
     scale = 1
-    while scale * math.ceil(scale / ratio) <= hd_num:
+    # Stopping once scale passes `limit` gives the same result (it is capped at `limit` below) and keeps
+    # a huge hd_num from looping for minutes.
+    while scale * math.ceil(scale / ratio) <= hd_num and scale <= limit:
         scale += 1
-    scale = min(math.ceil(width / TILE), scale - 1)
+    scale = min(limit, scale - 1)
     new_w = int(scale * TILE)
     return new_w, int(new_w / ratio)
 
 
-def hd_transform(img: Image.Image, hd_num: int = DEFAULT_HD_NUM) -> Image.Image:
+def hd_transform(img: Image.Image, hd_num: int = DEFAULT_HD_NUM, width_factor: float = 1.0,
+                 centered: bool = False) -> Image.Image:
     """Upstream `Image_transform`: the uint8 canvas (a multiple of 560 on both sides) fed to the vision tower.
 
     Portrait images are transposed, scaled so that at most `hd_num` 560x560 tiles cover them, padded with
     white at the bottom and transposed back (so their padding ends up on the right). Resizing is Pillow's
     bilinear filter, which is what torchvision's `resize` runs on PIL images (antialiased; torchvision's
     `antialias` flag does not apply to PIL input).
+    `width_factor=1.5, centered=True` is upstream's fine-tuning transform instead (see `hd_scale`,
+    `pad_to_tile`); `mindxcomposer.finetune.images` uses it.
     """
-    if not isinstance(hd_num, (int, np.integer)) or hd_num < 1:
-        raise ValueError(f"hd_num must be a positive integer, got {hd_num!r}")
+    hd_num = check_int(hd_num, "hd_num", minimum=1)
     _check_pixels(img, "image")
-    if img.mode != "RGB":
-        img = img.convert("RGB")
+    img = to_rgb8(img)
     size = img.size
     width, height = size
     transposed = width < height
     if transposed:
         img = img.transpose(Image.Transpose.TRANSPOSE)
         width, height = img.size
-    new_w, new_h = hd_scale(width, height, int(hd_num))
+    new_w, new_h = hd_scale(width, height, int(hd_num), width_factor)
     if new_h < 1:
         raise EmptyImageError(
             f"image of {size[0]}x{size[1]} has an aspect ratio too extreme for hd_num={hd_num}: "
             f"its short side would resize to {new_h} pixels")
     if (new_w, new_h) != (width, height):
         img = img.resize((new_w, new_h), Image.Resampling.BILINEAR)
-    img = pad_to_tile(img)
+    img = pad_to_tile(img, centered=centered)
     if transposed:
         img = img.transpose(Image.Transpose.TRANSPOSE)
     return img
@@ -146,7 +205,7 @@ def to_pixel_values(img: Image.Image, mean: Sequence[float] = OPENAI_CLIP_MEAN,
     The same float32 operations ((v / 255 - mean) / std), evaluated once per grey level and channel and
     looked up, since the result depends only on the uint8 value.
     """
-    arr = np.asarray(img.convert("RGB") if img.mode != "RGB" else img, dtype=np.uint8)
+    arr = np.asarray(to_rgb8(img), dtype=np.uint8)
     levels = np.arange(256, dtype=np.float32) / np.float32(255)
     table = (levels[None, :] - np.asarray(mean, np.float32)[:, None]) / np.asarray(std, np.float32)[:, None]
     out = np.empty((1, 3) + arr.shape[:2], dtype=np.float32)
@@ -233,6 +292,14 @@ class IXCImageProcessor:
         return to_pixel_values(self.canvas(image, hd_num), self.image_mean, self.image_std)
 
 
+def pixel_values(image, hd_num: int = DEFAULT_HD_NUM):
+    """`IXCImageProcessor()(image, hd_num)` for a path or PIL image; pixel values (numpy or MindSpore) as
+    they are."""
+    if isinstance(image, np.ndarray) or hasattr(image, "asnumpy"):
+        return image
+    return IXCImageProcessor()(image, hd_num=hd_num)
+
+
 class BatchFeature(dict):
     """A dict whose keys are also attributes, like Hugging Face's BatchFeature."""
 
@@ -316,8 +383,8 @@ class CLIPImageProcessor:
         elif not isinstance(image, Image.Image):
             raise TypeError(f"expected a PIL image, a path or a uint8 array, got {type(image).__name__}")
         _check_pixels(image, "image")
-        if self.do_convert_rgb and image.mode != "RGB":
-            image = image.convert("RGB")
+        if self.do_convert_rgb:
+            image = to_rgb8(image)
         arr = np.asarray(image)
         return arr[..., None] if arr.ndim == 2 else arr
 

@@ -2,12 +2,15 @@
 
 Parameters start as lazy zeros: `from_pretrained` overwrites every one of them, and drawing random
 initial values for 8B parameters first would only cost time and memory.
+
+Parameters are stored in the model's storage dtype; every product and every use goes through
+`mindxcomposer.ops` (`linear`, `embedding`, `cast_like`), which computes in the activations' dtype.
 """
 import mindspore as ms
 from mindspore import Parameter, nn, ops
 from mindspore.common.initializer import initializer
 
-_matmul_t = ops.MatMul(transpose_b=True)
+from .ops import cast_like, embedding, linear
 
 
 def lazy_param(shape, dtype, name, fill="zeros"):
@@ -25,11 +28,10 @@ class Linear(nn.Cell):
         self.bias = lazy_param((out_features,), dtype, "bias") if bias else None
 
     def construct(self, x):
-        lead = x.shape[:-1]
-        y = _matmul_t(x.reshape(-1, self.in_features), self.weight)
+        y = linear(x, self.weight)
         if self.bias is not None:
-            y = y + self.bias
-        return y.reshape(lead + (self.out_features,))
+            y = y + cast_like(self.bias, y)
+        return y
 
 
 class LayerNorm(nn.Cell):
@@ -40,29 +42,33 @@ class LayerNorm(nn.Cell):
         self.norm = ops.LayerNorm(begin_norm_axis=-1, begin_params_axis=-1, epsilon=eps)
 
     def construct(self, x):
-        return self.norm(x, self.weight, self.bias)[0]
+        return self.norm(x, cast_like(self.weight, x), cast_like(self.bias, x))[0]
+
+
+def rms_norm(x, weight, eps):
+    """InternLM2RMSNorm: statistics in fp32, scale applied after casting back (upstream's order)."""
+    dtype = x.dtype
+    h = x.astype(ms.float32)
+    variance = h.pow(2).mean(-1, keep_dims=True)
+    h = h * ops.rsqrt(variance + eps)
+    return cast_like(weight, x) * h.astype(dtype)
 
 
 class RMSNorm(nn.Cell):
-    """InternLM2RMSNorm: statistics in fp32, scale applied after casting back (upstream's order)."""
-
     def __init__(self, size, eps=1e-6, dtype=ms.float32):
         super().__init__()
         self.weight = lazy_param((size,), dtype, "weight", "ones")
         self.eps = eps
 
     def construct(self, x):
-        dtype = x.dtype
-        h = x.astype(ms.float32)
-        variance = h.pow(2).mean(-1, keep_dims=True)
-        h = h * ops.rsqrt(variance + self.eps)
-        return self.weight * h.astype(dtype)
+        return rms_norm(x, self.weight, self.eps)
 
 
 class Embedding(nn.Cell):
-    def __init__(self, num, size, dtype=ms.float32):
+    def __init__(self, num, size, dtype=ms.float32, compute_dtype=ms.float32):
         super().__init__()
         self.weight = lazy_param((num, size), dtype, "weight")
+        self.compute_dtype = compute_dtype
 
     def construct(self, ids):
-        return ops.gather(self.weight, ids, 0)
+        return embedding(ids, self.weight, self.compute_dtype)

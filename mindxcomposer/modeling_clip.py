@@ -2,15 +2,36 @@
 
 IXC2.5 reads the last encoder hidden state (before `post_layernorm`) without the class token, so
 `post_layernorm` is held only because the checkpoint carries it.
+
+Memory is bounded whatever the number of crops: `CLIPVisionTower.encode` runs the crops in
+micro-batches and the encoder one layer per call, through ONE `CLIPLayerMath` cell that takes the
+layer's weights as arguments. In GRAPH_MODE that cell compiles once and serves all 24 layers;
+MindSpore's CPU graphs keep every intermediate alive until they return, so a whole-tower graph over
+5 crops of 560 px needed more than 24 GB, while one layer on one crop holds well under 1 GB.
+Crops never interact, so the result does not depend on the micro-batch size.
 """
+from typing import Optional
+
+import numpy as np
 import mindspore as ms
-from mindspore import nn, ops
+from mindspore import Parameter, Tensor, nn, ops
 
 from .configuration import CLIPVisionConfig
 from .layers import LayerNorm, Linear, lazy_param
+from .ops import cast_like, linear
 
 _bmm_t = ops.BatchMatMul(transpose_b=True)
 _bmm = ops.BatchMatMul()
+
+# Order in which a layer's weights are passed to `CLIPLayerMath` (upstream names under the layer).
+LAYER_WEIGHTS = (
+    "layer_norm1.weight", "layer_norm1.bias",
+    "self_attn.q_proj.weight", "self_attn.q_proj.bias", "self_attn.k_proj.weight", "self_attn.k_proj.bias",
+    "self_attn.v_proj.weight", "self_attn.v_proj.bias", "self_attn.out_proj.weight", "self_attn.out_proj.bias",
+    "layer_norm2.weight", "layer_norm2.bias",
+    "mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight", "mlp.fc2.bias",
+)
+DEFAULT_MICRO_BATCH = 1  # crops per call: a 560-px crop is 1601 tokens, already a large product
 
 
 def quick_gelu(x):
@@ -21,16 +42,29 @@ class CLIPVisionEmbeddings(nn.Cell):
     def __init__(self, cfg: CLIPVisionConfig, dtype):
         super().__init__()
         self.class_embedding = lazy_param((cfg.hidden_size,), dtype, "class_embedding")
-        self.patch_embedding = nn.Conv2d(cfg.num_channels, cfg.hidden_size, cfg.patch_size, stride=cfg.patch_size,
-                                         pad_mode="valid", has_bias=False, weight_init="zeros", dtype=dtype)
+        self.patch_embedding = _PatchEmbedding(cfg, dtype)
         self.position_embedding = _PositionEmbedding(cfg.num_patches + 1, cfg.hidden_size, dtype)
 
     def construct(self, pixel_values):
         b = pixel_values.shape[0]
         patches = self.patch_embedding(pixel_values)  # [B, C, g, g]
         patches = patches.reshape(b, patches.shape[1], -1).transpose(0, 2, 1)
-        cls = ops.broadcast_to(self.class_embedding.reshape(1, 1, -1), (b, 1, patches.shape[-1]))
-        return ops.concat((cls, patches), 1) + self.position_embedding.weight.reshape((1,) + self.position_embedding.weight.shape)
+        cls = ops.broadcast_to(cast_like(self.class_embedding, patches).reshape(1, 1, -1), (b, 1, patches.shape[-1]))
+        pos = cast_like(self.position_embedding.weight, patches)
+        return ops.concat((cls, patches), 1) + pos.reshape((1,) + pos.shape)
+
+
+class _PatchEmbedding(nn.Cell):
+    """Conv2d(3, C, patch, stride=patch, no bias) with `weight` [C, 3, p, p] in the storage dtype."""
+
+    def __init__(self, cfg: CLIPVisionConfig, dtype):
+        super().__init__()
+        p = cfg.patch_size
+        self.weight = lazy_param((cfg.hidden_size, cfg.num_channels, p, p), dtype, "weight")
+        self.conv = ops.Conv2D(cfg.hidden_size, p, pad_mode="valid", stride=p)
+
+    def construct(self, x):
+        return self.conv(x, cast_like(self.weight, x))
 
 
 class _PositionEmbedding(nn.Cell):
@@ -42,28 +76,11 @@ class _PositionEmbedding(nn.Cell):
 class CLIPAttention(nn.Cell):
     def __init__(self, cfg: CLIPVisionConfig, dtype):
         super().__init__()
-        self.num_heads = cfg.num_attention_heads
-        self.head_dim = cfg.hidden_size // cfg.num_attention_heads
-        self.scale = self.head_dim ** -0.5
         h = cfg.hidden_size
         self.k_proj = Linear(h, h, dtype=dtype)
         self.v_proj = Linear(h, h, dtype=dtype)
         self.q_proj = Linear(h, h, dtype=dtype)
         self.out_proj = Linear(h, h, dtype=dtype)
-
-    def _heads(self, x):
-        b, n, _ = x.shape
-        return x.reshape(b, n, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
-
-    def construct(self, x):
-        b, n, c = x.shape
-        # As HF: the query is scaled before the product.
-        q = self._heads(self.q_proj(x) * self.scale)
-        k = self._heads(self.k_proj(x))
-        v = self._heads(self.v_proj(x))
-        probs = ops.softmax(_bmm_t(q, k).astype(ms.float32), axis=-1).astype(x.dtype)
-        out = _bmm(probs, v).transpose(0, 2, 1, 3).reshape(b, n, c)
-        return self.out_proj(out)
 
 
 class CLIPMLP(nn.Cell):
@@ -74,11 +91,10 @@ class CLIPMLP(nn.Cell):
         self.fc1 = Linear(cfg.hidden_size, cfg.intermediate_size, dtype=dtype)
         self.fc2 = Linear(cfg.intermediate_size, cfg.hidden_size, dtype=dtype)
 
-    def construct(self, x):
-        return self.fc2(quick_gelu(self.fc1(x)))
-
 
 class CLIPEncoderLayer(nn.Cell):
+    """Holds one layer's parameters under HF's names; the arithmetic is `CLIPLayerMath`."""
+
     def __init__(self, cfg: CLIPVisionConfig, dtype):
         super().__init__()
         self.self_attn = CLIPAttention(cfg, dtype)
@@ -86,9 +102,41 @@ class CLIPEncoderLayer(nn.Cell):
         self.mlp = CLIPMLP(cfg, dtype)
         self.layer_norm2 = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps, dtype)
 
-    def construct(self, x):
-        x = x + self.self_attn(self.layer_norm1(x))
-        return x + self.mlp(self.layer_norm2(x))
+    def weights(self):
+        params = dict(self.parameters_and_names())
+        return tuple(params[n] for n in LAYER_WEIGHTS)
+
+
+class CLIPLayerMath(nn.Cell):
+    """One CLIP encoder layer (HF's CLIPEncoderLayer) on weights given in `LAYER_WEIGHTS` order."""
+
+    def __init__(self, cfg: CLIPVisionConfig):
+        super().__init__()
+        self.num_heads = cfg.num_attention_heads
+        self.head_dim = cfg.hidden_size // cfg.num_attention_heads
+        self.scale = self.head_dim ** -0.5
+        self.norm = ops.LayerNorm(begin_norm_axis=-1, begin_params_axis=-1, epsilon=cfg.layer_norm_eps)
+
+    def _heads(self, x):
+        b, n, _ = x.shape
+        return x.reshape(b, n, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
+
+    def _dense(self, x, w, b):
+        return linear(x, w) + cast_like(b, x)
+
+    def construct(self, x, ln1_w, ln1_b, q_w, q_b, k_w, k_b, v_w, v_b, o_w, o_b, ln2_w, ln2_b,
+                  fc1_w, fc1_b, fc2_w, fc2_b):
+        b, n, c = x.shape
+        h = self.norm(x, cast_like(ln1_w, x), cast_like(ln1_b, x))[0]
+        # As HF: the query is scaled before the product.
+        q = self._heads(self._dense(h, q_w, q_b) * self.scale)
+        k = self._heads(self._dense(h, k_w, k_b))
+        v = self._heads(self._dense(h, v_w, v_b))
+        probs = ops.softmax(_bmm_t(q, k).astype(ms.float32), axis=-1).astype(x.dtype)
+        out = _bmm(probs, v).transpose(0, 2, 1, 3).reshape(b, n, c)
+        x = x + self._dense(out, o_w, o_b)
+        h = self.norm(x, cast_like(ln2_w, x), cast_like(ln2_b, x))[0]
+        return x + self._dense(quick_gelu(self._dense(h, fc1_w, fc1_b)), fc2_w, fc2_b)
 
 
 class CLIPEncoder(nn.Cell):
@@ -96,10 +144,17 @@ class CLIPEncoder(nn.Cell):
         super().__init__()
         self.layers = nn.CellList([CLIPEncoderLayer(cfg, dtype) for _ in range(cfg.num_hidden_layers)])
 
-    def construct(self, x):
-        for layer in self.layers:
-            x = layer(x)
-        return x
+
+class _Stem(nn.Cell):
+    """Patch + position embeddings and `pre_layrnorm`: the part before the encoder layers."""
+
+    def __init__(self, embeddings, pre_layrnorm):
+        super().__init__()
+        self.embeddings = embeddings
+        self.pre_layrnorm = pre_layrnorm
+
+    def construct(self, pixel_values):
+        return self.pre_layrnorm(self.embeddings(pixel_values))
 
 
 class CLIPVisionTransformer(nn.Cell):
@@ -110,27 +165,49 @@ class CLIPVisionTransformer(nn.Cell):
         self.encoder = CLIPEncoder(cfg, dtype)
         self.post_layernorm = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps, dtype)
 
-    def construct(self, pixel_values):
-        """Last encoder hidden state without the class token: [B, num_patches, C]."""
-        x = self.pre_layrnorm(self.embeddings(pixel_values))
-        return self.encoder(x)[:, 1:]
-
 
 class CLIPVisionModel(nn.Cell):
     def __init__(self, cfg: CLIPVisionConfig, dtype=ms.float32):
         super().__init__()
         self.vision_model = CLIPVisionTransformer(cfg, dtype)
 
-    def construct(self, pixel_values):
-        return self.vision_model(pixel_values)
-
 
 class CLIPVisionTower(nn.Cell):
-    """Holds the tower under upstream's attribute names (`vit.vision_tower.vision_model...`)."""
+    """Holds the tower under upstream's attribute names (`vit.vision_tower.vision_model...`) and runs it
+    crop micro-batch by micro-batch, layer by layer (see the module docstring)."""
 
-    def __init__(self, cfg: CLIPVisionConfig, dtype=ms.float32):
+    def __init__(self, cfg: CLIPVisionConfig, dtype=ms.float32, compute_dtype=ms.float32):
         super().__init__()
         self.vision_tower = CLIPVisionModel(cfg, dtype)
+        self.compute_dtype = compute_dtype
+        vm = self.vision_tower.vision_model
+        # Not registered as sub-cells: they would give the same parameters a second name.
+        object.__setattr__(self, "_stem", _Stem(vm.embeddings, vm.pre_layrnorm))
+        object.__setattr__(self, "_math", CLIPLayerMath(cfg))
 
-    def construct(self, pixel_values):
-        return self.vision_tower(pixel_values)
+    def __call__(self, pixel_values, micro_batch: Optional[int] = None) -> Tensor:
+        return self.encode(pixel_values.asnumpy() if isinstance(pixel_values, Tensor) else pixel_values, micro_batch)
+
+    def encode(self, pixel_values: np.ndarray, micro_batch: Optional[int] = None) -> Tensor:
+        """Normalised crops [N, 3, S, S] -> last hidden states without the class token [N, patches, C]
+        (compute dtype). `micro_batch` crops go through the tower at a time (default 1); the last
+        micro-batch is padded with zero crops so that every call has the same shape."""
+        pv = np.asarray(pixel_values, np.float32)
+        mb = DEFAULT_MICRO_BATCH if micro_batch is None else micro_batch
+        if not isinstance(mb, int) or isinstance(mb, bool) or mb < 1:
+            raise ValueError(f"micro_batch must be a positive int, got {mb!r}")
+        n = pv.shape[0]
+        mb = min(mb, n)
+        # Tensor views of the Parameters (no copies): a Parameter passed as a graph input makes a new
+        # graph per layer (they differ by name), each keeping its own intermediates.
+        layers = [tuple(Tensor(p) for p in layer.weights()) for layer in self.vision_tower.vision_model.encoder.layers]
+        out = []
+        for start in range(0, n, mb):
+            chunk = pv[start:start + mb]
+            if chunk.shape[0] < mb:
+                chunk = np.concatenate([chunk, np.zeros((mb - chunk.shape[0],) + chunk.shape[1:], np.float32)])
+            x = self._stem(Tensor(chunk).astype(self.compute_dtype))
+            for w in layers:
+                x = self._math(x, *w)
+            out.append(x[:min(mb, n - start), 1:])
+        return out[0] if len(out) == 1 else ops.concat(out, 0)

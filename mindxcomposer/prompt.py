@@ -9,11 +9,14 @@ Deliberate deviation: a number of images that differs from the number of `<Image
 than one image and no marker) raises `ImageCountMismatchError`; upstream prints a warning and silently
 drops or misplaces images.
 """
-from typing import Callable, List, Sequence, Tuple
+import logging
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from .errors import ImageCountMismatchError
+
+logger = logging.getLogger(__name__)
 
 IMAGE_MARKER = "<ImageHere>"
 BEGIN_TURN = "[UNUSED_TOKEN_146]"
@@ -76,16 +79,21 @@ def interleave(prompt: str, images: Sequence, tokenizer,
                embed_tokens: Callable[[np.ndarray], np.ndarray],
                encode_image: Callable[[object, int], np.ndarray],
                hd_num: int = SINGLE_IMAGE_HD_NUM,
-               max_length: int = DEFAULT_MAX_LENGTH) -> Tuple[np.ndarray, np.ndarray, int]:
+               max_length: int = DEFAULT_MAX_LENGTH,
+               prepare_image: Optional[Callable[[object, int], object]] = None) -> Tuple[np.ndarray, np.ndarray, int]:
     """Text and image embeddings in prompt order.
 
     embed_tokens(ids int64 [1, n]) -> float32 [1, n, H]; encode_image(image, hd_num) -> float32 [1, m, H].
+    `prepare_image(image, hd_num)`, if given, runs on every image before the first is encoded (decoding,
+    so that a broken image is reported before the vision tower has run); encode_image gets its result.
     Returns (inputs_embeds [1, L, H], im_mask bool [1, L], temp_len) with L = min(temp_len, max_length);
     as upstream, temp_len counts every part up to the one that crossed max_length, and no later part is
     encoded.
     """
     parts = split_prompt(prompt, len(images))
     hd_num = image_hd_num(len(images), hd_num)
+    if prepare_image is not None:
+        images = [prepare_image(image, hd_num) for image in images]
     embeds: List[np.ndarray] = []
     masks: List[np.ndarray] = []
     temp_len = 0
@@ -105,6 +113,12 @@ def interleave(prompt: str, images: Sequence, tokenizer,
             temp_len += img_embeds.shape[1]
         if temp_len > max_length:
             break
+    if temp_len > max_length:
+        # As upstream, the prompt is cut (even inside an image or before the assistant header), which
+        # changes the answer: say so, once per call.
+        logger.warning("the prompt is longer than max_length: %d tokens (counted up to the part that crossed the "
+                       "limit) cut to max_length=%d; the end of the prompt, including the assistant header, is lost",
+                       temp_len, max_length)
     inputs_embeds = np.concatenate(embeds, axis=1)[:, :max_length]
     im_mask = np.concatenate(masks, axis=1)[:, :max_length]
     return inputs_embeds, im_mask, temp_len
@@ -113,7 +127,7 @@ def interleave(prompt: str, images: Sequence, tokenizer,
 def interleave_chat(query: str, images: Sequence, tokenizer, embed_tokens, encode_image,
                     history: History = (), meta_instruction: str = "",
                     max_length: int = DEFAULT_MAX_LENGTH,
-                    hd_num: int = SINGLE_IMAGE_HD_NUM) -> Tuple[np.ndarray, np.ndarray, int]:
+                    hd_num: int = SINGLE_IMAGE_HD_NUM, prepare_image=None) -> Tuple[np.ndarray, np.ndarray, int]:
     """Upstream `interleav_wrap_chat(query, image, history, meta_instruction, max_length, hd_num)`."""
     return interleave(chat_prompt(query, history, meta_instruction), images, tokenizer, embed_tokens,
-                      encode_image, hd_num=hd_num, max_length=max_length)
+                      encode_image, hd_num=hd_num, max_length=max_length, prepare_image=prepare_image)

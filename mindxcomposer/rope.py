@@ -41,3 +41,22 @@ def rope_cos_sin(config, positions: np.ndarray, seq_len: int):
     angles = t[..., None] * freqs  # fp32 products, as torch's einsum
     angles = np.concatenate([angles, angles], axis=-1).astype(np.float64)
     return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
+def packed_rope(config, positions: np.ndarray, seq_lens):
+    """cos, sin float32 [B, n, 1, G+2, D] for the packed q/k/v heads of a kv group (G query heads, then
+    the key, then the value): the rotation on the G query slots and the key slot, the identity (cos 1,
+    sin 0) on the value slot; `rotate_half`'s sign is folded into sin, so that
+    `x * cos + swap_halves(x) * sin` is upstream's `apply_rotary_pos_emb` exactly. Row r is rotated for
+    a total key length `seq_lens[r]` (the dynamic-NTK base depends on it)."""
+    positions = np.asarray(positions)
+    b, n = positions.shape
+    g, d = config.num_attention_heads // config.num_key_value_heads, config.head_dim
+    cos = np.ones((b, n, 1, g + 2, d), np.float32)
+    sin = np.zeros((b, n, 1, g + 2, d), np.float32)
+    for r in range(b):
+        c, s = rope_cos_sin(config, positions[r], seq_len=int(seq_lens[r]))
+        s[..., :d // 2] = -s[..., :d // 2]
+        cos[r, :, 0, :g + 1] = c[:, None]
+        sin[r, :, 0, :g + 1] = s[:, None]
+    return cos, sin

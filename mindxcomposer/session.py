@@ -16,7 +16,7 @@ import mindspore as ms
 from mindspore import Tensor
 
 from .modeling_internlm2 import CachedDecoder
-from .rope import rope_cos_sin
+from .rope import packed_rope
 
 _MASK_MIN = np.finfo(np.float32).min
 PREFILL_BUCKET = 64
@@ -37,17 +37,41 @@ class ModelSession:
         self.cache_len = round_up(max_len, CACHE_BUCKET)
         self.infer_mode = infer_mode
         self.prefill_bucket = prefill_bucket
-        self.decoder = CachedDecoder(model.model, model.output, model.config, batch_size, self.cache_len, model.dtype)
         if compiled is None:
             compiled = ms.get_context("device_target") != "GPU"
         self.compiled = compiled
-        d = self.decoder
-        self._prefill_layer = ms.jit(d.prefill_layer) if compiled else d.prefill_layer
-        self._step = ms.jit(d.step) if compiled else d.step
+        self.decoder = None
+        self.set_infer_mode(infer_mode)
         self.signatures = set()  # distinct (kind, shapes, mode) = graphs compiled when `compiled`
         self.slot_mask = np.zeros((batch_size, self.cache_len), np.int64)
         self.next_slot = 0
         self._slots = np.arange(self.cache_len)
+
+    def set_infer_mode(self, infer_mode: str) -> None:
+        """Decode in `infer_mode` from the next prefill on: brings in the task LoRAs the mode needs (and
+        drops the others, see `use_task_loras`), and rebuilds the decoder over them, keeping the caches."""
+        model = self.model
+        self.infer_mode = infer_mode
+        self.tasks = model.use_task_loras(infer_mode)
+        self._task_version = model.task_version
+        caches = None if self.decoder is None else (self.decoder.k_cache, self.decoder.v_cache)
+        d = self.decoder = CachedDecoder(model.model, model.output, model.config, self.batch_size, self.cache_len,
+                                         model.compute_dtype, self.tasks, caches)
+        # With weights stored in another dtype than the arithmetic (bf16 on CPU), the prefill runs op by op
+        # even when `compiled`: a layer graph would keep the compute-dtype casts of all the layer's weights
+        # alive until it returns (0.9 GB at release width), op by op each cast is freed after its product.
+        # Measured at release width (856-token prompt): +1.64 GiB and 13.2 s as a graph, +0.57 GiB and
+        # 11.5 s op by op; the products dominate either way. The decode step stays compiled: it reads the
+        # bf16 weights in place through the bf16 kernel, no cast.
+        self.prefill_compiled = self.compiled and model.dtype == model.compute_dtype
+        self._prefill_layer = ms.jit(d.prefill_layer) if self.prefill_compiled else d.prefill_layer
+        self._step = ms.jit(d.step) if self.compiled else d.step
+
+    def _current_weights(self) -> None:
+        """Another session on the same model may have switched its task LoRAs since this one was built:
+        bring this session's back (the model holds one set at a time)."""
+        if self.model.task_version != self._task_version or self.model.resident_tasks != self.tasks:
+            self.set_infer_mode(self.infer_mode)
 
     @property
     def compile_count(self) -> int:
@@ -55,22 +79,7 @@ class ModelSession:
 
     def _tensor(self, arr):
         t = Tensor(arr)
-        return t if self.model.dtype == ms.float32 else t.astype(self.model.dtype)
-
-    def _rope(self, positions, real_len):
-        """cos, sin [B, n, 1, G+2, D] for the packed q/k/v heads of a kv group: the rotation on the G
-        query slots and the key slot, the identity (cos 1, sin 0) on the value slot; `rotate_half`'s
-        sign is folded into sin, so that `x * cos + swap_halves(x) * sin` is upstream's RoPE exactly."""
-        b, n = positions.shape
-        g, d = self.config.num_attention_heads // self.config.num_key_value_heads, self.config.head_dim
-        cos = np.ones((b, n, 1, g + 2, d), np.float32)
-        sin = np.zeros((b, n, 1, g + 2, d), np.float32)
-        for r in range(b):  # the dynamic-NTK base depends on each row's own length
-            c, s = rope_cos_sin(self.config, positions[r], seq_len=int(real_len[r]))
-            s[..., :d // 2] = -s[..., :d // 2]
-            cos[r, :, 0, :g + 1] = c[:, None]
-            sin[r, :, 0, :g + 1] = s[:, None]
-        return cos, sin
+        return t if self.model.compute_dtype == ms.float32 else t.astype(self.model.compute_dtype)
 
     def prefill(self, inputs_embeds, im_mask, attention_mask=None) -> np.ndarray:
         """Left-padded prompt embeddings [B, L, H] -> logits [B, V] of each row's last token."""
@@ -81,6 +90,7 @@ class ModelSession:
         if n > self.cache_len:
             raise ValueError(f"prompt of {n} tokens does not fit a cache of {self.cache_len}")
         am = np.ones((b, n), np.int64) if attention_mask is None else np.asarray(attention_mask, np.int64)
+        self._current_weights()
         chunks = -(-n // PREFILL_CHUNK)
         chunk = round_up(-(-n // chunks), self.prefill_bucket)
         pad = chunks * chunk - n
@@ -92,11 +102,12 @@ class ModelSession:
         self.slot_mask[:, :n] = am
         self.next_slot = n
         positions = np.where(am_padded > 0, np.cumsum(am_padded, 1) - 1, 1)
-        cos, sin = self._rope(positions, am.sum(1))
+        cos, sin = packed_rope(self.config, positions, am.sum(1))
         # Padding rows add zeros (keep 0), past the cache's end all at its last slot.
         slots = np.minimum(np.arange(n + pad), self.cache_len - 1).astype(np.int32)
         keep = (np.arange(n + pad) < n).astype(np.float32)[None, None, :, None]
-        self.signatures.add(("prefill", b, chunk, self.cache_len, self.infer_mode))
+        if self.prefill_compiled:
+            self.signatures.add(("prefill", b, chunk, self.cache_len, self.infer_mode))
         d = self.decoder
         weights = [tuple(Tensor(p) for p in layer) for layer in d.layer_weights]  # views, no copies
         k_caches = [Tensor(c) for c in d.k_cache]
@@ -109,23 +120,24 @@ class ModelSession:
                     Tensor(slots[rows]), self._tensor(keep[:, :, rows]))
             x = self._tensor(embeds[:, rows])
             for i in range(d.num_layers):
-                x = self._prefill_layer(x, *args, k_caches[i], v_caches[i], self.infer_mode, *weights[i])
-        return d.head(x[:, (n - 1) - start]).asnumpy()
+                x = self._prefill_layer(x, *args, k_caches[i], v_caches[i], self.tasks, *weights[i])
+        return d.head(x[:, (n - 1) - start], Tensor(d.norm_weight), Tensor(d.head_weight))[1].asnumpy()
 
     def step(self, token_ids, attention_mask=None) -> np.ndarray:
         """One new token per row -> logits [B, V]. Generated tokens never take the image LoRA path."""
         if self.next_slot >= self.cache_len:
             raise ValueError(f"the KV cache of {self.cache_len} slots is full")
+        self._current_weights()
         ids = np.asarray(token_ids, np.int32).reshape(self.batch_size, 1)
         slot = self.next_slot
         self.slot_mask[:, slot] = 1
         self.next_slot += 1
         real_len = self.slot_mask.sum(1)
-        cos, sin = self._rope((real_len - 1)[:, None], real_len)
+        cos, sin = packed_rope(self.config, (real_len - 1)[:, None], real_len)
         mask = np.where(self.slot_mask > 0, np.float32(0), _MASK_MIN).astype(np.float32)[:, None, None]
         self.signatures.add(("step", self.batch_size, 1, self.cache_len, self.infer_mode))
         logits = self._step(Tensor(ids), self._tensor(cos), self._tensor(sin), self._tensor(mask),
-                            Tensor(np.array([slot], np.int32)), self.infer_mode)
+                            Tensor(np.array([slot], np.int32)))
         return logits.asnumpy()
 
     def reorder(self, beam_idx) -> None:

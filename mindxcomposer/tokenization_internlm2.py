@@ -17,6 +17,9 @@ from typing import Dict, Iterable, List, Optional, Sequence, Union
 import numpy as np
 import sentencepiece as spm
 
+from .errors import TokenizerLoadError, TokenizerNotFoundError
+from .validation import check_text
+
 BUNDLED_MODEL = os.path.join(os.path.dirname(__file__), "assets", "internlm2_tokenizer.model")
 VOCAB_FILE_NAME = "tokenizer.model"
 CONFIG_FILE_NAME = "tokenizer_config.json"
@@ -52,9 +55,13 @@ class InternLM2Tokenizer:
                  add_eos_token: bool = False):
         self.vocab_file = BUNDLED_MODEL if vocab_file is None else os.fspath(vocab_file)
         if not os.path.isfile(self.vocab_file):
-            raise FileNotFoundError(f"no sentencepiece model at {self.vocab_file!r}")
+            raise TokenizerNotFoundError(f"no sentencepiece model at {self.vocab_file!r}")
         self.sp_model = spm.SentencePieceProcessor()
-        self.sp_model.Load(self.vocab_file)
+        try:
+            self.sp_model.Load(self.vocab_file)
+        except (RuntimeError, OSError) as e:  # sentencepiece's only report of a corrupt or foreign file
+            raise TokenizerLoadError(f"{self.vocab_file} is not a SentencePiece model "
+                                     f"({str(e).strip().splitlines()[-1]})") from None
         self.unk_token, self.bos_token, self.eos_token, self.pad_token = unk_token, bos_token, eos_token, pad_token
         self.add_bos_token = add_bos_token
         self.add_eos_token = add_eos_token
@@ -71,12 +78,17 @@ class InternLM2Tokenizer:
             return cls(vocab_file=path, **overrides)
         vocab_file = os.path.join(path, VOCAB_FILE_NAME)
         if not os.path.isfile(vocab_file):
-            raise FileNotFoundError(f"no {VOCAB_FILE_NAME} in {path!r}")
+            raise TokenizerNotFoundError(f"no {VOCAB_FILE_NAME} in {path!r}")
         kwargs = {}
         config_file = os.path.join(path, CONFIG_FILE_NAME)
         if os.path.isfile(config_file):
-            with open(config_file, encoding="utf-8") as f:
-                config = json.load(f)
+            try:
+                with open(config_file, encoding="utf-8") as f:
+                    config = json.load(f)
+            except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+                raise TokenizerLoadError(f"{config_file} is not valid JSON: {e}") from None
+            if not isinstance(config, dict):
+                raise TokenizerLoadError(f"{config_file}: expected a JSON object, got {type(config).__name__}")
             for key in ("unk_token", "bos_token", "eos_token", "pad_token"):
                 if config.get(key) is not None:
                     kwargs[key] = _token_content(config[key])
@@ -160,8 +172,7 @@ class InternLM2Tokenizer:
         return parts
 
     def tokenize(self, text: str) -> List[str]:
-        if not isinstance(text, str):
-            raise TypeError(f"text must be a str, got {type(text).__name__}")
+        check_text(text, "text")  # sentencepiece cannot take bytes, None or lone surrogates
         parts = self._split_special(text)
         special = set(self._no_split)
         for i, part in enumerate(parts):

@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from .errors import EmptyVideoError, UnreadableVideoError
-from .image_processing import TILE, VIDEO_EXTENSIONS, check_media_path, pad_to_tile
+from .image_processing import TILE, VIDEO_EXTENSIONS, check_media_path, pad_to_tile, to_rgb8
 
 NUM_FRAMES = 32
 FONT_SIZE = 40
@@ -109,7 +109,7 @@ def frames_to_image(frames: Sequence[Union[np.ndarray, Image.Image]], font=None)
     resized = []
     for frame in frames:
         img = frame if isinstance(frame, Image.Image) else Image.fromarray(np.asarray(frame, dtype=np.uint8))
-        img = img.convert("RGB") if img.mode != "RGB" else img
+        img = to_rgb8(img)
         w, h = img.size
         scale = w / h
         if w > h:

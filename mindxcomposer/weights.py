@@ -171,6 +171,16 @@ class Checkpoint:
         sf, key = self._where[name]
         return sf.get(key, dtype)
 
+    def raw(self, name: str) -> np.ndarray:
+        """The stored array (bf16 as its uint16 bits): no conversion, no copy beyond the read."""
+        sf, key = self._where[name]
+        return sf.raw(key)
+
+    def dtype(self, name: str) -> str:
+        """The safetensors dtype code of a tensor: 'BF16', 'F16', 'F32', ..."""
+        sf, key = self._where[name]
+        return sf.dtype(key)
+
     def items(self, dtype=np.float32) -> Iterator[Tuple[str, np.ndarray]]:
         for name in self._where:
             yield name, self.get(name, dtype)

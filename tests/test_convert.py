@@ -5,10 +5,14 @@ import io
 import json
 import os
 import shutil
+import signal
+import subprocess
 import sys
 
 import numpy as np
 import pytest
+
+from conftest import HERE
 
 from mindxcomposer import convert as cv
 from mindxcomposer.convert import ConvertError, convert, main, parse_size
@@ -475,6 +479,59 @@ def test_ctrl_c_while_writing_leaves_nothing(sources, tmp_path, monkeypatch):
     calls.clear()
     assert main([src, dst, "--shard-size", "10MB"]) == 130
     assert_nothing_at(dst)
+
+
+def test_interrupt_or_error_removes_the_folders_it_created(sources, tmp_path, monkeypatch):
+    src, _ = sources("st")
+    dst = str(tmp_path / "new" / "deeper" / "out")
+
+    def interrupted(path, arrays, dtypes):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cv, "_save_shard", interrupted)
+    assert main([src, dst]) == 130
+    assert os.listdir(tmp_path) == [], "the parents mxc-convert created must go too"
+    (tmp_path / "new").mkdir()  # a folder that existed before stays
+    monkeypatch.setattr(cv, "_save_shard", lambda *a: (_ for _ in ()).throw(OSError("disk full")))
+    assert main([src, dst]) == 1
+    assert os.listdir(tmp_path) == ["new"] and os.listdir(tmp_path / "new") == []
+
+
+def test_destination_under_a_file_is_a_clear_error(sources, tmp_path, capsys):
+    src, _ = sources("st")
+    (tmp_path / "plain").write_text("x")
+    assert main([src, str(tmp_path / "plain" / "sub" / "out")]) == 1
+    err = capsys.readouterr().err
+    assert "mxc-convert: error: cannot create" in err and "plain is a file, not a directory" in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("kind,module,extension", [("st", "mindspore", "mindspore._c_expression"),
+                                                    ("bin", "torch", "torch._C")])
+def test_ctrl_c_during_a_framework_import_exits_130_and_leaves_nothing(sources, tmp_path, kind, module, extension):
+    """The signal arrives while `import mindspore` (or torch, for .bin sources) runs: the import must complete
+    (a KeyboardInterrupt inside MindSpore's C++ initialisation gives "ImportError: initialization failed" or
+    aborts the interpreter), then the command exits 130 and removes what it created."""
+    src, _ = sources(kind)
+    dst = str(tmp_path / "a" / "b" / "out")
+    script = (
+        "import atexit, os, signal, sys\n"
+        "class SendCtrlC:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        f"        if name == {module!r}:\n"
+        "            os.kill(os.getpid(), signal.SIGINT)\n"
+        "        return None\n"
+        "sys.meta_path.insert(0, SendCtrlC())\n"
+        f"atexit.register(lambda: print('imported', {extension!r} in sys.modules, file=sys.stderr))\n"
+        "from mindxcomposer.cli_support import convert_main\n"
+        f"sys.exit(convert_main([{src!r}, {dst!r}]))\n")
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(HERE) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300,
+                       preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    assert r.returncode == 130, r.stderr
+    assert "mxc-convert: interrupted" in r.stderr and "Traceback" not in r.stderr
+    assert "imported True" in r.stderr  # the import was not cut short
+    assert os.listdir(tmp_path) == []
 
 
 def test_verify_catches_a_corrupted_write(sources, tmp_path, monkeypatch):

@@ -13,12 +13,19 @@ from mindxcomposer.weights import (Checkpoint, CheckpointError, SafetensorsFile,
                                    parameter_shapes, write_safetensors)
 
 
-def test_loaded_parameters_equal_checkpoint(demo_dir, demo_model):
+def test_loaded_parameters_equal_checkpoint(demo_dir):
+    """Every parameter equals the checkpoint; task LoRAs are resident only in the mode that needs them."""
+    model = InternLMXComposer2ForCausalLM.from_pretrained(demo_dir)
     ckpt = Checkpoint(demo_dir)
-    params = {p.name: p.asnumpy() for p in demo_model.get_parameters()}
-    assert set(params) == set(ckpt.keys())
-    for name, arr in ckpt.items():
-        np.testing.assert_array_equal(params[name], arr, err_msg=name)
+    tasks = {"base": (), "web": ("lora_web",), "write": ("lora_sft", "lora_dpo")}
+    for mode in ("base", "web", "write", "web", "base"):
+        model.use_task_loras(mode)
+        params = {p.name: p.asnumpy() for p in model.get_parameters()}
+        resident = {n for n in ckpt.keys() if not any(f".{t}_" in n for t in ("lora_web", "lora_sft", "lora_dpo"))}
+        resident |= {n for n in ckpt.keys() if any(f".{t}_" in n for t in tasks[mode])}
+        assert set(params) == resident, mode
+        for name in resident:
+            np.testing.assert_array_equal(params[name], ckpt.get(name), err_msg=name)
 
 
 def test_sizes_come_from_weights(demo_model):

@@ -3,6 +3,9 @@ import dataclasses
 from dataclasses import dataclass
 from typing import List, Optional, Union
 
+from ..errors import ArgumentTypeError, InvalidArgumentError
+from ..validation import check_bool, check_float, check_int
+
 
 @dataclass(frozen=True)
 class GenerationConfig:
@@ -44,7 +47,7 @@ class GenerationConfig:
         known = {f.name for f in dataclasses.fields(self)}
         unknown = sorted(set(changes) - known)
         if unknown:
-            raise TypeError(f"unknown generation setting(s) {unknown}; known: {sorted(known)}")
+            raise ArgumentTypeError(f"unknown generation setting(s) {unknown}; known: {sorted(known)}")
         return dataclasses.replace(self, **changes)
 
     @property
@@ -67,38 +70,36 @@ class GenerationConfig:
         return self.max_length
 
     def validate(self):
-        def is_int(v):
-            return isinstance(v, int) and not isinstance(v, bool)
-
-        if not is_int(self.num_beams) or self.num_beams < 1:
-            raise ValueError(f"num_beams must be an integer >= 1, got {self.num_beams!r}")
-        if self.num_return_sequences != 1:
-            raise ValueError(f"only num_return_sequences=1 is supported, got {self.num_return_sequences!r}")
-        if self.max_new_tokens is not None and (not is_int(self.max_new_tokens) or self.max_new_tokens < 1):
-            raise ValueError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
-        if not is_int(self.max_length) or self.max_length < 1:
-            raise ValueError(f"max_length must be a positive integer, got {self.max_length!r}")
-        for name in ("min_length", "min_new_tokens"):
-            value = getattr(self, name)
-            if value is not None and (not is_int(value) or value < 0):
-                raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+        # Types are checked whatever the mode (a str or float count is always a mistake); as in HF, the
+        # ranges of the sampling settings only when sampling, since greedy decoding ignores them.
+        check_int(self.num_beams, "num_beams", minimum=1)
+        if check_int(self.num_return_sequences, "num_return_sequences") != 1:
+            raise InvalidArgumentError(f"only num_return_sequences=1 is supported, got {self.num_return_sequences!r}")
+        check_int(self.max_new_tokens, "max_new_tokens", minimum=1, allow_none=True)
+        check_int(self.max_length, "max_length", minimum=1)
+        check_int(self.min_length, "min_length", minimum=0)
+        check_int(self.min_new_tokens, "min_new_tokens", minimum=0, allow_none=True)
         if self.early_stopping not in (True, False, "never"):
-            raise ValueError(f"early_stopping must be True, False or 'never', got {self.early_stopping!r}")
-        if self.do_sample:  # as in HF, the sampling settings are ignored (not checked) when greedy
-            if self.temperature is not None and not self.temperature > 0:
-                raise ValueError(f"temperature must be > 0 (use do_sample=False for greedy), got {self.temperature!r}")
-            if self.top_k is not None and (not is_int(self.top_k) or self.top_k < 0):
-                raise ValueError(f"top_k must be a non-negative integer (0 disables it), got {self.top_k!r}")
-            if self.top_p is not None and not 0.0 <= self.top_p <= 1.0:
-                raise ValueError(f"top_p must be in [0, 1], got {self.top_p!r}")
-        if self.repetition_penalty is not None and not self.repetition_penalty > 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
-        ids = dict(bos_token_id=self.bos_token_id, pad_token_id=self.pad_token_id)
-        for name, value in ids.items():
-            if value is not None and (not is_int(value) or value < 0):
-                raise ValueError(f"{name} must be a non-negative integer or None, got {value!r}")
+            raise InvalidArgumentError(f"early_stopping must be True, False or 'never', got {self.early_stopping!r}")
+        check_bool(self.do_sample, "do_sample")
+        check_float(self.temperature, "temperature", allow_none=True)
+        check_int(self.top_k, "top_k", allow_none=True)
+        check_float(self.top_p, "top_p", allow_none=True)
+        if self.do_sample:
+            check_float(self.temperature, "temperature (use do_sample=False for greedy)", minimum=0.0,
+                        min_exclusive=True, allow_none=True)
+            check_int(self.top_k, "top_k (0 disables it)", minimum=0, allow_none=True)
+            check_float(self.top_p, "top_p", minimum=0.0, maximum=1.0, allow_none=True)
+        check_float(self.repetition_penalty, "repetition_penalty", minimum=0.0, min_exclusive=True, allow_none=True)
+        check_float(self.length_penalty, "length_penalty")
+        check_int(self.bos_token_id, "bos_token_id", minimum=0, allow_none=True)
+        check_int(self.pad_token_id, "pad_token_id", minimum=0, allow_none=True)
         if self.eos_token_id is not None:
-            eos = self.eos_token_ids
-            if not eos or not all(is_int(i) and i >= 0 for i in eos):
-                raise ValueError(f"eos_token_id must be a non-negative integer or a non-empty list of them, "
-                                 f"got {self.eos_token_id!r}")
+            eos = self.eos_token_id
+            if isinstance(eos, (list, tuple)):
+                if not eos:
+                    raise InvalidArgumentError("eos_token_id must be an id or a non-empty list of ids, got []")
+                for i, v in enumerate(eos):
+                    check_int(v, f"eos_token_id[{i}]", minimum=0)
+            else:
+                check_int(eos, "eos_token_id", minimum=0)

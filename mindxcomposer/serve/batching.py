@@ -315,7 +315,7 @@ class BatchEngine:
         with self.cv:
             if not self.active:
                 s.next_slot = 0
-                s.infer_mode = g.infer_mode
+                s.set_infer_mode(g.infer_mode)
             else:
                 self.joins += 1
             rows = np.array(self.free_rows[:k], np.int64)
