@@ -144,3 +144,30 @@ def test_bf16_storage_equals_fp32_storage_at_release_width(release_bf16_dir, gra
     r_bf16 = bf16.chat(bf16.tokenizer, "Describe the image.", image=[image], hd_num=4, **kw)[0]
     r_fp32 = fp32.chat(fp32.tokenizer, "Describe the image.", image=[image], hd_num=4, **kw)[0]
     assert r_bf16 == r_fp32 and len(r_bf16) > 0
+
+
+def test_sessions_of_different_modes_interleave(demo_dir):
+    """The model holds one task-LoRA set at a time; a session whose set was swapped out by another
+    session brings it back before it computes."""
+    from mindxcomposer.session import ModelSession
+
+    rng = np.random.default_rng(11)
+    emb = rng.standard_normal((1, 30, 64)).astype(np.float32)
+    im = np.zeros((1, 30), bool)
+    im[0, 2:12] = True
+
+    def run(session):
+        out = [session.prefill(emb, im)]
+        return out + [session.step([[t]]) for t in (7, 300)]
+
+    fresh = {m: run(ModelSession(InternLMXComposer2ForCausalLM.from_pretrained(demo_dir), 1, 64, infer_mode=m))
+             for m in ("web", "write")}
+    model = InternLMXComposer2ForCausalLM.from_pretrained(demo_dir)
+    web = ModelSession(model, 1, 64, infer_mode="web")
+    write = ModelSession(model, 1, 64, infer_mode="write")  # swaps lora_web out for lora_sft + lora_dpo
+    assert _task_params(model) == ["lora_dpo", "lora_sft"]
+    for got, want in zip(run(web), fresh["web"]):
+        np.testing.assert_array_equal(got, want)
+    assert _task_params(model) == ["lora_web"]
+    for got, want in zip(run(write), fresh["write"]):
+        np.testing.assert_array_equal(got, want)
