@@ -44,7 +44,8 @@ def _seed(seed):
 
 
 # `generate` keywords that are not GenerationConfig fields
-_DECODE_OPTIONS = ("streamer", "stopping_criteria", "logits_processor", "seed", "compiled", "infer_mode")
+_DECODE_OPTIONS = ("streamer", "stopping_criteria", "logits_processor", "seed", "compiled", "infer_mode",
+                   "session_factory")
 
 
 def write_text_atomically(path: str, text: str) -> str:
@@ -142,7 +143,11 @@ class ChatMixin:
         settings = {k: v for k, v in options.items() if k not in _DECODE_OPTIONS}
         if "infer_mode" in options:
             self.check_infer_mode(options["infer_mode"])
-        check_decode_options(**{k: options[k] for k in _DECODE_OPTIONS if k in options and k != "infer_mode"})
+        factory = options.get("session_factory")
+        if factory is not None and not callable(factory):
+            raise ArgumentTypeError(f"session_factory must be callable (as ModelSession) or None, got {factory!r}")
+        check_decode_options(**{k: options[k] for k in _DECODE_OPTIONS
+                                if k in options and k not in ("infer_mode", "session_factory")})
         cfg = self.config
         for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
             settings.setdefault(key, getattr(cfg, key))

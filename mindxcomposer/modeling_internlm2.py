@@ -209,7 +209,7 @@ class CachedDecoder(nn.Cell):
       (one launch per token; passing ~100 weights as arguments cost more than a layer's compute).
       Generated tokens never take the image LoRA path (upstream gives them im_mask 0, and PLoRA adds
       exactly zero for such rows), so the step graph has no PLoRA branch: fewer weights to stream.
-      With bf16 weights on CPU its products go through the bf16 kernels (`mindxcomposer.ops.linear`),
+      With bf16 weights on CPU its products go through the bf16 kernels (`mindxcomposer.ops.weight_products`),
       which read the stored bits: no fp32 copy of any weight exists during decoding.
 
     Caches are [B, KV, S, D] in the compute dtype. New keys and values are ADDED (`index_add`) at their

@@ -107,8 +107,13 @@ def test_packing_the_cache_lets_a_newcomer_join_without_a_drain(demo_model):
     still decoding, uses few. The running rows are packed to the front and C joins B."""
     engine = BatchEngine(demo_model, max_batch=2, max_queue=4, cache_len=512).start()
     try:
+        # Warm up the prefill sessions of B's and C's shape (one shape: 1 row, a 512-slot cache), so that a
+        # graph compilation does not delay their admission by hundreds of steps: the scenario below needs
+        # B to join before A ends and C to arrive before B has decoded ~100 tokens.
+        assert _submit(demo_model, engine, "Warm-up question?", 300).done.wait(300)
+        warm_steps = engine.steps
         a = _submit(demo_model, engine, "First question?", 200)
-        _wait(lambda: engine.steps >= 120)
+        _wait(lambda: engine.steps >= warm_steps + 120)
         b = _submit(demo_model, engine, "Second question?", 300)
         assert a.done.wait(300)
         assert not b.done.is_set()

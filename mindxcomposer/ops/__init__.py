@@ -8,7 +8,7 @@
 `mindxcomposer.ops`.)
 """
 from .attention import attention, fused_attention_available
-from .linear import cast_like, embedding, enable_kernels, kernels_enabled, linear
+from .weight_products import cast_like, embedding, enable_kernels, kernels_enabled, linear
 
 __all__ = ["attention", "fused_attention_available", "cast_like", "embedding", "enable_kernels",
            "kernels_enabled", "linear"]
