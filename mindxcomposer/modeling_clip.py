@@ -14,7 +14,7 @@ from typing import Optional
 
 import numpy as np
 import mindspore as ms
-from mindspore import Parameter, Tensor, nn, ops
+from mindspore import Tensor, nn, ops
 
 from .configuration import CLIPVisionConfig
 from .layers import LayerNorm, Linear, lazy_param

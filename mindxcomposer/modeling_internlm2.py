@@ -21,7 +21,7 @@ from mindspore import Tensor, nn, ops
 from .configuration import InternLMXComposer2Config
 from .layers import Embedding, RMSNorm, rms_norm
 from .ops import attention, embedding, linear
-from .plora import PLoRA, TASKS_OF_MODE
+from .plora import PLoRA
 
 LINEARS = ("attention.wqkv", "attention.wo", "feed_forward.w1", "feed_forward.w3", "feed_forward.w2")
 

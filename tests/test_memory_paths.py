@@ -15,7 +15,7 @@ from conftest import FIXTURES, assert_close
 from mindxcomposer import InternLMXComposer2Config, InternLMXComposer2ForCausalLM
 from mindxcomposer.demo import TOKENIZER_FILE, random_weights
 from mindxcomposer.ops import kernels_enabled
-from mindxcomposer.weights import Checkpoint, bf16_to_fp32, fp32_to_bf16, write_safetensors
+from mindxcomposer.weights import Checkpoint, fp32_to_bf16, write_safetensors
 
 TASKS = ("lora_web", "lora_sft", "lora_dpo")
 
