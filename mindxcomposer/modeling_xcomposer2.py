@@ -26,7 +26,7 @@ from .rope import packed_rope
 from .validation import (check_chat_inputs, check_image, check_int, check_model_dir, check_token_ids,
                          load_model_tokenizer, require_tokenizer)
 from .vision import HDMerge, VisionProjector
-from .weights import (TASK_LORAS, Checkpoint, CheckpointError, check_names_and_shapes, fp32_to_bf16,
+from .weights import (TASK_LORAS, Checkpoint, CheckpointError, bf16_to_fp32, check_names_and_shapes, fp32_to_bf16,
                       parameter_shapes, sizes_from_weights)
 
 _DTYPE_NAMES = {"bf16": ms.bfloat16, "bfloat16": ms.bfloat16, "fp16": ms.float16, "float16": ms.float16,
@@ -57,7 +57,7 @@ def to_storage(arr: np.ndarray, dtype, src_code: str = "F32") -> Tensor:
     if src_code == "BF16":
         if dtype == ms.bfloat16:
             return Tensor.from_numpy(np.ascontiguousarray(arr).view(_BF16_NP))
-        arr = (arr.astype(np.uint32) << 16).view(np.float32)
+        arr = bf16_to_fp32(arr)
     if dtype == ms.bfloat16:
         return Tensor.from_numpy(fp32_to_bf16(np.asarray(arr, np.float32)).view(_BF16_NP))
     return Tensor(np.asarray(arr, np.float32 if dtype == ms.float32 else np.float16))
