@@ -236,6 +236,7 @@ class Recorder:
         self.trainer = None
         self.items = []           # dataset items in the order built
         self.micro_losses = []    # unscaled loss of each micro-batch, in order
+        self.shapes = []          # [B, L] of each micro-batch's decoder input
         self.norms = []           # total norm returned by each clipping call
         self.grad_none = []       # per optimizer step: trainable names whose grad was None
         self.step_ends = []       # per optimizer step: micro-batches run so far
@@ -294,6 +295,8 @@ def patched(up_dir, case, finetune, data_mix, rec):
             m.lora_dropout = nn.Identity()  # upstream hard-codes p=0.05 (our --plora_dropout 0)
     model.model.tok_embeddings.register_forward_pre_hook(
         lambda mod, args: rec.embedding_ids.update(int(i) for i in args[0].reshape(-1)))
+    model.model.register_forward_pre_hook(
+        lambda mod, args, kwargs: rec.shapes.append(list(kwargs["inputs_embeds"].shape[:2])), with_kwargs=True)
     model.tokenizer.padding_side = "right"
 
     class FakeConfig:
@@ -444,7 +447,7 @@ def run_case(case, up_dir, finetune, data_mix, arrays):
     info = dict(adapter_config=rec.adapter_config, trainable=[saved_name(n) for n in trainable], no_decay=[saved_name(n) for n in no_decay],
                 adam_steps={saved_name(k): v for k, v in adam_steps.items()},
                 grad_none_per_step=[[saved_name(n) for n in g] for g in rec.grad_none],
-                micro_batches=[dict(it, loss=l) for it, l in zip(rec.items, rec.micro_losses)],
+                micro_batches=[dict(it, shape=sh, loss=l) for it, sh, l in zip(rec.items, rec.shapes, rec.micro_losses)],
                 micro_batches_per_step=per_step, saved_files=saved,
                 seconds=round(seconds, 1))
     return state, info
