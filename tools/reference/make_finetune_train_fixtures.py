@@ -40,18 +40,29 @@ Run-time adaptations (upstream files untouched; every one is a monkeypatch made 
   is wrapped to put the unrounded loss (the value `_maybe_log_save_evaluate` divides, read where it is gathered)
   and the total norm returned by `accelerator.clip_grad_norm_` of that step into the entry. The Trainer then
   appends it to `state.log_history` as usual; `trainer.save_state()` writes trainer_state.json, copied here.
+  The patches go on the `transformers` module object finetune.py holds (a run can leave a different object in
+  `sys.modules`).
+
+Besides the Trainer's state, each case records (cases.json): the trainable names, the no-decay group, AdamW's
+per-parameter step counts, per optimizer step the trainable parameters whose grad was None and the micro-batches
+it ran, each micro-batch's item, samples, [B, L] and unscaled loss, and the tensor names upstream's
+`safe_save_model_for_hf_trainer` wrote. It asserts >= 3 steps, clipping active on one (grad_norm > max_grad_norm),
+and logged loss = sum of the step's micro-batch losses / gradient_accumulation_steps. Prints seconds per case.
 """
 import argparse
 import contextlib
 import json
 import os
 import platform
-import shutil
 import sys
 import tempfile
 import time
 
-import numpy as np
+# No hub: set before peft / transformers import huggingface_hub (upstream.py sets them too, later).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
@@ -444,10 +455,12 @@ def run_case(case, up_dir, finetune, data_mix, arrays):
     if len(steps) < 3 or not any(e["grad_norm"] > max_norm for e in steps):
         raise SystemExit(f"{case['name']}: needs >= 3 steps and clipping active on one, got "
                          f"{[(e['step'], e['grad_norm']) for e in steps]} against max_grad_norm {max_norm}")
-    info = dict(adapter_config=rec.adapter_config, trainable=[saved_name(n) for n in trainable], no_decay=[saved_name(n) for n in no_decay],
+    info = dict(adapter_config=rec.adapter_config, trainable=[saved_name(n) for n in trainable],
+                no_decay=[saved_name(n) for n in no_decay],
                 adam_steps={saved_name(k): v for k, v in adam_steps.items()},
                 grad_none_per_step=[[saved_name(n) for n in g] for g in rec.grad_none],
-                micro_batches=[dict(it, shape=sh, loss=l) for it, sh, l in zip(rec.items, rec.shapes, rec.micro_losses)],
+                micro_batches=[dict(it, shape=sh, loss=loss)
+                               for it, sh, loss in zip(rec.items, rec.shapes, rec.micro_losses)],
                 micro_batches_per_step=per_step, saved_files=saved,
                 seconds=round(seconds, 1))
     return state, info
