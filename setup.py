@@ -34,6 +34,7 @@ setup(
             "mxc-convert=mindxcomposer.cli_support:convert_main",
             "mxc-chat=mindxcomposer.cli:main",
             "mxc-serve=mindxcomposer.serve.cli:main",
+            "mxc-finetune=mindxcomposer.finetune.cli:main",
         ]
     },
 )

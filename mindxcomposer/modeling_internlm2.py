@@ -114,8 +114,16 @@ class DecoderMath(nn.Cell):
         for k in range(len(tasks)):
             res = res + linear(linear(x, w[t + 2 * k]), w[t + 2 * k + 1])
         if image_lora:
-            lora = linear(linear(x, w[o + 1]), w[o + 2])
+            lora = linear(linear(self.lora_input(x, w, i, 0), w[o + 1]), w[o + 2])
             res = res + (lora * self.lora_scale) * im_mask
+        return self.adapt(res, w, i, x)
+
+    # Hooks for fine-tuning (`mindxcomposer.finetune.layer_grads.TrainingMath`): dropout on the LoRA inputs
+    # and a trained adapter added to a linear's output. Inference uses neither.
+    def lora_input(self, x, w, i, branch):
+        return x
+
+    def adapt(self, res, w, i, x):
         return res
 
     def layer(self, w, x, rot_cos, rot_sin, mask, im_mask, tasks, image_lora, slots=None, keep=None,

@@ -277,14 +277,18 @@ class InternLMXComposer2ForCausalLM(ChatMixin, nn.Cell):
     # ------------------------------------------------------------------ vision
     def vit_features(self, pixel_values) -> Tuple[Tensor, int, int]:
         """ViT last hidden states (no class token) of the global view then each tile: [1+h*w, grid^2, C]."""
+        crops, h, w = self.vit_crops(pixel_values)
+        return self.vit.encode(crops, self.vit_micro_batch), h, w
+
+    def vit_crops(self, pixel_values) -> Tuple[np.ndarray, int, int]:
+        """The ViT's inputs for one image: its global view then its h x w tiles, [1+h*w, 3, S, S]."""
         pv = to_numpy(pixel_values).astype(np.float32)
         tile = self.config.vision_config.image_size
         if pv.ndim != 4 or pv.shape[0] != 1 or pv.shape[1] != 3 or pv.shape[2] % tile or pv.shape[3] % tile:
             raise ValueError(f"pixel_values must be [1, 3, H, W] with H and W multiples of {tile}, got {pv.shape}")
         h, w = pv.shape[2] // tile, pv.shape[3] // tile
         tiles = pv.reshape(1, 3, h, tile, w, tile).transpose(0, 2, 4, 1, 3, 5).reshape(h * w, 3, tile, tile)
-        images = np.concatenate([global_view(pv, tile), tiles], axis=0)
-        return self.vit.encode(images, self.vit_micro_batch), h, w
+        return np.concatenate([global_view(pv, tile), tiles], axis=0), h, w
 
     def img2emb(self, image):
         """Normalised pixels [1, 3, H, W] -> (image embeddings [1, T, hidden], attention ones, targets -100),

@@ -1,0 +1,262 @@
+"""Loss and gradients of one micro-batch, as upstream's `forward(samples=...)` + `backward` give them.
+
+The forward is upstream's training forward: token embeddings with each image's embeddings (ViT on
+its global view and tiles, HD merge, projector) at its positions, the decoder on positions 0..L-1
+with the padding masked, the output head, and CrossEntropyLoss (mean over the supervised tokens) of
+logits t against labels t + 1. The backward goes block by block (`layer_grads`): the decoder and head
+from stored layer inputs, then each image's projector, HD merge (data movement: its transpose is an
+index scatter), ViT layers and stem, recomputing the ViT forward one crop micro-batch at a time.
+
+Sequences are padded to a multiple of `LENGTH_BUCKET` so that graphs compiled for one length serve
+the next micro-batches (padded keys are masked out, padded rows carry no loss: the values are those
+of the unpadded sequence). RoPE is computed for the real length: upstream's dynamic-NTK table depends
+on it, and, as upstream's cached table, on the longest sequence this process has seen
+(`rope_length`).
+"""
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+import mindspore as ms
+from mindspore import Tensor, ops
+
+from ..modeling_clip import LAYER_WEIGHTS
+from ..modeling_internlm2 import LINEARS, _UncachedLayer
+from ..modeling_xcomposer2 import causal_mask
+from ..ops import embedding
+from ..rope import packed_rope
+from ..vision import PROJECTOR_CHUNK
+from .labels import IGNORE_INDEX
+from .lora import adapter_name
+from .layer_grads import ChainGrad, ClipLayerGrad, DecoderLayerGrad, HeadLossGrad, TrainingMath
+from .trainables import Trainables, is_vision
+
+LENGTH_BUCKET = 64
+
+
+def _pad_to(n: int, bucket: int) -> int:
+    return -(-n // bucket) * bucket
+
+
+class MicroBatchGradients:
+    """`loss_and_grads(batch, scale, seed)` for a model and its `Trainables`."""
+
+    def __init__(self, model, trainables: Trainables, plora_dropout: float = 0.0):
+        self.model = model
+        self.config = model.config
+        self.trainables = trainables
+        self.dt = model.compute_dtype
+        lora = trainables.lora
+        targets = lora.targets if lora else (False,) * 5
+        self.math = TrainingMath(self.config, targets, lora.scaling if lora else 1.0,
+                                 lora.lora_dropout if lora else 0.0, plora_dropout)
+        self.forward_layer = _UncachedLayer(self.math)
+        key = trainables.key
+        # Per layer: the trained name of each weight in the layer's weight tuple (None: frozen).
+        self.layer_keys = []
+        for li, layer in enumerate(model.model.layers):
+            keys = [key(p) for p in layer.layer_weights(())]
+            if lora:
+                keys += [adapter_name(li, lin, part) for lin, t in zip(LINEARS, targets) if t for part in "AB"]
+            self.layer_keys.append(keys)
+        self.adapter_names = [[k for k in keys if k is not None and ".lora_" in k] for keys in self.layer_keys]
+        # Trainable positions in a layer's weight tuple: the same for every layer.
+        self.layer_trainable = [i for i, k in enumerate(self.layer_keys[0]) if k is not None]
+        self.layer_grad = DecoderLayerGrad(self.math, self.layer_trainable)
+        m = model.model
+        self.head_keys = (key(m.norm.weight), key(model.output.weight))
+        self.train_head = self.head_keys[1] is not None
+        self.head_grad = HeadLossGrad(self.config.rms_norm_eps, self.train_head)
+        self.embedding_key = key(m.tok_embeddings.weight)
+        vit = model.vit.vision_tower.vision_model
+        self.vit_layer_keys = [[key(p) for p in layer.weights()] for layer in vit.encoder.layers]
+        self.train_vit = any(k is not None for k in self.vit_layer_keys[0])
+        proj_params = [p for c in (model.vision_proj[0], model.vision_proj[2]) for p in (c.weight, c.bias)]
+        self.proj_keys = [key(p) for p in proj_params]
+        self.train_proj = self.proj_keys[0] is not None
+        self.gn_keys = (key(model.plora_glb_GN), key(model.plora_sub_GN))
+        self.train_gn = self.gn_keys[0] is not None
+        self.needs_vision_grad = self.train_vit or self.train_proj or self.train_gn
+        if self.needs_vision_grad:
+            proj_cells = (model.vision_proj[0], model.vision_proj[1], model.vision_proj[2])
+            self.proj_grad = ChainGrad(proj_cells, proj_params if self.train_proj else [],
+                                       input_grad=self.train_vit or self.train_gn)
+            if self.train_vit:
+                self.clip_grad = ClipLayerGrad(model.vit._math, True, len(LAYER_WEIGHTS))
+                stem = model.vit._stem
+                self.stem_params = list(stem.get_parameters())
+                self.stem_keys = [key(p) for p in self.stem_params]
+                self.stem_grad = ChainGrad((stem,), self.stem_params, input_grad=False)
+        self.rope_length = 0  # the longest sequence seen (upstream's cached dynamic-NTK table)
+
+    # ------------------------------------------------------------------ inputs
+    def _layer_weights(self, li: int, seed: Optional[float]) -> tuple:
+        layer = self.model.model.layers[li]
+        base = [Tensor(p) for p in layer.layer_weights(())]
+        adapter = [Tensor(self.trainables.params[n]) for n in self.adapter_names[li]]
+        extra = [Tensor(np.float32(seed))] if self.math.has_seed else []
+        return tuple(base + adapter + extra)
+
+    def _image_embeddings(self, pixel_values) -> Tuple[np.ndarray, dict]:
+        """Embeddings [T, hidden] of one image and what its backward needs."""
+        model = self.model
+        crops, h, w = model.vit_crops(pixel_values)
+        feats = model.vit.encode(crops, model.vit_micro_batch)
+        merged = model.merger(feats, model.plora_glb_GN, model.plora_sub_GN, h, w)
+        emb = model.vision_proj(merged)
+        ctx = {"crops": crops, "h": h, "w": w, "merged": merged.asnumpy()[0], "feat_shape": tuple(feats.shape)}
+        return emb.asnumpy()[0].astype(np.float32), ctx
+
+    # ------------------------------------------------------------------ the micro-batch
+    def loss_and_grads(self, batch, scale: float, seed: float = 0.0) -> Tuple[float, Dict[str, Tensor], bool]:
+        """(loss * scale, gradients of loss * scale by trainable name, whether vision parameters got one).
+        `seed` draws the dropout masks."""
+        cfg, dt = self.config, self.dt
+        ids = np.asarray(batch["input_ids"], np.int64)
+        b, n = ids.shape
+        n_pad = _pad_to(n, LENGTH_BUCKET)
+        am = np.zeros((b, n_pad), np.int64)
+        am[:, :n] = np.asarray(batch["attention_mask"], np.int64)
+        labels = np.full((b, n_pad), IGNORE_INDEX, np.int64)
+        labels[:, :n] = batch["labels"]
+        im = np.zeros((b, n_pad), np.float32)
+        im[:, :n] = np.asarray(batch["im_mask"], np.float32)
+        tok = np.zeros((b, n_pad), np.int32)
+        tok[:, :n] = np.where(ids >= 0, ids, 0)
+        x0 = embedding(Tensor(tok), self.model.model.tok_embeddings.weight, dt).asnumpy().astype(np.float32)
+        spans = np.asarray(batch.get("image_spans", np.zeros((0, 3), np.int64))).reshape(-1, 3)
+        images = []
+        for (row, start, kept), pv in zip(spans, batch.get("pixel_values", [])):
+            emb, ctx = self._image_embeddings(pv)
+            x0[row, start:start + kept] = emb[:kept]
+            images.append((int(row), int(start), int(kept), ctx))
+        self.rope_length = max(self.rope_length, n)
+        cos = np.ones((b, n_pad) + (1, cfg.num_attention_heads // cfg.num_key_value_heads + 2, cfg.head_dim),
+                      np.float32)
+        sin = np.zeros_like(cos)
+        pos = np.tile(np.arange(n), (b, 1))
+        cos[:, :n], sin[:, :n] = packed_rope(cfg, pos, [self.rope_length] * b)
+        cos_t, sin_t = Tensor(cos).astype(dt), Tensor(sin).astype(dt)
+        mask_t = Tensor(causal_mask(am, n_pad)).astype(dt)
+        im_t = Tensor(im[..., None]).astype(dt)
+
+        # forward, keeping each layer's input
+        num_layers = cfg.num_hidden_layers
+        seeds = [seed * 1000.0 + li for li in range(num_layers)]
+        xs = [Tensor(x0).astype(dt)]
+        for li in range(num_layers):
+            xs.append(self.forward_layer(xs[-1], cos_t, sin_t, mask_t, im_t, (), *self._layer_weights(li, seeds[li])))
+
+        # head and loss
+        next_labels = np.full((b, n_pad), IGNORE_INDEX, np.int64)
+        next_labels[:, :-1] = labels[:, 1:]
+        valid = next_labels != IGNORE_INDEX
+        count = int(valid.sum())
+        if count == 0:
+            raise ValueError(f"micro-batch {batch.get('samples')} has no supervised token")
+        m = self.model.model
+        loss, g = self.head_grad(xs[-1], Tensor(np.where(valid, next_labels, 0).astype(np.int32)),
+                                 Tensor(valid.astype(np.float32)), Tensor(np.float32(count)),
+                                 Tensor(np.float32(scale)), Tensor(m.norm.weight), Tensor(self.model.output.weight))
+        grads: Dict[str, Tensor] = {}
+        dy = g[0] if self.train_head else g  # one grad_position gives the gradient itself, not a tuple
+        if self.train_head:
+            grads[self.head_keys[0]] = g[1]
+            grads[self.head_keys[1]] = g[2]
+
+        # decoder layers, last first
+        for li in reversed(range(num_layers)):
+            w = self._layer_weights(li, seeds[li])
+            out = self.layer_grad(xs[li], dy, cos_t, sin_t, mask_t, im_t, *w)
+            dy = out[0]
+            for k, gi in zip(self.layer_trainable, out[1:]):
+                grads[self.layer_keys[li][k]] = gi
+        del xs
+
+        dx0 = dy.astype(ms.float32)
+        if self.embedding_key is not None:
+            text = (ids >= 0) & (np.arange(n)[None, :] < n)
+            rows = np.nonzero(text.reshape(-1))[0]
+            flat_ids = tok[:, :n].reshape(-1)[rows]
+            d_rows = dx0[:, :n].reshape(b * n, -1)[Tensor(rows.astype(np.int32))]
+            table = m.tok_embeddings.weight
+            grads[self.embedding_key] = ops.zeros(table.shape, ms.float32).index_add(0, Tensor(flat_ids.astype(np.int32)), d_rows)
+        has_vision = False
+        if self.needs_vision_grad and images:
+            dx0_np = dx0.asnumpy()
+            has_vision = True
+            for row, start, kept, ctx in images:
+                d_emb = np.zeros((ctx["merged"].shape[0], cfg.hidden_size), np.float32)
+                d_emb[:kept] = dx0_np[row, start:start + kept]
+                self._image_backward(ctx, d_emb, grads)
+        return float(loss.asnumpy()), grads, has_vision
+
+    # ------------------------------------------------------------------ vision backward
+    def _add(self, grads, name, g):
+        grads[name] = g if name not in grads else grads[name] + g
+
+    def _image_backward(self, ctx, d_emb: np.ndarray, grads) -> None:
+        merged = ctx["merged"]
+        rows, c4 = merged.shape
+        d_merged = np.zeros_like(merged)
+        chunk = min(PROJECTOR_CHUNK, rows)
+        for s in range(0, rows, chunk):
+            x = np.zeros((chunk, c4), np.float32)
+            dy = np.zeros((chunk, d_emb.shape[1]), np.float32)
+            part = merged[s:s + chunk]
+            x[:part.shape[0]], dy[:part.shape[0]] = part, d_emb[s:s + chunk]
+            out = self.proj_grad(Tensor(x).astype(self.dt), Tensor(dy).astype(self.dt))
+            need_dx = self.train_vit or self.train_gn
+            dx, dps = (out if self.train_proj else (out, ())) if need_dx else (None, out)
+            if need_dx:
+                d_merged[s:s + part.shape[0]] = dx.asnumpy()[:part.shape[0]]
+            for name, gp in zip(self.proj_keys, dps):
+                self._add(grads, name, gp)
+        if not (self.train_vit or self.train_gn):
+            return
+        d_feats, d_glb, d_sub = self._merge_backward(d_merged, ctx)
+        if self.train_gn:
+            self._add(grads, self.gn_keys[0], Tensor(d_glb.reshape(self.model.plora_glb_GN.shape)))
+            self._add(grads, self.gn_keys[1], Tensor(d_sub.reshape(self.model.plora_sub_GN.shape)))
+        if self.train_vit:
+            self._vit_backward(ctx["crops"], d_feats, grads)
+
+    def _merge_backward(self, d_merged: np.ndarray, ctx):
+        """The HD merge only moves values: run it on each feature's own index (and -1 / -2 for the two
+        separators) to learn where every merged entry came from, then scatter-add the gradient back."""
+        n_crops, patches, c = ctx["feat_shape"]
+        idx_feats = np.arange(n_crops * patches, dtype=np.float32).reshape(n_crops, patches, 1)
+        where = self.model.merger(idx_feats, np.full(4, -1, np.float32), np.full(4, -2, np.float32),
+                                  ctx["h"], ctx["w"]).asnumpy()[0].astype(np.int64)  # [T, 4]
+        d = d_merged.reshape(-1, 4, c)
+        d_feats = np.zeros((n_crops * patches, c), np.float32)
+        feat = where >= 0
+        np.add.at(d_feats, where[feat], d[feat])
+        d_glb = d[where == -1].reshape(-1, 4, c).sum(0) if np.any(where == -1) else np.zeros((4, c), np.float32)
+        d_sub = d[where == -2].reshape(-1, 4, c).sum(0) if np.any(where == -2) else np.zeros((4, c), np.float32)
+        return d_feats.reshape(n_crops, patches, c), d_glb.reshape(-1), d_sub.reshape(-1)
+
+    def _vit_backward(self, crops: np.ndarray, d_feats: np.ndarray, grads) -> None:
+        """Per crop micro-batch: recompute the tower's layer inputs, then back through layers and stem."""
+        vit = self.model.vit
+        layers = vit.vision_tower.vision_model.encoder.layers
+        weights = [tuple(Tensor(p) for p in layer.weights()) for layer in layers]
+        mb = self.model.vit_micro_batch or 1
+        n = crops.shape[0]
+        for s in range(0, n, mb):
+            chunk = crops[s:s + mb]
+            real = chunk.shape[0]
+            if real < mb:
+                chunk = np.concatenate([chunk, np.zeros((mb - real,) + chunk.shape[1:], np.float32)])
+            xs = [vit._stem(Tensor(chunk).astype(self.dt))]
+            for w in weights[:-1]:
+                xs.append(vit._math(xs[-1], *w))
+            dy = np.zeros((mb,) + tuple(xs[0].shape[1:]), np.float32)
+            dy[:real, 1:] = d_feats[s:s + real]  # no gradient on the class token (IXC drops it)
+            dy = Tensor(dy).astype(self.dt)
+            for li in reversed(range(len(layers))):
+                out = self.clip_grad(xs[li], dy, *weights[li])
+                dy = out[0]
+                for name, g in zip(self.vit_layer_keys[li], out[1:]):
+                    self._add(grads, name, g)
+            for name, g in zip(self.stem_keys, self.stem_grad(Tensor(chunk).astype(self.dt), dy)):
+                self._add(grads, name, g)

@@ -1,0 +1,129 @@
+"""The optimisation of transformers 4.33's Trainer with `optim=adamw_torch` (upstream's default), in MindSpore.
+
+- `AdamW`: torch.optim.AdamW's single-tensor update (what torch runs on CPU), operation for operation:
+  decoupled decay `p *= 1 - lr*wd`, `m.lerp_(g, 1-beta1)`, `v = v*beta2 + (1-beta2) g g`, then
+  `p -= lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps)`, with a step count per parameter. A parameter without a
+  gradient in a step (torch: `grad is None`, e.g. the ViT after text-only micro-batches) is skipped
+  entirely: no decay, no moment update, no step count.
+- `lr_lambda`: transformers' schedules (`get_scheduler`): linear, cosine, constant,
+  constant_with_warmup; the learning rate of optimizer step k (0-based) is `lr * lambda(k)`, so with
+  warmup the first step runs at 0, as upstream.
+- `clip_grad_norm`: torch.nn.utils.clip_grad_norm_: the 2-norm of the per-tensor 2-norms, and every
+  gradient times min(1, max_norm / (norm + 1e-6)).
+"""
+import math
+from typing import Dict, List
+
+import numpy as np
+import mindspore as ms
+from mindspore import Parameter, Tensor, ops
+
+SCHEDULES = ("linear", "cosine", "constant", "constant_with_warmup")
+
+
+def lr_lambda(kind: str, warmup: int, total: int):
+    if kind not in SCHEDULES:
+        raise ValueError(f"lr_scheduler_type must be one of {SCHEDULES}, got {kind!r}")
+
+    def f(step: int) -> float:
+        if kind == "constant":
+            return 1.0
+        if step < warmup:
+            return float(step) / float(max(1, warmup)) if kind != "constant_with_warmup" \
+                else float(step) / float(max(1.0, warmup))
+        if kind == "constant_with_warmup":
+            return 1.0
+        if kind == "linear":
+            return max(0.0, float(total - step) / float(max(1, total - warmup)))
+        progress = float(step - warmup) / float(max(1, total - warmup))
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * 0.5 * 2.0 * progress)))
+    return f
+
+
+@ms.jit
+def _adamw_update(p, m, v, g, decay_factor, one_minus_beta1, beta2, one_minus_beta2, bc2_sqrt, eps, neg_step_size):
+    """One torch AdamW update on Tensors (compiled once per shape) -> new (p, m, v)."""
+    p = p * decay_factor
+    m = m + one_minus_beta1 * (g - m)  # torch's lerp for a weight below 0.5
+    v = v * beta2 + one_minus_beta2 * (g * g)
+    denom = ops.sqrt(v) / bc2_sqrt + eps
+    return p + neg_step_size * (m / denom), m, v
+
+
+def _f32(x: float) -> Tensor:
+    return Tensor(np.float32(x))
+
+
+class AdamW:
+    """torch.optim.AdamW over named Parameters, `decay[name]` choosing weight decay or 0."""
+
+    def __init__(self, params: Dict[str, Parameter], lr: float, betas=(0.9, 0.999), eps=1e-8,
+                 weight_decay=0.0, decay: Dict[str, bool] = None):
+        self.params = params
+        self.lr = float(lr)
+        self.beta1, self.beta2 = float(betas[0]), float(betas[1])
+        self.eps = float(eps)
+        self.weight_decay = float(weight_decay)
+        self.decay = decay or {n: True for n in params}
+        self.steps: Dict[str, int] = {}
+        self.exp_avg: Dict[str, Parameter] = {}
+        self.exp_avg_sq: Dict[str, Parameter] = {}
+
+    def _state(self, name):
+        if name not in self.exp_avg:
+            p = self.params[name]
+            self.exp_avg[name] = Parameter(ops.zeros(p.shape, ms.float32), name=f"exp_avg.{name}", requires_grad=False)
+            self.exp_avg_sq[name] = Parameter(ops.zeros(p.shape, ms.float32), name=f"exp_avg_sq.{name}",
+                                              requires_grad=False)
+        return self.exp_avg[name], self.exp_avg_sq[name]
+
+    def step(self, grads: Dict[str, Tensor], lr: float) -> None:
+        for name, g in grads.items():
+            m, v = self._state(name)
+            step = self.steps.get(name, 0) + 1
+            self.steps[name] = step
+            wd = self.weight_decay if self.decay[name] else 0.0
+            bc1 = 1 - self.beta1 ** step
+            bc2 = 1 - self.beta2 ** step
+            p = self.params[name]
+            # Tensor views in, new values out: a Parameter as a graph input would compile a graph per name.
+            new_p, new_m, new_v = _adamw_update(
+                Tensor(p), Tensor(m), Tensor(v), g.astype(ms.float32), _f32(1 - lr * wd), _f32(1 - self.beta1),
+                _f32(self.beta2), _f32(1 - self.beta2), _f32(math.sqrt(bc2)), _f32(self.eps), _f32(-(lr / bc1)))
+            ops.assign(p, new_p)
+            ops.assign(m, new_m)
+            ops.assign(v, new_v)
+
+    # -- state for checkpoints (torch's layout: per-parameter step, exp_avg, exp_avg_sq) --------------
+    def state_dict(self) -> Dict[str, np.ndarray]:
+        out = {}
+        for name, step in self.steps.items():
+            out[f"step/{name}"] = np.asarray(step, np.int64)
+            out[f"exp_avg/{name}"] = self.exp_avg[name].asnumpy()
+            out[f"exp_avg_sq/{name}"] = self.exp_avg_sq[name].asnumpy()
+        return out
+
+    def load_state_dict(self, state: Dict[str, np.ndarray]) -> None:
+        for key, value in state.items():
+            kind, name = key.split("/", 1)
+            if name not in self.params:
+                raise ValueError(f"optimizer state names a parameter that does not train here: {name}")
+            if kind == "step":
+                self.steps[name] = int(value)
+            else:
+                m, v = self._state(name)
+                (m if kind == "exp_avg" else v).set_data(Tensor(np.asarray(value, np.float32)))
+
+
+def global_norm(grads: List[Tensor]) -> float:
+    norms = ops.stack([ops.sqrt((g.astype(ms.float32) * g.astype(ms.float32)).sum()) for g in grads])
+    return float(ops.sqrt((norms * norms).sum()).asnumpy())
+
+
+def clip_grad_norm(grads: Dict[str, Tensor], max_norm: float) -> float:
+    """Scales `grads` in place as torch does; returns the total norm before clipping."""
+    total = global_norm(list(grads.values()))
+    coef = np.float32(min(np.float32(max_norm) / (np.float32(total) + np.float32(1e-6)), np.float32(1.0)))
+    for name in grads:
+        grads[name] = grads[name] * Tensor(coef)
+    return total
