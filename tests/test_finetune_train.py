@@ -5,6 +5,7 @@ tests/fixtures/finetune_train/ (tools/reference/make_finetune_train_fixtures.py;
 import json
 import os
 
+import mindspore as ms
 import numpy as np
 import pytest
 
@@ -67,8 +68,17 @@ def noise_driven(trainer, record):
     trainer.optimizer.step = recording_step
 
 
+@pytest.fixture
+def graph_mode():
+    """mxc-finetune compiles its gradient cells (GRAPH_MODE), as the command line runs them."""
+    before = ms.get_context("mode")
+    ms.set_context(mode=ms.GRAPH_MODE)
+    yield
+    ms.set_context(mode=before)
+
+
 @pytest.mark.parametrize("case", CASES, ids=[c["name"] for c in CASES])
-def test_training_matches_upstream(case, tmp_path):
+def test_training_matches_upstream(case, tmp_path, graph_mode):
     noisy = {}
     trainer, result, ref = run_case(case, tmp_path, before_train=lambda t: noise_driven(t, noisy))
     expected = json.load(open(os.path.join(FIX, f"{case['name']}.trainer_state.json"), encoding="utf-8"))
