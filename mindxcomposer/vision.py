@@ -12,6 +12,7 @@ import mindspore as ms
 from mindspore import Tensor, nn
 
 from .layers import Linear
+from .vision_pauses import vision_call_done
 
 PROJECTOR_CHUNK = 1024
 
@@ -81,4 +82,5 @@ class VisionProjector(nn.SequentialCell):
                 part = np.concatenate([part, np.zeros((chunk - part.shape[0], c), np.float32)])
             y = super().__call__(Tensor(part).astype(self.compute_dtype))[:min(chunk, n - start)]
             out.append(_host(y))
+            vision_call_done()  # a pause point (see vision_pauses)
         return Tensor(np.concatenate(out).reshape(lead + (-1,)))

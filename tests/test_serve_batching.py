@@ -3,6 +3,9 @@
 Prefill logits are chat's bit for bit; a request alone in a one-row batch decodes bit for bit; among
 other rows a step's logits differ only in the last bits (a matrix product over several rows accumulates
 in another order), and the tokens are the same."""
+import math
+import os
+
 import numpy as np
 import pytest
 
@@ -10,9 +13,11 @@ pytest.importorskip("fastapi")
 
 from mindxcomposer.serve.batching import BatchEngine  # noqa: E402
 from mindxcomposer.serve.jobs import Job  # noqa: E402
+from mindxcomposer.serve.prompt_check import prepare  # noqa: E402
 from mindxcomposer.serve.protocol import parse_chat_request  # noqa: E402
 from mindxcomposer.serve.text_stream import AnswerText  # noqa: E402
 from mindxcomposer.session import ModelSession  # noqa: E402
+from mindxcomposer.vision import PROJECTOR_CHUNK, merged_token_count  # noqa: E402
 
 QUERIES = ["Why is the sky blue?", "Tell me a joke, please.", "Hello"]
 N = 12
@@ -126,3 +131,86 @@ def test_packing_the_cache_lets_a_newcomer_join_without_a_drain(demo_model):
         engine.stop()
     for job, q, k in ((a, "First question?", 200), (b, "Second question?", 300), (c, "Third question?", 300)):
         assert job.answer.text == demo_model.chat(demo_model.tokenizer, q, max_new_tokens=k, do_sample=False)[0], q
+
+
+COFFEE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "coffee.png")  # 2x2 tiles at hd_num 4
+
+
+def _image_job(model, engine, query, max_tokens, hd_num):
+    """A job as the HTTP side makes it for one image and `query` (which holds its `<ImageHere>`)."""
+    req = parse_chat_request({"model": "m", "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "unused: the test gives the image itself"}},
+        {"type": "text", "text": query}]}], "max_tokens": max_tokens, "temperature": 0, "hd_num": hd_num},
+        "m", engine.max_beams)
+    pixels, n_prompt = prepare(req, [COFFEE], model.tokenizer, model.config, engine.cache_len)
+    return Job(req, pixels, n_prompt, AnswerText(model.tokenizer, model._eos_ids(model.tokenizer)))
+
+
+def test_running_decodes_step_between_a_newcomers_vision_calls(demo_model):
+    """While A decodes, B arrives with an image of 2x2 tiles (5 crops): A takes a step after each of B's ViT
+    layer calls and projector chunks, not only after B's whole encoding; both answers are chat's alone."""
+    qa, ka, qb, kb, hd = "Tell me a long story.", 300, "<ImageHere>Describe it.", 6, 4
+    engine = BatchEngine(demo_model, max_batch=2, max_queue=4)
+    b = _image_job(demo_model, engine, qb, kb, hd)
+    tile = demo_model.config.vision_config.image_size
+    h, w = b.pixels[0].shape[2] // tile, b.pixels[0].shape[3] // tile
+    assert (h, w) == (2, 2)
+    vit_calls = (1 + h * w) * demo_model.config.vision_config.num_hidden_layers
+    chunks = math.ceil(merged_token_count(h, w, tile // demo_model.config.vision_config.patch_size) / PROJECTOR_CHUNK)
+    assert chunks >= 2
+
+    events = []  # in the order they happen: "vit" after each ViT layer call, "step" after each batched step
+    vit, layer_math, step = demo_model.vit, demo_model.vit._math, engine._step
+
+    def recording_math(*args):
+        out = layer_math(*args)
+        events.append("vit")
+        return out
+
+    def recording_step():
+        step()
+        events.append("step")
+
+    object.__setattr__(vit, "_math", recording_math)
+    engine._step = recording_step
+    engine.start()
+    try:
+        a = _submit(demo_model, engine, qa, ka)
+        _wait(lambda: engine.steps >= 3)
+        engine.submit(b)
+        assert b.done.wait(300) and b.error is None
+        assert not a.done.is_set()  # B was encoded, prefilled and decoded while A decoded
+        assert a.done.wait(300) and a.error is None
+    finally:
+        engine.stop()
+        object.__setattr__(vit, "_math", layer_math)
+    first = events.index("vit")
+    last = len(events) - 1 - events[::-1].index("vit")
+    assert events[first:last + 1] == ["vit", "step"] * (vit_calls - 1) + ["vit"]
+    assert engine.steps_in_vision == vit_calls + chunks  # and one after each projector chunk
+    assert a.answer.text == demo_model.chat(demo_model.tokenizer, qa, max_new_tokens=ka, do_sample=False)[0]
+    assert b.answer.text == demo_model.chat(demo_model.tokenizer, qb, image=[COFFEE], hd_num=hd, max_new_tokens=kb,
+                                            do_sample=False)[0]
+
+
+def test_a_request_cancelled_during_its_vision_encoding_stops_at_the_next_call(demo_model):
+    engine = BatchEngine(demo_model, max_batch=2, max_queue=4)
+    job = _image_job(demo_model, engine, "<ImageHere>Describe it.", 4, 4)
+    calls = []
+    vit, layer_math = demo_model.vit, demo_model.vit._math
+
+    def cancelling_math(*args):
+        calls.append(1)
+        job.cancel()  # the client goes away during the first ViT layer call
+        return layer_math(*args)
+
+    object.__setattr__(vit, "_math", cancelling_math)
+    engine.start()
+    try:
+        engine.submit(job)
+        assert job.done.wait(300)
+    finally:
+        engine.stop()
+        object.__setattr__(vit, "_math", layer_math)
+    assert job.error is not None and job.error.status == 408
+    assert len(calls) == 1 and engine.steps == 0

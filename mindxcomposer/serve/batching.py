@@ -22,9 +22,13 @@ When the batch is empty the write slot goes back to the start; when a newcomer's
 fit after the write slot, the running rows' slots are packed to the front of the cache (`_compact`),
 and if they still do not fit it waits for rows to finish. Only one `infer_mode` runs at a time.
 
-Work that is not a step happens between two steps, alternating with them: one request's prompt building
-(its vision encoding: the whole of it, a limit of this design), or one prefill, during which the batch
-still steps after each prefill chunk (`_prefill_between_steps`).
+Work that is not a step happens between two steps, alternating with them: one request's prompt building,
+or one prefill. Neither holds running decodes up for long: the prompt is built in the request's thread,
+and after each call of its vision encoder (a ViT layer on a micro-batch of crops, a projector chunk) the
+batch takes a step (`_lend`, through `vision_pauses`); a prefill steps the batch after each prefill chunk
+(`_prefill_between_steps`). Such a step waits for the running requests to hand in their ids (each is at
+most one host iteration of its decoding loop away), so between two steps a running request waits for
+one of those calls (or one prefill chunk) and the host work around it, not more.
 """
 import collections
 import logging
@@ -36,6 +40,7 @@ import mindspore as ms
 from mindspore import Tensor, ops
 
 from ..session import CACHE_BUCKET, ModelSession, round_up
+from ..vision_pauses import between_vision_calls
 from .engine import finish_with, run_chat
 from .errors import APIError
 from .jobs import Job
@@ -47,12 +52,30 @@ _POLL = 0.25  # seconds between checks for a cancelled request while it waits
 class _Turn:
     """A request's permission to use the model from its own thread (to build its prompt)."""
 
-    def __init__(self):
+    def __init__(self, engine: "BatchEngine", job: Job):
+        self.engine = engine
+        self.job = job
         self.granted = threading.Event()
         self.released = threading.Event()
+        self.wants_step = False  # the request paused its vision encoding for a step of the batch (under cv)
 
     def release(self):
-        self.released.set()
+        with self.engine.cv:
+            self.released.set()
+            self.engine.cv.notify_all()
+
+    def pause(self):
+        """Called in the request's thread after each call of its vision encoder: the model thread steps the
+        running batch meanwhile (`BatchEngine._lend`). A cancelled request stops encoding here."""
+        self.job.check()
+        cv = self.engine.cv
+        with cv:
+            if self.released.is_set() or not self.engine.active:
+                return
+            self.wants_step = True
+            cv.notify_all()
+            while self.wants_step:
+                cv.wait()
 
 
 class RowGroup:
@@ -109,6 +132,7 @@ class BatchEngine:
         self.max_rows = 0  # the most requests one step carried
         self.joins = 0  # requests that joined a batch already decoding
         self.steps_in_prefill = 0  # steps run between the chunks of a newcomer's prefill
+        self.steps_in_vision = 0  # steps run between the vision calls of a newcomer's prompt building
         self.compactions = 0
         self.shared: Optional[ModelSession] = None
         self._sessions: "collections.OrderedDict" = collections.OrderedDict()  # prefill sessions, LRU
@@ -138,7 +162,7 @@ class BatchEngine:
         threading.Thread(target=self._run, args=(job,), name="mxc-request", daemon=True).start()
 
     def _run(self, job: Job):
-        turn = _Turn()
+        turn = _Turn(self, job)
         groups = []
 
         def factory(model, batch_size, max_len, infer_mode="base", compiled=None):
@@ -158,7 +182,8 @@ class BatchEngine:
                         if turn in self.turns:
                             self.turns.remove(turn)
                             job.check()
-            run_chat(self.model, job, session_factory=factory)
+            with between_vision_calls(turn.pause):
+                run_chat(self.model, job, session_factory=factory)
         except BaseException as e:  # noqa: BLE001 - one request's failure must not reach the others
             exc = e
         finally:
@@ -288,8 +313,7 @@ class BatchEngine:
             last_was_job = kind != "step"
             try:
                 if kind == "turn":
-                    what.granted.set()
-                    what.released.wait()
+                    self._lend(what)
                 elif kind == "prefill":
                     self._prefill(what)
                 elif kind == "compact":
@@ -299,6 +323,39 @@ class BatchEngine:
             except BaseException as e:  # noqa: BLE001
                 log.exception("model thread: %s failed", kind)
                 self._fail(what if kind == "prefill" else None, e)
+
+    def _lend(self, turn: _Turn):
+        """Lets the request build its prompt (`chat`'s own code, in its thread) until it releases the turn;
+        each time its vision encoder pauses between two calls, the running batch takes a step."""
+        turn.granted.set()
+        while True:
+            with self.cv:
+                while not (turn.released.is_set() or turn.wants_step):
+                    self.cv.wait()
+                if not turn.wants_step:
+                    return
+            try:
+                if self._step_when_ready():
+                    self.steps_in_vision += 1
+            except BaseException as e:  # noqa: BLE001 - the running requests fail, the newcomer goes on
+                log.exception("model thread: a step during a vision encoding failed")
+                self._fail(None, e)
+            finally:
+                with self.cv:
+                    turn.wants_step = False
+                    self.cv.notify_all()
+
+    def _step_when_ready(self) -> bool:
+        """A step of the running batch, if there is one, once all its requests have handed in their ids:
+        each is at most one host iteration of its decoding loop away (a running request does nothing
+        else), and not waiting would let it miss this step and wait for a whole other call."""
+        with self.cv:
+            while self.active and not self._steps_ready() and not self.stopping:
+                self.cv.wait()
+            ready = self._steps_ready()
+        if ready:
+            self._step()
+        return ready
 
     def _fail(self, group, exc):
         with self.cv:
@@ -380,8 +437,8 @@ class BatchEngine:
         return logits, slots
 
     def _prefill_between_steps(self, alone: ModelSession, reserved: int, embeds, im_mask, am):
-        """`alone.prefill`, with a step of the running batch after each prefill chunk whenever the batch is
-        ready for one: a long prompt delays running decodes by one chunk at a time. The prefill session
+        """`alone.prefill`, with a step of the running batch after each prefill chunk (`_step_when_ready`):
+        a long prompt delays running decodes by one chunk at a time. The prefill session
         calls its layer function once per layer and chunk; that call is wrapped (the session's
         computation is untouched, so its logits are the same). Steps stop while the batch's next write
         slot would leave the newcomer less than `reserved` slots."""
@@ -394,11 +451,8 @@ class BatchEngine:
             out = inner(*args)
             calls[0] += 1
             if calls[0] % layers == 0 and self.shared.next_slot + 1 + reserved <= self.cache_len:
-                with self.cv:
-                    ready = self._steps_ready()
-                if ready:
+                if self._step_when_ready():
                     self.steps_in_prefill += 1
-                    self._step()
             return out
 
         alone._prefill_layer = layer
