@@ -139,8 +139,14 @@ def parse_args(argv: Sequence[str]):
     ns = build_parser().parse_args(list(argv))
     data = data_arguments(ns)
     targs = TrainingArguments(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(TrainingArguments)})
-    targs.check()
     data.check()
+    if not os.path.isfile(data.data_path):
+        raise FileNotFoundError(f"--data_path {data.data_path}: no such file")
+    targs.check()
+    if targs.lora_weight_path and not os.path.isdir(targs.lora_weight_path):
+        raise FileNotFoundError(f"--lora_weight_path {targs.lora_weight_path}: no such adapter directory")
+    from ..validation import check_model_dir
+    check_model_dir(targs.model_name_or_path)
     targs.progress = ns.progress
     if targs.resume_from_checkpoint in ("False", "false", "None", ""):
         targs.resume_from_checkpoint = None
