@@ -172,3 +172,37 @@ def test_cli_bad_arguments_fail_before_work(flags, message, tmp_path):
     assert r.returncode == 1
     assert message in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert not os.path.exists(tmp_path / "o")
+
+
+def test_lora_on_a_bf16_checkpoint_equals_fp32_of_the_same_values(tmp_path):
+    """The release is bf16: a LoRA run keeps the base in bf16 (no fp32 copy) and computes in fp32, which must
+    give exactly what an fp32 checkpoint holding the same (bf16-representable) values gives."""
+    from mindxcomposer.demo import save_demo_model, tiny_config
+    from mindxcomposer.weights import Checkpoint as Ck, bf16_to_fp32, fp32_to_bf16, write_safetensors
+    case = BY_NAME["lora_text"]
+    src = save_demo_model(str(tmp_path / "src"), tiny_config(**case["config_overrides"]), case["seed"])
+    outs = {}
+    for kind in ("bf16", "fp32"):
+        d = tmp_path / kind
+        d.mkdir()
+        for f in os.listdir(src):
+            if f != "model.safetensors":
+                (d / f).write_bytes(open(os.path.join(src, f), "rb").read())
+        bits = {n: fp32_to_bf16(a) for n, a in Ck(src).items()}
+        if kind == "bf16":
+            write_safetensors(str(d / "model.safetensors"), bits, dtypes={n: "BF16" for n in bits})
+        else:
+            write_safetensors(str(d / "model.safetensors"), {n: bf16_to_fp32(b) for n, b in bits.items()})
+        argv = list(case["argv"]) + ["--model_name_or_path", str(d), "--output_dir", str(tmp_path / f"o-{kind}"),
+                                     "--sampling", "sequential", "--plora_dropout", "0", "--progress", "False"]
+        i = argv.index("--data_path")
+        argv[i + 1] = os.path.join(REPO, argv[i + 1])
+        trainer = Trainer(*parse_args(argv), data_root=REPO)
+        assert str(trainer.model.model.layers[0].attention.wqkv.weight.dtype) == ("BFloat16" if kind == "bf16"
+                                                                                  else "Float32")
+        outs[kind] = (trainer.train().log_history, trainer.trainables.numpy())
+    steps = lambda h: [e for e in h if "loss" in e]
+    for a, b in zip(steps(outs["bf16"][0]), steps(outs["fp32"][0])):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6) and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
+    for k, v in outs["fp32"][1].items():
+        np.testing.assert_allclose(outs["bf16"][1][k], v, rtol=1e-5, atol=1e-7, err_msg=k)
