@@ -159,7 +159,7 @@ def test_cli_runs_upstream_flags_and_merges(tmp_path):
 
 @pytest.mark.parametrize("flags,message", [
     (["--per_device_train_batch_size", "2"], "per_device_train_batch_size"),
-    (["--lr_scheduler_type", "cosine_with_restarts"], "lr_scheduler_type"),
+    (["--lr_scheduler_type", "reduce_lr_on_plateau"], "lr_scheduler_type"),
     (["--optim", "adafactor"], "optim"),
     (["--lora_weight_path", "/nonexistent"], "lora_weight_path"),
     (["--use_lora", "True", "--lora_target_modules", "q_proj"], "match none"),

@@ -22,7 +22,8 @@ from mindspore import Tensor, ops
 from ..modeling_clip import LAYER_WEIGHTS
 from ..modeling_internlm2 import LINEARS, _UncachedLayer
 from ..modeling_xcomposer2 import causal_mask
-from ..ops import embedding
+from ..layers import rms_norm
+from ..ops import embedding, linear
 from ..rope import packed_rope
 from ..vision import PROJECTOR_CHUNK
 from .labels import IGNORE_INDEX
@@ -32,6 +33,7 @@ from .trainables import Trainables, is_vision
 
 LENGTH_BUCKET = 64
 HEAD_CHUNK = 512  # positions per head-and-loss call (a multiple of LENGTH_BUCKET)
+VOCAB_CHUNK = 8192  # vocabulary rows per slice of a frozen head in another dtype (`_frozen_head`)
 
 
 def _pad_to(n: int, bucket: int) -> int:
@@ -66,6 +68,8 @@ class MicroBatchGradients:
         m = model.model
         self.head_keys = (key(m.norm.weight), key(model.output.weight))
         self.train_head = self.head_keys[1] is not None
+        # A frozen head stored in another dtype than the arithmetic: see `_frozen_head`.
+        self.frozen_cast_head = not self.train_head and model.output.weight.dtype != self.dt
         self.head_grad = HeadLossGrad(self.config.rms_norm_eps, self.train_head)
         self.embedding_key = key(m.tok_embeddings.weight)
         vit = model.vit.vision_tower.vision_model
@@ -201,10 +205,13 @@ class MicroBatchGradients:
             if not valid[:, part].any():
                 dxs.append(ops.zeros((b, min(chunk, n_pad - s), x.shape[2]), x.dtype))
                 continue
-            val, g = self.head_grad(x[:, s:s + chunk], Tensor(np.where(valid[:, part], next_labels[:, part], 0)
-                                                               .astype(np.int32)),
-                                    Tensor(valid[:, part].astype(np.float32)), Tensor(np.float32(count)),
-                                    Tensor(np.float32(scale)), norm_w, head_w)
+            labels_t = Tensor(np.where(valid[:, part], next_labels[:, part], 0).astype(np.int32))
+            valid_t = Tensor(valid[:, part].astype(np.float32))
+            if self.frozen_cast_head:
+                val, g = self._frozen_head(x[:, s:s + chunk], labels_t, valid_t, count, scale, norm_w, head_w)
+            else:
+                val, g = self.head_grad(x[:, s:s + chunk], labels_t, valid_t, Tensor(np.float32(count)),
+                                        Tensor(np.float32(scale)), norm_w, head_w)
             loss += float(val.asnumpy())
             if self.train_head:  # one grad_position gives the gradient itself, not a tuple
                 dxs.append(g[0])
@@ -213,6 +220,40 @@ class MicroBatchGradients:
             else:
                 dxs.append(g)
         return loss, ops.concat(dxs, 1), d_norm, d_head
+
+    def _frozen_head(self, x, labels, valid, count, scale, norm_w, head_w):
+        """The head and loss of `_HeadLoss` for a frozen output head stored in another dtype than the
+        arithmetic (a bf16 checkpoint on CPU), with its gradient written out: the vocabulary in slices of
+        `VOCAB_CHUNK` rows, each cast to the compute dtype only while it is used, twice (a log-sum-exp pass,
+        then softmax minus one-hot times the slice). Autodiff would keep an fp32 copy of the whole head
+        (1.5 GB at the release's size) from the forward to the backward. Runs op by op."""
+        eps = self.config.rms_norm_eps
+        h, h_vjp = ms.vjp(lambda t: rms_norm(t, norm_w, eps), x)
+        h32 = h.astype(ms.float32)
+        vocab = head_w.shape[0]
+        slices = [(v, min(v + VOCAB_CHUNK, vocab)) for v in range(0, vocab, VOCAB_CHUNK)]
+        top = None
+        parts = []
+        for v0, v1 in slices:  # running maximum, then the sum of exponentials
+            logits = linear(h32, head_w[v0:v1].astype(ms.float32))
+            parts.append(ops.amax(logits, -1))
+        top = ops.amax(ops.stack(parts, -1), -1)
+        total = None
+        for v0, v1 in slices:
+            logits = linear(h32, head_w[v0:v1].astype(ms.float32))
+            e = ops.exp(logits - top.expand_dims(-1)).sum(-1)
+            total = e if total is None else total + e
+        lse = top + ops.log(total)
+        rows = embedding(labels, head_w, ms.float32)  # the labels' rows of the head
+        picked = (h32 * rows).sum(-1)
+        weight = valid * (float(scale) / float(count))
+        loss = ((lse - picked) * weight).sum()
+        dh = -(rows * weight.expand_dims(-1))
+        for v0, v1 in slices:
+            w = head_w[v0:v1].astype(ms.float32)
+            probs = ops.exp(linear(h32, w) - lse.expand_dims(-1)) * weight.expand_dims(-1)
+            dh = dh + ops.matmul(probs, w)
+        return loss, h_vjp(dh.astype(h.dtype))[0]
 
     # ------------------------------------------------------------------ vision backward
     def _add(self, grads, name, g):
