@@ -62,9 +62,9 @@ class World:
         """Average over workers the gradients of the parameters some worker has one for (a worker without
         one adds zeros), as one process accumulating all the workers' micro-batches would; a parameter no
         worker has a gradient for stays out, so that the optimizer skips it as it does in one process
-        (no step count, no weight decay)."""
+        (no step count, no weight decay). In `names` order, whatever the order the gradients came in."""
         if self.size == 1:
-            return grads
+            return {n: grads[n] for n in names if n in grads}
         have = self._sum(Tensor(np.asarray([n in grads for n in names], np.float32))).asnumpy()
         used = [n for n, h in zip(names, have) if h > 0]
         full = [grads[n] if n in grads else ops.zeros(shapes[n], ms.float32) for n in used]
