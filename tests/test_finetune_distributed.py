@@ -18,6 +18,9 @@ import pytest
 from safetensors.numpy import load_file
 
 from mindxcomposer.demo import random_weights, save_demo_model, tiny_config
+from mindxcomposer.finetune.distributed import World
+from mindxcomposer.finetune.trainer import Trainer
+from mindxcomposer.finetune.training_args import parse_args
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join("tests", "fixtures", "finetune_train", "data")  # relative to REPO, the runs' cwd
@@ -25,7 +28,7 @@ MSRUN = shutil.which("msrun")
 CONFIG = dict(max_position_embeddings=4096)
 MAX_STEPS = 3
 
-pytestmark = pytest.mark.skipif(MSRUN is None, reason="msrun (MindSpore's launcher) is not on PATH")
+needs_msrun = pytest.mark.skipif(MSRUN is None, reason="msrun (MindSpore's launcher) is not on PATH")
 
 COMMON = ["--sampling", "sequential", "--lora_dropout", "0", "--plora_dropout", "0", "--per_device_train_batch_size",
           "1", "--max_steps", str(MAX_STEPS), "--learning_rate", "1e-3", "--weight_decay", "0.1", "--adam_beta2",
@@ -113,6 +116,7 @@ def moved(before, after):
     return {n: float(np.abs(after[n] - before[n]).max()) / max(float(np.abs(before[n]).max()), 1e-30) for n in after}
 
 
+@needs_msrun
 def test_lora_text_two_workers_match_one(model_dir, tmp_path):
     """LoRA on text-only data (4 samples, 2 per micro-batch: 2 micro-batches an epoch, so each epoch is one
     step of one micro-batch per worker), clipping active, launched exactly as documented."""
@@ -140,6 +144,7 @@ def test_lora_text_two_workers_match_one(model_dir, tmp_path):
         assert json.load(f)["r"] == 4
 
 
+@needs_msrun
 def test_full_image_and_text_two_workers_match_one(model_dir, tmp_path):
     """Full fine-tuning (ViT and projector too) of a data.txt mixing a text file, an image file (hd_num 1)
     and a text file, one sample per micro-batch, so that the steps pair (text, image), (image, text),
@@ -179,3 +184,50 @@ def test_full_image_and_text_two_workers_match_one(model_dir, tmp_path):
                  "vit.vision_tower.vision_model.encoder.layers.0.self_attn.q_proj.weight", "vision_proj.0.weight",
                  "plora_glb_GN"):
         assert change[name] > 1e-4, (name, change[name])
+
+
+class _Shard(World):
+    """Rank `rank` of `size`, without collectives: what each worker computes, seen in one process."""
+
+    def __init__(self, size, rank):
+        super().__init__()
+        self.size, self.rank = size, rank
+
+    def mean_scalars(self, values):
+        return [float(v) for v in values]
+
+    def average_grads(self, grads, names, shapes):
+        return {}
+
+
+def test_workers_take_the_micro_batches_and_dropout_masks_of_one_worker(model_dir, tmp_path):
+    """Without msrun: worker r of 2 (accumulation 1) computes, step by step, the micro-batches one worker
+    (accumulation 2) computes in that step, with the same dropout seeds (masks are a function of the seed)."""
+    argv = ["--model_name_or_path", model_dir, "--data_path", os.path.join(DATA, "text10.json"), "--use_lora", "True",
+            "--lora_r", "4", "--batch_size", "1", "--max_grad_norm", "0", *COMMON, "--lora_dropout", "0.05",
+            "--plora_dropout", "0.05", "--max_steps", "7"]  # 10 micro-batches an epoch: into a second epoch
+
+    def computed(size, rank, accumulation):
+        args, data_args = parse_args(argv + ["--gradient_accumulation_steps", str(accumulation),
+                                             "--output_dir", str(tmp_path / f"out{size}{rank}")])
+        trainer = Trainer(args, data_args, world=_Shard(size, rank), data_root=REPO)
+        seen = []
+
+        def record(batch, scale, seed):
+            seen.append((trainer.optimizer_steps, tuple(batch["samples"]), seed))
+            return 0.0, {}, False
+        trainer.grads.loss_and_grads = record
+        step = trainer.optimizer.step
+
+        def count(grads, lr):
+            trainer.optimizer_steps += 1
+            return step(grads, lr)
+        trainer.optimizer_steps = 0
+        trainer.optimizer.step = count
+        trainer.train()
+        return seen
+
+    one = computed(1, 0, 2)
+    two = computed(2, 0, 1) + computed(2, 1, 1)
+    assert len(one) == 14 and len({seed for _, _, seed in one}) == 14
+    assert sorted(two) == sorted(one)
