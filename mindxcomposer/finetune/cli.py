@@ -4,7 +4,7 @@
     mxc-finetune --model_name_or_path ixc2d5-ms --data_path data.txt --given_num True --use_lora True \\
         --output_dir output/finetune_lora --batch_size 2 --per_device_train_batch_size 1 ...
     msrun --worker_num 2 --local_worker_num 2 --master_addr 127.0.0.1 --master_port 8118 --join True \\
-        mxc-finetune ...                                  # data parallel
+        python -m mindxcomposer.finetune.cli ...          # data parallel (msrun needs `python` first)
     mxc-finetune merge --adapter_model_name output/finetune_lora --base_model_name ixc2d5-ms \\
         --output_name ixc2d5-merged
 """

@@ -34,7 +34,7 @@ from .distributed import World
 from .lora import init_adapter, load_adapter, save_adapter
 from .model_dir import save_model_dir
 from .optim import AdamW, clip_grad_norm, global_norm, lr_lambda
-from .trainables import Trainables, full_trainables, is_vision, lora_trainables
+from .trainables import Trainables, full_trainables, lora_trainables
 from .training_args import TrainingArguments, resolve_resume
 
 
@@ -211,7 +211,6 @@ class Trainer:
         progress.start_step = global_step
         start = time.time()
         accum: Dict[str, Tensor] = {}
-        vision = False
         stop = global_step >= max_steps
         epoch_float = float(start_epoch)
         for epoch in range(start_epoch, epochs):
@@ -222,26 +221,25 @@ class Trainer:
                 records = self._records(epoch, index, total_batched)
                 batch = self.data.build(records)
                 total_batched += 1
-                seed = float((self.data_args.seed * 7919 + total_batched * self.world.size + self.world.rank) % 100003)
-                loss, grads, has_vision = self.grads.loss_and_grads(batch, 1.0 / a.gradient_accumulation_steps, seed)
+                # The dropout seed follows the global micro-batch number (1-based; this worker's is
+                # (total_batched - 1) * size + rank + 1): N workers draw the masks one worker would.
+                global_batch = (total_batched - 1) * self.world.size + self.world.rank + 1
+                seed = float((self.data_args.seed * 7919 + global_batch) % 100003)
+                loss, grads, _ = self.grads.loss_and_grads(batch, 1.0 / a.gradient_accumulation_steps, seed)
                 progress.tokens += int(np.asarray(batch["attention_mask"]).sum())
                 tr_loss += loss
-                vision = vision or has_vision
                 for name, g in grads.items():
                     accum[name] = g if name not in accum else accum[name] + g
                 short_epoch_end = per_epoch <= a.gradient_accumulation_steps and index + 1 == per_epoch
                 if not (total_batched % a.gradient_accumulation_steps == 0 or short_epoch_end):
                     continue
-                # optimizer step
-                vision = self.world.any(vision)
-                names = [n for n in self.trainables.names if vision or not is_vision(n)]
-                accum = self.world.average_grads(accum, names, self.shapes)
-                accum = {n: accum[n] for n in names if n in accum}
+                # optimizer step: the parameters some micro-batch (of any worker) gave a gradient
+                accum = self.world.average_grads(accum, self.trainables.names, self.shapes)
                 grad_norm = clip_grad_norm(accum, a.max_grad_norm) if a.max_grad_norm and a.max_grad_norm > 0 \
                     else global_norm(list(accum.values()))  # logged even when nothing is clipped
                 lr = a.learning_rate * schedule(global_step)
                 self.optimizer.step(accum, lr)
-                accum, vision = {}, False
+                accum = {}
                 global_step += 1
                 epoch_float = epoch + (index + 1) / per_epoch
                 position = {"epoch": epoch + (index + 1) // per_epoch, "index": (index + 1) % per_epoch,
