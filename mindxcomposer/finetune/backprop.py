@@ -13,7 +13,7 @@ of the unpadded sequence). RoPE is computed for the real length: upstream's dyna
 on it, and, as upstream's cached table, on the longest sequence this process has seen
 (`rope_length`).
 """
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 import mindspore as ms
@@ -29,7 +29,7 @@ from ..vision import PROJECTOR_CHUNK
 from .labels import IGNORE_INDEX
 from .lora import adapter_name
 from .layer_grads import ChainGrad, ClipLayerGrad, DecoderLayerGrad, HeadLossGrad, TrainingMath
-from .trainables import Trainables, is_vision
+from .trainables import Trainables
 
 LENGTH_BUCKET = 64
 HEAD_CHUNK = 512  # positions per head-and-loss call (a multiple of LENGTH_BUCKET)

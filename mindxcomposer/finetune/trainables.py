@@ -25,13 +25,7 @@ from mindspore import Parameter, Tensor, ops
 from ..modeling_internlm2 import LINEARS
 from .lora import LoraSettings, adapter_name
 
-VISION_PREFIXES = ("vit.", "vision_proj.", "plora_glb_GN", "plora_sub_GN")
 _LAYERNORM_PARTS = (".layer_norm1.", ".layer_norm2.", ".pre_layrnorm.", ".post_layernorm.")
-
-
-def is_vision(name: str) -> bool:
-    """Parameters that get a gradient only from micro-batches with images."""
-    return name.startswith(VISION_PREFIXES)
 
 
 def decays(name: str) -> bool:

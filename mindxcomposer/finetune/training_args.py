@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 from typing import List, Optional, Sequence
 
 from .arguments import add_data_arguments, data_arguments, parse_bool
-from .data import DataArguments
 from .lora import DEFAULT_TARGETS, LoraSettings
 from .optim import SCHEDULES
 
@@ -81,7 +80,7 @@ class TrainingArguments:
         if self.lr_scheduler_type not in SCHEDULES:
             raise ValueError(f"lr_scheduler_type must be one of {SCHEDULES}, got {self.lr_scheduler_type!r}")
         if self.lr_scheduler_type == "polynomial" and not self.learning_rate > 1e-7:
-            raise ValueError(f"lr_scheduler_type polynomial decays to 1e-7: learning_rate must be above it")
+            raise ValueError("lr_scheduler_type polynomial decays to 1e-7: learning_rate must be above it")
         if self.lr_scheduler_type == "inverse_sqrt" and self.warmup_steps <= 0 and self.warmup_ratio <= 0:
             raise ValueError("lr_scheduler_type inverse_sqrt needs --warmup_steps or --warmup_ratio (its timescale)")
         if self.save_strategy not in SAVE_STRATEGIES:
