@@ -26,6 +26,15 @@ def mode(request):
     ms.set_context(mode=before)
 
 
+@pytest.fixture
+def graph_mode():
+    """Runs a test in GRAPH_MODE (how mxc-chat and mxc-finetune run), restoring the caller's mode afterwards."""
+    before = ms.get_context("mode")
+    ms.set_context(mode=ms.GRAPH_MODE)
+    yield
+    ms.set_context(mode=before)
+
+
 @pytest.fixture(scope="session")
 def demo_dir(tmp_path_factory):
     from mindxcomposer.demo import save_demo_model

@@ -5,7 +5,6 @@ tests/fixtures/finetune_train/ (tools/reference/make_finetune_train_fixtures.py;
 import json
 import os
 
-import mindspore as ms
 import numpy as np
 import pytest
 
@@ -66,15 +65,6 @@ def noise_driven(trainer, record):
                 record[name] = record.get(name, np.zeros(a.shape, bool)) | noisy
         return step(grads, lr)
     trainer.optimizer.step = recording_step
-
-
-@pytest.fixture
-def graph_mode():
-    """mxc-finetune compiles its gradient cells (GRAPH_MODE), as the command line runs them."""
-    before = ms.get_context("mode")
-    ms.set_context(mode=ms.GRAPH_MODE)
-    yield
-    ms.set_context(mode=before)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c["name"] for c in CASES])

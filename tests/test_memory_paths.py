@@ -93,14 +93,6 @@ def release_bf16_dir(tmp_path_factory):
     return d
 
 
-@pytest.fixture
-def graph_mode():
-    before = ms.get_context("mode")
-    ms.set_context(mode=ms.GRAPH_MODE)
-    yield
-    ms.set_context(mode=before)
-
-
 @pytest.mark.slow
 def test_bf16_storage_equals_fp32_storage_at_release_width(release_bf16_dir, graph_mode):
     """A bf16 checkpoint kept in bf16 computes what the same weights widened to fp32 compute: logits of the
