@@ -50,8 +50,10 @@ class MicroBatchGradients:
         self.dt = model.compute_dtype
         lora = trainables.lora
         targets = lora.targets if lora else (False,) * 5
+        # Ascend's fused attention (and its backward) where the model uses it; the portable path elsewhere.
         self.math = TrainingMath(self.config, targets, lora.scaling if lora else 1.0,
-                                 lora.lora_dropout if lora else 0.0, plora_dropout)
+                                 lora.lora_dropout if lora else 0.0, plora_dropout,
+                                 model.model.math.use_fused_attention)
         self.forward_layer = _UncachedLayer(self.math)
         key = trainables.key
         # Per layer: the trained name of each weight in the layer's weight tuple (None: frozen).
