@@ -17,7 +17,7 @@ from typing import Dict, Optional, Tuple
 
 import numpy as np
 import mindspore as ms
-from mindspore import Tensor, ops
+from mindspore import Tensor, nn, ops
 
 from ..modeling_clip import LAYER_WEIGHTS
 from ..modeling_internlm2 import LINEARS, _UncachedLayer
@@ -38,6 +38,17 @@ VOCAB_CHUNK = 8192  # vocabulary rows per slice of a frozen head in another dtyp
 
 def _pad_to(n: int, bucket: int) -> int:
     return -(-n // bucket) * bucket
+
+
+class _FinalNorm(nn.Cell):
+    """The final RMSNorm as a function of the hidden state alone (for `ms.vjp`)."""
+
+    def __init__(self, weight, eps):
+        super().__init__()
+        self.weight, self.eps = weight, eps
+
+    def construct(self, x):
+        return rms_norm(x, self.weight, self.eps)
 
 
 class MicroBatchGradients:
@@ -229,8 +240,7 @@ class MicroBatchGradients:
         `VOCAB_CHUNK` rows, each cast to the compute dtype only while it is used, twice (a log-sum-exp pass,
         then softmax minus one-hot times the slice). Autodiff would keep an fp32 copy of the whole head
         (1.5 GB at the release's size) from the forward to the backward. Runs op by op."""
-        eps = self.config.rms_norm_eps
-        h, h_vjp = ms.vjp(lambda t: rms_norm(t, norm_w, eps), x)
+        h, h_vjp = ms.vjp(_FinalNorm(norm_w, self.config.rms_norm_eps), x)
         h32 = h.astype(ms.float32)
         vocab = head_w.shape[0]
         slices = [(v, min(v + VOCAB_CHUNK, vocab)) for v in range(0, vocab, VOCAB_CHUNK)]
