@@ -53,9 +53,9 @@ QUICK = dict(hidden_size=128, intermediate_size=352, num_hidden_layers=2, num_at
              vision_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2))
 
 # Upstream's finetune.sh / finetune_lora.sh flags, except: fp32 (--bf16 False, CPU), no DeepSpeed, no saving,
-# --max_steps instead of epochs, dropout 0. --gradient_accumulation_steps and --hd_num come from this script's
-# options.
-COMMON = ["--given_num", "False", "--bf16", "False", "--batch_size", "2", "--per_device_train_batch_size", "1",
+# --max_steps instead of epochs, dropout 0. --batch_size, --gradient_accumulation_steps and --hd_num come from
+# this script's options.
+COMMON = ["--given_num", "False", "--bf16", "False", "--per_device_train_batch_size", "1",
           "--evaluation_strategy", "no", "--save_strategy", "no", "--weight_decay", "0.1", "--adam_beta2", "0.95",
           "--warmup_ratio", "0.01", "--lr_scheduler_type", "cosine", "--logging_steps", "1", "--report_to", "none",
           "--max_length", "16384", "--gradient_checkpointing", "True", "--lora_dropout", "0"]
@@ -221,7 +221,7 @@ def worker_ours(spec):
     shutil.rmtree(out_dir, ignore_errors=True)
     _reply(dict(side="ours", mode=spec["mode"], mindspore=ms.__version__, ms_mode="GRAPH_MODE",
                 threads=int(ms.get_context("runtime_num_threads")), first_step_s=times[0] - start,
-                **_timing(times, ends, micro, spec["warmup"], 2),
+                **_timing(times, ends, micro, spec["warmup"], spec["batch_size"]),
                 step_losses=_step_losses(micro, ends), micro=micro, rss_gib=rss, train_peak_gib=train_peak,
                 held_bytes=held, trainable_count=sum(int(np.prod(p.shape)) for p in trainer.trainables.params.values())))
 
@@ -315,7 +315,7 @@ def worker_upstream(spec):
         m["loss"] = loss
     _reply(dict(side="upstream", mode=spec["mode"], torch=torch.__version__, transformers=transformers.__version__,
                 peft=__import__("peft").__version__, threads=torch.get_num_threads(), first_step_s=times[0] - start,
-                **_timing(times, ends, micro, spec["warmup"], 2), step_losses=_step_losses(micro, ends),
+                **_timing(times, ends, micro, spec["warmup"], spec["batch_size"]), step_losses=_step_losses(micro, ends),
                 micro=micro, rss_gib=rss, train_peak_gib=train_peak, held_bytes=held,
                 trainable_count=trainable_count))
 
@@ -383,9 +383,9 @@ def print_report(args, config, results, why_no_upstream, command):
     print(f"model: hidden {config['hidden_size']}, {config['num_hidden_layers']} layers, intermediate "
           f"{config['intermediate_size']}, vocab 92544, PLoRA rank {config['plora_rank']}; ViT width {v['hidden_size']}, "
           f"{v['num_hidden_layers']} layers, 560-px crops; data: 2 image samples (hd_num {args.hd_num}) and 2 text "
-          f"samples, --batch_size 2, --gradient_accumulation_steps {args.grad_accum}: each optimizer step = 1 image + "
-          f"1 text micro-batch; {args.warmup} warm-up steps excluded, {args.steps} timed; fp32; "
-          f"{os.cpu_count()} CPUs, {platform.machine()}")
+          f"samples, --batch_size {args.batch_size}, --gradient_accumulation_steps {args.grad_accum} (an optimizer "
+          f"step = {args.grad_accum} micro-batches); {args.warmup} warm-up steps excluded, {args.steps} timed; fp32; "
+          f"{args.threads} threads; {os.cpu_count()} CPUs, {platform.machine()}")
     if why_no_upstream:
         print(f"upstream side not run: {why_no_upstream}")
     print()
@@ -438,7 +438,9 @@ def main(argv=None):
     p.add_argument("--modes", default="lora,full", help="comma-separated: lora, full")
     p.add_argument("--warmup", type=int, default=None, help="optimizer steps excluded from the timing (default 2)")
     p.add_argument("--steps", type=int, default=None, help="timed optimizer steps (default 4)")
-    p.add_argument("--grad-accum", type=int, default=2, help="--gradient_accumulation_steps of both sides")
+    p.add_argument("--batch-size", type=int, default=1, help="--batch_size (samples per micro-batch) of both sides")
+    p.add_argument("--grad-accum", type=int, default=None, help="--gradient_accumulation_steps of both sides "
+                   "(default: 4 / --batch-size, so that every optimizer step runs all 4 samples once)")
     p.add_argument("--hd-num", type=int, default=1, help="--hd_num of both sides")
     p.add_argument("--threads", type=int, default=2, help="MindSpore runtime_num_threads and torch threads")
     p.add_argument("--seed", type=int, default=0)
@@ -463,6 +465,9 @@ def main(argv=None):
         p.error(f"--modes: unknown {bad}; choose from {sorted(MODES)}")
     args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
     args.steps = args.steps if args.steps is not None else (2 if args.quick else 4)
+    if args.batch_size not in (1, 2):
+        p.error("--batch-size must be 1 or 2 (each data file holds 2 samples)")
+    args.grad_accum = args.grad_accum or 4 // args.batch_size
     if args.warmup < 1 or args.steps < 1 or args.grad_accum < 1 or args.hd_num < 1:
         p.error("--warmup, --steps, --grad-accum and --hd-num must be >= 1 (the first step compiles)")
     why_no_upstream = upstream_problem(args)
@@ -482,9 +487,11 @@ def main(argv=None):
         data_txt = write_data(os.path.join(work, "data"))
         for mode in args.modes:
             flags = COMMON + MODES[mode] + ["--data_path", data_txt, "--hd_num", str(args.hd_num),
+                                            "--batch_size", str(args.batch_size),
                                             "--gradient_accumulation_steps", str(args.grad_accum),
                                             "--max_steps", str(args.warmup + args.steps)]
             spec = dict(mode=mode, argv=flags, config_overrides=overrides, seed=args.seed, warmup=args.warmup,
+                        batch_size=args.batch_size,
                         threads=args.threads, model_dir=model_dir, upstream=args.upstream, finetune=args.finetune)
             results[mode] = {}
             if not why_no_upstream:
