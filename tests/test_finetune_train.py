@@ -135,6 +135,19 @@ def test_training_matches_upstream(case, tmp_path, graph_mode):
         move = float(np.abs(r - init[rows])[keep].max()) if init is not None and keep.any() else 0.0
         if move > 0:
             moves.append((float(err.max()) if err.size else 0.0) / move)
+    print(f"{case['name']}: {compared} entries compared, {excluded} noise-driven left out")
     assert excluded <= 2e-3 * compared, (excluded, compared)
     # Training moved the weights by far more than the remaining differences: the comparison has teeth.
     assert moves and np.median(moves) < 1e-2, np.median(moves)
+
+
+def test_schedules_match_transformers():
+    """Every schedule against transformers 4.33.2's `get_scheduler` (tools/reference/make_schedule_fixtures.py)."""
+    from mindxcomposer.finetune.optim import lr_lambda
+    golden = json.load(open(os.path.join(FIX, "schedules.json"), encoding="utf-8"))["cases"]
+    assert {c["kind"] for c in golden} == {"linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
+                                           "constant_with_warmup", "inverse_sqrt"}
+    for c in golden:
+        f = lr_lambda(c["kind"], c["warmup"], c["total"], c["lr"])
+        ours = [c["lr"] * f(step) for step in range(c["total"] + 1)]
+        np.testing.assert_allclose(ours, c["lrs"], rtol=1e-12, atol=1e-18, err_msg=str(c))

@@ -31,6 +31,7 @@ from .layer_grads import ChainGrad, ClipLayerGrad, DecoderLayerGrad, HeadLossGra
 from .trainables import Trainables, is_vision
 
 LENGTH_BUCKET = 64
+HEAD_CHUNK = 512  # positions per head-and-loss call (a multiple of LENGTH_BUCKET)
 
 
 def _pad_to(n: int, bucket: int) -> int:
@@ -154,14 +155,11 @@ class MicroBatchGradients:
         if count == 0:
             raise ValueError(f"micro-batch {batch.get('samples')} has no supervised token")
         m = self.model.model
-        loss, g = self.head_grad(xs[-1], Tensor(np.where(valid, next_labels, 0).astype(np.int32)),
-                                 Tensor(valid.astype(np.float32)), Tensor(np.float32(count)),
-                                 Tensor(np.float32(scale)), Tensor(m.norm.weight), Tensor(self.model.output.weight))
+        loss, dy, d_norm, d_head = self._head(xs[-1], next_labels, valid, count, scale)
         grads: Dict[str, Tensor] = {}
-        dy = g[0] if self.train_head else g  # one grad_position gives the gradient itself, not a tuple
         if self.train_head:
-            grads[self.head_keys[0]] = g[1]
-            grads[self.head_keys[1]] = g[2]
+            grads[self.head_keys[0]] = d_norm
+            grads[self.head_keys[1]] = d_head
 
         # decoder layers, last first
         for li in reversed(range(num_layers)):
@@ -188,7 +186,33 @@ class MicroBatchGradients:
                 d_emb = np.zeros((ctx["merged"].shape[0], cfg.hidden_size), np.float32)
                 d_emb[:kept] = dx0_np[row, start:start + kept]
                 self._image_backward(ctx, d_emb, grads)
-        return float(loss.asnumpy()), grads, has_vision
+        return loss, grads, has_vision
+
+    def _head(self, x, next_labels, valid, count, scale):
+        """Head and loss over `HEAD_CHUNK` positions at a time: the fp32 logits and their gradient,
+        [B, n, vocab] each (1.5 GB per 4k positions at the release's vocabulary), never exist whole."""
+        b, n_pad, _ = x.shape
+        chunk = min(HEAD_CHUNK, n_pad)
+        m = self.model.model
+        norm_w, head_w = Tensor(m.norm.weight), Tensor(self.model.output.weight)
+        loss, dxs, d_norm, d_head = 0.0, [], None, None
+        for s in range(0, n_pad, chunk):
+            part = slice(s, s + chunk)
+            if not valid[:, part].any():
+                dxs.append(ops.zeros((b, min(chunk, n_pad - s), x.shape[2]), x.dtype))
+                continue
+            val, g = self.head_grad(x[:, s:s + chunk], Tensor(np.where(valid[:, part], next_labels[:, part], 0)
+                                                               .astype(np.int32)),
+                                    Tensor(valid[:, part].astype(np.float32)), Tensor(np.float32(count)),
+                                    Tensor(np.float32(scale)), norm_w, head_w)
+            loss += float(val.asnumpy())
+            if self.train_head:  # one grad_position gives the gradient itself, not a tuple
+                dxs.append(g[0])
+                d_norm = g[1] if d_norm is None else d_norm + g[1]
+                d_head = g[2] if d_head is None else d_head + g[2]
+            else:
+                dxs.append(g)
+        return loss, ops.concat(dxs, 1), d_norm, d_head
 
     # ------------------------------------------------------------------ vision backward
     def _add(self, grads, name, g):

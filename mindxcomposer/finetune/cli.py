@@ -30,8 +30,10 @@ def merge_main(argv: Sequence[str]) -> int:
 
 
 def train_main(argv: Sequence[str]) -> int:
+    import mindspore as ms
     from .training_args import parse_args
     targs, dargs = parse_args(argv)
+    ms.set_context(mode=ms.GRAPH_MODE)  # the gradient cells compile, one graph per kind of block
     from .trainer import Trainer
     result = Trainer(targs, dargs).train()
     if result.log_history:

@@ -22,6 +22,8 @@ from .atomic import atomic_dir
 
 DEFAULT_TARGETS = ["attention.wqkv", "attention.wo", "feed_forward.w1", "feed_forward.w2", "feed_forward.w3"]
 CONFIG_FILE = "adapter_config.json"
+# Trained beside the adapter in LoRA mode (see `trainables`), saved in the adapter file under these names.
+SEPARATORS = ("base_model.model.plora_glb_GN", "base_model.model.plora_sub_GN")
 WEIGHTS_FILE = "adapter_model.safetensors"
 
 
@@ -159,7 +161,7 @@ def load_adapter(path: str, config=None) -> Tuple[LoraSettings, Dict[str, np.nda
     if config is not None:
         expected = adapter_shapes(config, settings)
         missing = sorted(set(expected) - set(tensors))
-        extra = sorted(set(tensors) - set(expected))
+        extra = sorted(set(tensors) - set(expected) - set(SEPARATORS))
         bad = [f"{k}: {tensors[k].shape} vs {expected[k]}" for k in expected if k in tensors
                and tuple(tensors[k].shape) != expected[k]]
         if missing or extra or bad:
@@ -170,9 +172,10 @@ def load_adapter(path: str, config=None) -> Tuple[LoraSettings, Dict[str, np.nda
 
 def merge_adapter(get_weight, tensors: Dict[str, np.ndarray], settings: LoraSettings, num_layers: int
                   ) -> Dict[str, np.ndarray]:
-    """The merged linear weights `W + B @ A * scaling` (float32) by model name; `get_weight(name)` reads
-    a base weight as float32."""
-    out = {}
+    """The merged linear weights `W + B @ A * scaling` (float32) by model name, and the trained image
+    separators if the adapter holds them; `get_weight(name)` reads a base weight as float32."""
+    out = {name[len("base_model.model."):]: np.asarray(v, np.float32) for name, v in tensors.items()
+           if name in SEPARATORS}
     for layer in range(num_layers):
         for lin, target in zip(LINEARS, settings.targets):
             if not target:

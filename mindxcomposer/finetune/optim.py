@@ -5,8 +5,7 @@
   `p -= lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps)`, with a step count per parameter. A parameter without a
   gradient in a step (torch: `grad is None`, e.g. the ViT after text-only micro-batches) is skipped
   entirely: no decay, no moment update, no step count.
-- `lr_lambda`: transformers' schedules (`get_scheduler`): linear, cosine, constant,
-  constant_with_warmup; the learning rate of optimizer step k (0-based) is `lr * lambda(k)`, so with
+- `lr_lambda`: transformers' schedules (`get_scheduler`), every one but reduce_lr_on_plateau; the learning rate of optimizer step k (0-based) is `lr * lambda(k)`, so with
   warmup the first step runs at 0, as upstream.
 - `clip_grad_norm`: torch.nn.utils.clip_grad_norm_: the 2-norm of the per-tensor 2-norms, and every
   gradient times min(1, max_norm / (norm + 1e-6)).
@@ -18,24 +17,47 @@ import numpy as np
 import mindspore as ms
 from mindspore import Parameter, Tensor, ops
 
-SCHEDULES = ("linear", "cosine", "constant", "constant_with_warmup")
+SCHEDULES = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+             "inverse_sqrt")
 
 
-def lr_lambda(kind: str, warmup: int, total: int):
+def lr_lambda(kind: str, warmup: int, total: int, lr_init: float = 1.0):
+    """transformers 4.33's `get_scheduler(kind, warmup, total)` lambdas (defaults: one cosine cycle; polynomial
+    to lr_end 1e-7 with power 1; inverse_sqrt with timescale = warmup)."""
     if kind not in SCHEDULES:
         raise ValueError(f"lr_scheduler_type must be one of {SCHEDULES}, got {kind!r}")
+    if kind == "polynomial" and not lr_init > 1e-7:
+        raise ValueError(f"lr_scheduler_type polynomial decays to 1e-7: learning_rate must be above it, got {lr_init}")
+    if kind == "inverse_sqrt" and warmup < 1:
+        raise ValueError("lr_scheduler_type inverse_sqrt needs warmup steps (its timescale)")
+
+    def warm(step: int) -> float:
+        if kind == "constant_with_warmup":
+            return float(step) / float(max(1.0, warmup))
+        return float(step) / float(max(1, warmup))
 
     def f(step: int) -> float:
         if kind == "constant":
             return 1.0
         if step < warmup:
-            return float(step) / float(max(1, warmup)) if kind != "constant_with_warmup" \
-                else float(step) / float(max(1.0, warmup))
+            return warm(step)
         if kind == "constant_with_warmup":
             return 1.0
+        if kind == "inverse_sqrt":
+            return 1.0 / math.sqrt(step / warmup)  # timescale = warmup: no shift
         if kind == "linear":
             return max(0.0, float(total - step) / float(max(1, total - warmup)))
+        if kind == "polynomial":
+            lr_end = 1e-7
+            if step > total or total == warmup:
+                return lr_end / lr_init
+            pct_remaining = 1 - (step - warmup) / (total - warmup)
+            return ((lr_init - lr_end) * pct_remaining ** 1.0 + lr_end) / lr_init
         progress = float(step - warmup) / float(max(1, total - warmup))
+        if kind == "cosine_with_restarts":
+            if progress >= 1.0:
+                return 0.0
+            return max(0.0, 0.5 * (1.0 + math.cos(math.pi * ((1.0 * progress) % 1.0))))
         return max(0.0, 0.5 * (1.0 + math.cos(math.pi * 0.5 * 2.0 * progress)))
     return f
 

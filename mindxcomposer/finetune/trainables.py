@@ -91,7 +91,7 @@ def full_trainables(model, fix_vit: bool, fix_sampler: bool) -> Trainables:
 
 
 GN_NAMES = ("plora_glb_GN", "plora_sub_GN")
-PEFT_PREFIX = "base_model.model."
+PEFT_PREFIX = "base_model.model."  # lora.SEPARATORS are these names with it
 
 
 def lora_trainables(model, settings: LoraSettings, initial: Dict[str, np.ndarray]) -> Trainables:

@@ -33,7 +33,7 @@ from .data import DataArguments, FinetuneData
 from .distributed import World
 from .lora import init_adapter, load_adapter, save_adapter
 from .model_dir import save_model_dir
-from .optim import AdamW, clip_grad_norm, lr_lambda
+from .optim import AdamW, clip_grad_norm, global_norm, lr_lambda
 from .trainables import Trainables, full_trainables, is_vision, lora_trainables
 from .training_args import TrainingArguments, resolve_resume
 
@@ -104,15 +104,10 @@ class Trainer:
             return full_trainables(self.model, a.fix_vit, a.fix_sampler)
         settings = a.lora_settings()
         if a.lora_weight_path:
-            saved, initial = load_adapter(a.lora_weight_path, None)
+            saved, initial = load_adapter(a.lora_weight_path, self.model.config)  # names and shapes checked
             if (saved.r, saved.targets) != (settings.r, settings.targets):
                 raise ValueError(f"--lora_weight_path {a.lora_weight_path}: adapter r={saved.r}, targets "
                                  f"{saved.target_modules}; this run asks r={settings.r}, {settings.target_modules}")
-            from .lora import adapter_shapes
-            expected = adapter_shapes(self.model.config, settings)
-            bad = sorted(set(expected) ^ set(initial))
-            if bad:
-                raise ValueError(f"--lora_weight_path {a.lora_weight_path} does not fit the model: {bad[:4]}")
         else:
             initial = init_adapter(self.model.config, settings, self.data_args.seed)
         return lora_trainables(self.model, settings, initial)
@@ -180,7 +175,7 @@ class Trainer:
     def train(self) -> TrainResult:
         a = self.args
         per_epoch, max_steps, epochs, warmup = self.plan()
-        schedule = lr_lambda(a.lr_scheduler_type, warmup, max_steps)
+        schedule = lr_lambda(a.lr_scheduler_type, warmup, max_steps, a.learning_rate)
         logging_steps = a.steps_value(a.logging_steps, max_steps)
         save_steps = a.steps_value(a.save_steps, max_steps)
         global_step, total_batched, start_epoch, skip, log_history = 0, 0, 0, 0, []
@@ -228,7 +223,7 @@ class Trainer:
                 accum = self.world.average_grads(accum, names, self.shapes)
                 accum = {n: accum[n] for n in names if n in accum}
                 grad_norm = clip_grad_norm(accum, a.max_grad_norm) if a.max_grad_norm and a.max_grad_norm > 0 \
-                    else float("nan")
+                    else global_norm(list(accum.values()))  # logged even when nothing is clipped
                 lr = a.learning_rate * schedule(global_step)
                 self.optimizer.step(accum, lr)
                 accum, vision = {}, False

@@ -80,6 +80,10 @@ class TrainingArguments:
             raise ValueError("--fp16 is not supported; use --bf16 (Ascend) or fp32")
         if self.lr_scheduler_type not in SCHEDULES:
             raise ValueError(f"lr_scheduler_type must be one of {SCHEDULES}, got {self.lr_scheduler_type!r}")
+        if self.lr_scheduler_type == "polynomial" and not self.learning_rate > 1e-7:
+            raise ValueError(f"lr_scheduler_type polynomial decays to 1e-7: learning_rate must be above it")
+        if self.lr_scheduler_type == "inverse_sqrt" and self.warmup_steps <= 0 and self.warmup_ratio <= 0:
+            raise ValueError("lr_scheduler_type inverse_sqrt needs --warmup_steps or --warmup_ratio (its timescale)")
         if self.save_strategy not in SAVE_STRATEGIES:
             raise ValueError(f"save_strategy must be one of {SAVE_STRATEGIES}, got {self.save_strategy!r}")
         for name in ("gradient_accumulation_steps",):
@@ -139,8 +143,14 @@ def parse_args(argv: Sequence[str]):
     ns = build_parser().parse_args(list(argv))
     data = data_arguments(ns)
     targs = TrainingArguments(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(TrainingArguments)})
-    targs.check()
     data.check()
+    if not os.path.isfile(data.data_path):
+        raise FileNotFoundError(f"--data_path {data.data_path}: no such file")
+    targs.check()
+    if targs.lora_weight_path and not os.path.isdir(targs.lora_weight_path):
+        raise FileNotFoundError(f"--lora_weight_path {targs.lora_weight_path}: no such adapter directory")
+    from ..validation import check_model_dir
+    check_model_dir(targs.model_name_or_path)
     targs.progress = ns.progress
     if targs.resume_from_checkpoint in ("False", "false", "None", ""):
         targs.resume_from_checkpoint = None

@@ -168,6 +168,23 @@ CASES = [
          argv=["--use_lora", "False", "--fix_vit", "True", "--fix_sampler", "True", "--batch_size", "2",
                "--gradient_accumulation_steps", "2", "--num_train_epochs", "2", "--warmup_steps", "2",
                "--lr_scheduler_type", "constant_with_warmup", "--max_grad_norm", "3.5"]),
+    # The tiny default max_position_embeddings (1024): the image micro-batch (1267 positions) comes first, so
+    # upstream's dynamic-NTK tables are rescaled for 1267 and the text micro-batches after it are rotated with them.
+    dict(name="lora_ntk", data="full_mixed.txt", config_overrides={},
+         argv=LORA + ["--hd_num", "2", "--batch_size", "2", "--gradient_accumulation_steps", "1", "--max_steps", "3",
+                      "--warmup_steps", "1", "--lr_scheduler_type", "cosine", "--lora_r", "4", "--lora_alpha", "8",
+                      "--max_grad_norm", "0.5"]),
+    # Two of the five linears, polynomial decay, image and text micro-batches.
+    dict(name="lora_subset", data="full_mixed.txt",
+         argv=LORA + ["--hd_num", "1", "--batch_size", "2", "--gradient_accumulation_steps", "2", "--max_steps", "3",
+                      "--warmup_steps", "1", "--lr_scheduler_type", "polynomial", "--lora_r", "4", "--lora_alpha", "16",
+                      "--lora_target_modules", "attention.wqkv", "feed_forward.w2", "--max_grad_norm", "0.5"]),
+    # The projector trains, the ViT does not; hard-restart cosine; a different beta2 and epsilon.
+    dict(name="full_sampler", data="lora_image.txt",
+         argv=["--use_lora", "False", "--fix_vit", "True", "--fix_sampler", "False", "--hd_num", "1",
+               "--batch_size", "2", "--gradient_accumulation_steps", "2", "--max_steps", "3", "--warmup_steps", "1",
+               "--lr_scheduler_type", "cosine_with_restarts", "--adam_beta2", "0.999", "--adam_epsilon", "1e-6",
+               "--max_grad_norm", "2.0"]),
 ]
 for _c in CASES:
     _c["argv"] = COMMON + ["--data_path", f"{DATA_REL}/{_c['data']}"] + _c["argv"]
