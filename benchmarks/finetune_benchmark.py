@@ -153,7 +153,6 @@ def worker_ours(spec):
     ms.set_context(mode=ms.GRAPH_MODE)  # as mxc-finetune runs: the gradient cells compile
     if spec["threads"]:
         ms.set_context(runtime_num_threads=spec["threads"])
-    from mindspore import Tensor
 
     from mindxcomposer.finetune.trainer import Trainer, load_model
     from mindxcomposer.finetune.training_args import parse_args
@@ -436,6 +435,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="small model, 1 warm-up + 2 timed steps: a smoke run")
     p.add_argument("--modes", default="lora,full", help="comma-separated: lora, full")
+    p.add_argument("--sides", default="upstream,ours", help="comma-separated: upstream, ours (to rerun one side)")
     p.add_argument("--warmup", type=int, default=None, help="optimizer steps excluded from the timing (default 2)")
     p.add_argument("--steps", type=int, default=None, help="timed optimizer steps (default 4)")
     p.add_argument("--batch-size", type=int, default=1, help="--batch_size (samples per micro-batch) of both sides")
@@ -470,7 +470,10 @@ def main(argv=None):
     args.grad_accum = args.grad_accum or 4 // args.batch_size
     if args.warmup < 1 or args.steps < 1 or args.grad_accum < 1 or args.hd_num < 1:
         p.error("--warmup, --steps, --grad-accum and --hd-num must be >= 1 (the first step compiles)")
-    why_no_upstream = upstream_problem(args)
+    args.sides = [x.strip() for x in args.sides.split(",") if x.strip()]
+    if not args.sides or set(args.sides) - {"upstream", "ours"}:
+        p.error("--sides: choose from upstream, ours")
+    why_no_upstream = upstream_problem(args) if "upstream" in args.sides else "--sides without upstream"
     if why_no_upstream:
         print(f"upstream side skipped: {why_no_upstream}", flush=True)
 
@@ -503,6 +506,8 @@ def main(argv=None):
                 results[mode]["upstream"] = run_worker(args.upstream_python, "upstream", path, f"{mode} upstream")
                 if mode == "lora" and os.path.isdir(spec["save_adapter"]):
                     spec["adapter_dir"] = spec["save_adapter"]
+            if "ours" not in args.sides:
+                continue
             path = os.path.join(work, f"{mode}.ours.json")
             with open(path, "w", encoding="utf-8") as f:
                 json.dump(spec, f)
