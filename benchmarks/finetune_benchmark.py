@@ -142,7 +142,8 @@ def _timing(times, ends, micro, warmup, batch_size):
     tokens = sum(m["tokens"] for m in timed)
     return dict(timed_steps=steps, timed_micro_batches=len(timed), seconds=seconds, tokens=tokens,
                 samples=len(timed) * batch_size, samples_per_s=len(timed) * batch_size / seconds,
-                tokens_per_s=tokens / seconds, median_step_s=float(np.median(step_s)) if len(step_s) else seconds)
+                tokens_per_s=tokens / seconds, median_step_s=float(np.median(step_s)) if len(step_s) else seconds,
+                step_s=[float(x) for x in np.diff(times)])  # every step after the first, warm-up included
 
 
 # ----------------------------------------------------------------------------------------------- our side
