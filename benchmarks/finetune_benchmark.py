@@ -1,0 +1,530 @@
+"""Fine-tuning benchmark: LoRA and full fine-tuning steps of `mxc-finetune` (MindSpore, GRAPH_MODE) against
+upstream's `finetune.py` (PyTorch eager, transformers 4.33.2 Trainer, peft 0.8.2, torch AdamW), in the same run.
+
+    python benchmarks/finetune_benchmark.py [--quick] [--modes lora,full] [--warmup 2] [--steps 4]
+        [--upstream /work/upstream/base --finetune /path/to/InternLM-XComposer/finetune
+         --upstream-python /work/venv-ref/bin/python] [--json out.json]
+
+A benchmark, not a test: it prints a table and writes JSON. Both sides train the same seeded random-weight model
+(`mindxcomposer.demo.tiny_config` at a mid size, `--quick`: a small one) on the same data (image samples at
+`--hd-num` and text samples, `--sampling sequential`: the same micro-batches in the same order) with the same
+flags: upstream's `finetune_lora.sh` / `finetune.sh` (LoRA: adapter only; full: LLM, ViT and projector), fp32,
+every dropout 0 (so that the per-step losses of the two sides can be compared: the check that both did the same
+work). Each side of each mode runs in its own process; the first `--warmup` optimizer steps (they compile) are
+excluded and the next `--steps` are timed. Per side: samples/s and tokens/s (non-padding positions of the
+decoder input) over the timed steps, the process's peak RSS (`wait4`'s `ru_maxrss`), the training peak (VmHWM
+reset when training starts, so model loading is not in it) and what the trainer holds in memory, measured on
+its objects (parameters, trainable parameters, AdamW moments, gradients, the stored layer inputs) and RSS
+after each phase.
+
+The upstream side runs upstream's own `finetune.train()` through the run-time patches of
+`tools/reference/make_finetune_train_fixtures.py` (imported, not copied; its docstring lists them), under
+`--upstream-python`. Without `--upstream` / `--finetune`, or when they are not usable, only our side runs and
+the script says why.
+"""
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+REFERENCE = os.path.join(REPO, "tools", "reference")
+ASSETS = os.path.join(REPO, "tests", "assets")
+MARK = "@@bench "
+GiB = 2 ** 30
+
+# Mid size: hidden 512 and 6 layers (the 92544-row embedding and head are ~80% of the LLM's weights, as the
+# release's vocabulary is kept), a 4-layer ViT of width 256 on real 560-px crops. max_position_embeddings 4096
+# as the parity fixtures (upstream's dynamic-NTK RoPE would otherwise rescale on the image micro-batches).
+MID = dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=2,
+           plora_rank=64, max_position_embeddings=4096,
+           vision_config=dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4))
+QUICK = dict(hidden_size=128, intermediate_size=352, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             plora_rank=16, max_position_embeddings=4096,
+             vision_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2))
+
+# Upstream's finetune.sh / finetune_lora.sh flags, except: fp32 (--bf16 False, CPU), no DeepSpeed, no saving,
+# --max_steps instead of epochs, dropout 0. --batch_size, --gradient_accumulation_steps and --hd_num come from
+# this script's options.
+COMMON = ["--given_num", "False", "--bf16", "False", "--per_device_train_batch_size", "1",
+          "--evaluation_strategy", "no", "--save_strategy", "no", "--weight_decay", "0.1", "--adam_beta2", "0.95",
+          "--warmup_ratio", "0.01", "--lr_scheduler_type", "cosine", "--logging_steps", "1", "--report_to", "none",
+          "--max_length", "16384", "--gradient_checkpointing", "True", "--lora_dropout", "0"]
+MODES = {
+    "lora": ["--fix_vit", "True", "--fix_sampler", "True", "--use_lora", "True", "--learning_rate", "5e-5"],
+    "full": ["--fix_vit", "False", "--fix_sampler", "False", "--use_lora", "False", "--learning_rate", "1e-5"],
+}
+
+
+# ----------------------------------------------------------------------------------------------- data
+def _conv(*turns):
+    return [{"from": "human" if i % 2 == 0 else "gpt", "value": v} for i, v in enumerate(turns)]
+
+
+SENTENCES = ["The river bends twice before it reaches the old mill, where the water slows and turns green.",
+             "Gears trade speed for force: a small wheel driving a large one turns it slower but harder.",
+             "Tea leaves release their flavour fastest in water just below boiling, and bitterness after that.",
+             "Early maps were drawn from travellers' stories, so distances were measured in days, not miles."]
+
+
+def write_data(folder):
+    """Image samples (one marker each) and longer multi-turn text samples; 2 of each, absolute paths."""
+    def text(k, n):
+        return " ".join(SENTENCES[(k + i) % len(SENTENCES)] for i in range(n))
+
+    images = [dict(id="img0", image=os.path.join(ASSETS, "chelsea.png"),
+                   conversations=_conv("<ImageHere>\nDescribe the picture in detail.", text(0, 6),
+                                       "What else can you see?", text(1, 4))),
+              dict(id="img1", image=[os.path.join(ASSETS, "coffee.png")],
+                   conversations=_conv("What is in this image? <ImageHere>", text(2, 8)))]
+    texts = [dict(id="txt0", conversations=_conv(text(3, 4) + " Summarise this.", text(0, 8),
+                                                 "Now in one line.", text(1, 2))),
+             dict(id="txt1", conversations=_conv("Tell me about rivers, gears, tea and maps.", text(2, 12)))]
+    os.makedirs(folder, exist_ok=True)
+    paths = []
+    for name, records in (("images.json", images), ("texts.json", texts)):
+        paths.append(os.path.join(folder, name))
+        with open(paths[-1], "w", encoding="utf-8") as f:
+            json.dump(records, f, indent=1)
+    data_txt = os.path.join(folder, "data.txt")
+    with open(data_txt, "w", encoding="utf-8") as f:
+        f.write("".join(p + "\n" for p in paths))
+    return data_txt
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+def _reply(obj):
+    sys.stdout.write(MARK + json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+def _status_kib(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return -1
+
+
+def _rss_gib():
+    return _status_kib("VmRSS") / 2 ** 20
+
+
+def _reset_peak():
+    """Linux: writing 5 to clear_refs resets the process's peak RSS (VmHWM) to its current RSS."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _timing(times, ends, micro, warmup, batch_size):
+    """samples/s and tokens/s over optimizer steps warmup+1 .. end; `ends[i]` = micro-batches done after step i."""
+    if len(times) <= warmup:
+        return {}
+    first_mb = ends[warmup - 1] if warmup else 0
+    t0 = times[warmup - 1] if warmup else None
+    timed = micro[first_mb:]
+    seconds = times[-1] - t0
+    steps = len(times) - warmup
+    step_s = np.diff(times[warmup - 1:]) if warmup else np.diff(times)
+    tokens = sum(m["tokens"] for m in timed)
+    return dict(timed_steps=steps, timed_micro_batches=len(timed), seconds=seconds, tokens=tokens,
+                samples=len(timed) * batch_size, samples_per_s=len(timed) * batch_size / seconds,
+                tokens_per_s=tokens / seconds, median_step_s=float(np.median(step_s)) if len(step_s) else seconds,
+                step_s=[float(x) for x in np.diff(times)])  # every step after the first, warm-up included
+
+
+# ----------------------------------------------------------------------------------------------- our side
+def worker_ours(spec):
+    rss = {"start": _rss_gib()}
+    import mindspore as ms
+
+    ms.set_context(mode=ms.GRAPH_MODE)  # as mxc-finetune runs: the gradient cells compile
+    if spec["threads"]:
+        ms.set_context(runtime_num_threads=spec["threads"])
+
+    from mindxcomposer.finetune.trainer import Trainer, load_model
+    from mindxcomposer.finetune.training_args import parse_args
+
+    out_dir = tempfile.mkdtemp(prefix="ft-bench-ours-")
+    argv = spec["argv"] + ["--model_name_or_path", spec["model_dir"], "--output_dir", out_dir,
+                           "--sampling", "sequential", "--plora_dropout", "0", "--progress", "False"]
+    if spec.get("adapter_dir"):
+        argv += ["--lora_weight_path", spec["adapter_dir"]]
+    args, data_args = parse_args(argv)
+    rss["imports"] = _rss_gib()
+    model = load_model(args)
+    rss["model_loaded"] = _rss_gib()
+    trainer = Trainer(args, data_args, model=model)
+    rss["trainer_built"] = _rss_gib()
+
+    micro, times, ends, held = [], [], [], {}
+    grads = trainer.grads
+    forward_layer = grads.forward_layer
+    stored = [0]
+
+    def counting_layer(x, *rest):  # the layer outputs loss_and_grads keeps for the backward
+        y = forward_layer(x, *rest)
+        stored[0] += y.nbytes
+        return y
+
+    grads.forward_layer = counting_layer
+    loss_and_grads = grads.loss_and_grads
+
+    def timed_loss_and_grads(batch, scale, seed=0.0):
+        stored[0] = 0
+        loss, g, has_vision = loss_and_grads(batch, scale, seed)
+        ids = np.asarray(batch["input_ids"])
+        micro.append(dict(tokens=int(np.asarray(batch["attention_mask"]).sum()), shape=list(ids.shape),
+                          loss=loss / scale, stored_layer_inputs=stored[0] + ids.shape[0] * (
+                              -(-ids.shape[1] // 64) * 64) * model.config.hidden_size * 4))
+        return loss, g, has_vision
+
+    grads.loss_and_grads = timed_loss_and_grads
+    opt = trainer.optimizer
+    opt_step = opt.step
+
+    def timed_step(g, lr):
+        held["gradients"] = max(held.get("gradients", 0), sum(int(t.nbytes) for t in g.values()))
+        opt_step(g, lr)
+        last = opt.params[next(reversed(g))] if g else None
+        if last is not None:
+            last.asnumpy()  # waits for the update
+        times.append(time.perf_counter())
+        ends.append(len(micro))
+        if len(times) == spec["warmup"]:
+            rss["after_warmup"] = _rss_gib()
+
+    opt.step = timed_step
+    reset = _reset_peak()
+    start = time.perf_counter()
+    trainer.train()
+    train_peak = _status_kib("VmHWM") / 2 ** 20 if reset else None
+    rss["end"] = _rss_gib()
+    params = list(model.get_parameters())
+    held.update(parameters=sum(int(p.nbytes) for p in params),
+                trainable=sum(int(p.nbytes) for p in trainer.trainables.params.values()),
+                adamw_moments=sum(int(p.nbytes) for d in (opt.exp_avg, opt.exp_avg_sq) for p in d.values()),
+                stored_layer_inputs=max(m["stored_layer_inputs"] for m in micro))
+    shutil.rmtree(out_dir, ignore_errors=True)
+    _reply(dict(side="ours", mode=spec["mode"], mindspore=ms.__version__, ms_mode="GRAPH_MODE",
+                threads=int(ms.get_context("runtime_num_threads")), first_step_s=times[0] - start,
+                **_timing(times, ends, micro, spec["warmup"], spec["batch_size"]),
+                step_losses=_step_losses(micro, ends), micro=micro, rss_gib=rss, train_peak_gib=train_peak,
+                held_bytes=held, trainable_count=sum(int(np.prod(p.shape)) for p in trainer.trainables.params.values())))
+
+
+def _step_losses(micro, ends):
+    out, a = [], 0
+    for b in ends:
+        out.append(float(np.mean([m["loss"] for m in micro[a:b]])))
+        a = b
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- upstream side
+def worker_upstream(spec):
+    rss = {"start": _rss_gib()}
+    sys.path.insert(0, REFERENCE)
+    import make_finetune_data_fixtures as D
+    import make_finetune_train_fixtures as F
+
+    D.ensure_torchvision(None)
+    import torch
+    import transformers
+    from accelerate import Accelerator
+
+    torch.set_num_threads(spec["threads"] or 2)
+    data_mix, finetune, _ = D.import_finetune(spec["finetune"])
+    rss["imports"] = _rss_gib()
+    rec = F.Recorder()
+    case = dict(config_overrides=spec["config_overrides"], seed=spec["seed"])
+    micro, times, ends, held = [], [], [], {}
+    out_dir = tempfile.mkdtemp(prefix="ft-bench-up-")
+    with F.patched(os.path.abspath(spec["upstream"]), case, finetune, data_mix, rec) as model:
+        rss["model_loaded"] = _rss_gib()
+        # The fixture script's id recorder on the embedding is for its golden files, not part of training.
+        model.model.tok_embeddings._forward_pre_hooks.clear()
+        model.model.register_forward_pre_hook(
+            lambda mod, a, kw: micro.append(dict(tokens=int(kw["attention_mask"].sum()),
+                                                 shape=list(kw["inputs_embeds"].shape[:2]))), with_kwargs=True)
+        patched_clip = Accelerator.clip_grad_norm_
+
+        def clip(self, parameters, max_norm, norm_type=2):
+            g = [p.grad for p in rec.trainer.model.parameters() if p.requires_grad and p.grad is not None]
+            held["gradients"] = max(held.get("gradients", 0), sum(t.numel() * t.element_size() for t in g))
+            return patched_clip(self, parameters, max_norm, norm_type)
+
+        Accelerator.clip_grad_norm_ = clip  # restored by `patched` on exit
+
+        class Timer(transformers.TrainerCallback):
+            def on_train_begin(self, args, state, control, **kw):
+                rss["trainer_built"] = _rss_gib()
+                self.reset = _reset_peak()
+
+            def on_step_end(self, args, state, control, **kw):
+                times.append(time.perf_counter())
+                ends.append(len(micro))
+                if len(times) == spec["warmup"]:
+                    rss["after_warmup"] = _rss_gib()
+
+        timer = Timer()
+        recording = finetune.Trainer
+
+        class TimedTrainer(recording):
+            def __init__(self, *a, **k):
+                super().__init__(*a, **k)
+                self.add_callback(timer)
+
+        finetune.Trainer = TimedTrainer  # restored by `patched` on exit
+        sys.argv = ["finetune.py", "--model_name_or_path", "upstream-bench", "--output_dir", out_dir] + spec["argv"]
+        start = time.perf_counter()
+        finetune.train()
+        train_peak = _status_kib("VmHWM") / 2 ** 20 if timer.reset else None
+        rss["end"] = _rss_gib()
+        trainer = rec.trainer
+        opt = trainer.optimizer
+        held.update(parameters=sum(p.numel() * p.element_size() for p in trainer.model.parameters()),
+                    trainable=sum(p.numel() * p.element_size() for p in trainer.model.parameters() if p.requires_grad),
+                    adamw_moments=sum(v.numel() * v.element_size() for st in opt.state.values() for k, v in st.items()
+                                      if k in ("exp_avg", "exp_avg_sq")))
+        trainable_count = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+        if spec.get("save_adapter") and rec.initial_adapter:
+            # Our side starts from the same adapter (peft's layout), as the parity test does.
+            # (mindxcomposer.finetune.lora needs MindSpore, absent from this interpreter: peft's file names here.)
+            from safetensors.numpy import save_file
+            os.makedirs(spec["save_adapter"], exist_ok=True)
+            save_file(rec.initial_adapter, os.path.join(spec["save_adapter"], "adapter_model.safetensors"),
+                      metadata={"format": "pt"})
+            with open(os.path.join(spec["save_adapter"], "adapter_config.json"), "w", encoding="utf-8") as f:
+                json.dump(rec.adapter_config, f)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    for m, loss in zip(micro, rec.micro_losses):
+        m["loss"] = loss
+    _reply(dict(side="upstream", mode=spec["mode"], torch=torch.__version__, transformers=transformers.__version__,
+                peft=__import__("peft").__version__, threads=torch.get_num_threads(), first_step_s=times[0] - start,
+                **_timing(times, ends, micro, spec["warmup"], spec["batch_size"]), step_losses=_step_losses(micro, ends),
+                micro=micro, rss_gib=rss, train_peak_gib=train_peak, held_bytes=held,
+                trainable_count=trainable_count))
+
+
+# ----------------------------------------------------------------------------------------------- orchestrator
+def run_worker(python, side, spec_path, label):
+    t = time.perf_counter()
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen([python, os.path.abspath(__file__), "--worker", side, "--spec", spec_path],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+    reply, lines = None, []
+    for line in proc.stdout:
+        if line.startswith(MARK):
+            reply = json.loads(line[len(MARK):])
+        else:
+            lines.append(line)
+    err = proc.stderr.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    rc = os.waitstatus_to_exitcode(status)
+    res = dict(wall_s=time.perf_counter() - t, peak_rss_gib=usage.ru_maxrss / 2 ** 20, rc=rc)
+    if reply is None:
+        tail = "".join(lines[-10:]) + err[-3000:]
+        print(f"[{label}] failed (exit {rc}):\n{tail}", flush=True)
+        res["error"] = tail
+        return res
+    res.update(reply)
+    print(f"[{label}] {res['wall_s']:.0f} s wall, {res.get('samples_per_s', float('nan')):.3f} samples/s, "
+          f"peak {res['peak_rss_gib']:.2f} GiB", flush=True)
+    return res
+
+
+def upstream_problem(args):
+    """None if the upstream side can run, else why not."""
+    if not args.upstream or not args.finetune:
+        return "--upstream and --finetune not given"
+    for d, files in ((args.upstream, ("modeling_internlm_xcomposer2.py", "build_mlp.py")),
+                     (args.finetune, ("finetune.py", "data_mix.py"))):
+        missing = [f for f in files if not os.path.isfile(os.path.join(d, f))]
+        if missing:
+            return f"{d} lacks {missing}"
+    if not (args.upstream_python and os.path.exists(args.upstream_python)):
+        return f"no upstream Python at {args.upstream_python}"
+    probe = subprocess.run([args.upstream_python, "-c", "import torch, transformers, peft, accelerate; "
+                            "print(transformers.__version__, peft.__version__)"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        return f"{args.upstream_python} cannot import torch/transformers/peft/accelerate: {probe.stderr[-300:]}"
+    versions = probe.stdout.split()
+    if versions[:2] != ["4.33.2", "0.8.2"]:
+        return f"{args.upstream_python} has transformers {versions[0]} / peft {versions[1]}, upstream targets 4.33.2 / 0.8.2"
+    return None
+
+
+def _fmt(x, spec=".2f"):
+    return "-" if x is None else format(x, spec)
+
+
+def _ratio(a, b):
+    return None if a is None or b is None or not b else a / b
+
+
+def print_report(args, config, results, why_no_upstream, command):
+    print()
+    print(f"command: {command}")
+    v = config["vision_config"]
+    print(f"model: hidden {config['hidden_size']}, {config['num_hidden_layers']} layers, intermediate "
+          f"{config['intermediate_size']}, vocab 92544, PLoRA rank {config['plora_rank']}; ViT width {v['hidden_size']}, "
+          f"{v['num_hidden_layers']} layers, 560-px crops; data: 2 image samples (hd_num {args.hd_num}) and 2 text "
+          f"samples, --batch_size {args.batch_size}, --gradient_accumulation_steps {args.grad_accum} (an optimizer "
+          f"step = {args.grad_accum} micro-batches); {args.warmup} warm-up steps excluded, {args.steps} timed; fp32; "
+          f"{args.threads} threads; {os.cpu_count()} CPUs, {platform.machine()}")
+    if why_no_upstream:
+        print(f"upstream side not run: {why_no_upstream}")
+    print()
+    print("| mode | side | s / step | samples/s | tokens/s | peak RSS GiB (process) | training peak GiB | "
+          "first step s (compile) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for mode in args.modes:
+        for side in ("ours", "upstream"):
+            r = results.get(mode, {}).get(side)
+            if not r or "samples_per_s" not in r:
+                continue
+            name = "ours (MindSpore GRAPH)" if side == "ours" else "upstream (PyTorch eager)"
+            print(f"| {mode} | {name} | {r['median_step_s']:.2f} | {r['samples_per_s']:.3f} | {r['tokens_per_s']:.1f} | "
+                  f"{r['peak_rss_gib']:.2f} | {_fmt(r.get('train_peak_gib'))} | {r['first_step_s']:.1f} |")
+        o, u = results.get(mode, {}).get("ours", {}), results.get(mode, {}).get("upstream", {})
+        if "samples_per_s" in o and "samples_per_s" in u:
+            print(f"| {mode} | **ours / upstream** | {_fmt(_ratio(o['median_step_s'], u['median_step_s']))} | "
+                  f"{_fmt(_ratio(o['samples_per_s'], u['samples_per_s']))} | "
+                  f"{_fmt(_ratio(o['tokens_per_s'], u['tokens_per_s']))} | "
+                  f"{_fmt(_ratio(o['peak_rss_gib'], u['peak_rss_gib']))} | "
+                  f"{_fmt(_ratio(o.get('train_peak_gib'), u.get('train_peak_gib')))} | "
+                  f"{_fmt(_ratio(o['first_step_s'], u['first_step_s']))} |")
+    print()
+    print("Memory held (MB, measured on the trainer's objects) and RSS after each phase (GiB):")
+    print("| mode | side | trainable params | parameters | AdamW moments | gradients | stored layer inputs (largest "
+          "micro-batch) | RSS model loaded | RSS trainer built | RSS after warm-up |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for mode in args.modes:
+        for side in ("ours", "upstream"):
+            r = results.get(mode, {}).get(side)
+            if not r or "held_bytes" not in r:
+                continue
+            h, s = r["held_bytes"], r["rss_gib"]
+            mb = lambda k: _fmt(h[k] / 2 ** 20, ".0f") if k in h else "-"  # noqa: E731
+            print(f"| {mode} | {side} | {r['trainable_count'] / 1e6:.2f} M | {mb('parameters')} | {mb('adamw_moments')} | "
+                  f"{mb('gradients')} | {mb('stored_layer_inputs')} | {_fmt(s.get('model_loaded'))} | "
+                  f"{_fmt(s.get('trainer_built'))} | {_fmt(s.get('after_warmup'))} |")
+    for mode in args.modes:
+        o, u = results.get(mode, {}).get("ours", {}), results.get(mode, {}).get("upstream", {})
+        if "step_losses" in o and "step_losses" in u:
+            tokens_same = [m["tokens"] for m in o["micro"]] == [m["tokens"] for m in u["micro"]]
+            rel = max(abs(a - b) / abs(b) for a, b in zip(o["step_losses"], u["step_losses"]))
+            print(f"{mode}: same micro-batches (token counts equal): {'yes' if tokens_same else 'NO'}; "
+                  f"largest relative difference of the per-step mean micro-batch loss: {rel:.1e}")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="small model, 1 warm-up + 2 timed steps: a smoke run")
+    p.add_argument("--modes", default="lora,full", help="comma-separated: lora, full")
+    p.add_argument("--sides", default="upstream,ours", help="comma-separated: upstream, ours (to rerun one side)")
+    p.add_argument("--warmup", type=int, default=None, help="optimizer steps excluded from the timing (default 2)")
+    p.add_argument("--steps", type=int, default=None, help="timed optimizer steps (default 4)")
+    p.add_argument("--batch-size", type=int, default=1, help="--batch_size (samples per micro-batch) of both sides")
+    p.add_argument("--grad-accum", type=int, default=None, help="--gradient_accumulation_steps of both sides "
+                   "(default: 4 / --batch-size, so that every optimizer step runs all 4 samples once)")
+    p.add_argument("--hd-num", type=int, default=1, help="--hd_num of both sides")
+    p.add_argument("--threads", type=int, default=2, help="MindSpore runtime_num_threads and torch threads")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--upstream", help="upstream's IXC2.5 model code folder (tools/reference/README.md)")
+    p.add_argument("--finetune", help="upstream's finetune/ folder")
+    p.add_argument("--upstream-python", default="/work/venv-ref/bin/python" if os.path.exists(
+        "/work/venv-ref/bin/python") else None, help="Python with torch, transformers 4.33.2, peft 0.8.2, accelerate")
+    p.add_argument("--workdir", help="where the model and data go (default: a temporary folder)")
+    p.add_argument("--json", help="write the results here")
+    p.add_argument("--worker", choices=["ours", "upstream"], help=argparse.SUPPRESS)
+    p.add_argument("--spec", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        with open(args.spec, encoding="utf-8") as f:
+            spec = json.load(f)
+        (worker_ours if args.worker == "ours" else worker_upstream)(spec)
+        return 0
+    command = " ".join(["python", os.path.relpath(os.path.abspath(sys.argv[0]), REPO)] + sys.argv[1:])
+    args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    bad = [m for m in args.modes if m not in MODES]
+    if bad:
+        p.error(f"--modes: unknown {bad}; choose from {sorted(MODES)}")
+    args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
+    args.steps = args.steps if args.steps is not None else (2 if args.quick else 4)
+    if args.batch_size not in (1, 2):
+        p.error("--batch-size must be 1 or 2 (each data file holds 2 samples)")
+    args.grad_accum = args.grad_accum or 4 // args.batch_size
+    if args.warmup < 1 or args.steps < 1 or args.grad_accum < 1 or args.hd_num < 1:
+        p.error("--warmup, --steps, --grad-accum and --hd-num must be >= 1 (the first step compiles)")
+    args.sides = [x.strip() for x in args.sides.split(",") if x.strip()]
+    if not args.sides or set(args.sides) - {"upstream", "ours"}:
+        p.error("--sides: choose from upstream, ours")
+    why_no_upstream = upstream_problem(args) if "upstream" in args.sides else "--sides without upstream"
+    if why_no_upstream:
+        print(f"upstream side skipped: {why_no_upstream}", flush=True)
+
+    from mindxcomposer.demo import save_demo_model, tiny_config
+
+    overrides = QUICK if args.quick else MID
+    config = tiny_config(**overrides)
+    tmp = None if args.workdir else tempfile.TemporaryDirectory(prefix="ft-bench-")
+    work = os.path.abspath(args.workdir or tmp.name)
+    os.makedirs(work, exist_ok=True)
+    results = {}
+    try:
+        model_dir = save_demo_model(os.path.join(work, "model"), config, args.seed)
+        data_txt = write_data(os.path.join(work, "data"))
+        for mode in args.modes:
+            flags = COMMON + MODES[mode] + ["--data_path", data_txt, "--hd_num", str(args.hd_num),
+                                            "--batch_size", str(args.batch_size),
+                                            "--gradient_accumulation_steps", str(args.grad_accum),
+                                            "--max_steps", str(args.warmup + args.steps)]
+            spec = dict(mode=mode, argv=flags, config_overrides=overrides, seed=args.seed, warmup=args.warmup,
+                        batch_size=args.batch_size,
+                        threads=args.threads, model_dir=model_dir, upstream=args.upstream, finetune=args.finetune)
+            results[mode] = {}
+            if not why_no_upstream:
+                if mode == "lora":
+                    spec["save_adapter"] = os.path.join(work, "initial_adapter")
+                path = os.path.join(work, f"{mode}.upstream.json")
+                with open(path, "w", encoding="utf-8") as f:
+                    json.dump(spec, f)
+                results[mode]["upstream"] = run_worker(args.upstream_python, "upstream", path, f"{mode} upstream")
+                if mode == "lora" and os.path.isdir(spec["save_adapter"]):
+                    spec["adapter_dir"] = spec["save_adapter"]
+            if "ours" not in args.sides:
+                continue
+            path = os.path.join(work, f"{mode}.ours.json")
+            with open(path, "w", encoding="utf-8") as f:
+                json.dump(spec, f)
+            results[mode]["ours"] = run_worker(sys.executable, "ours", path, f"{mode} ours")
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    print_report(args, config.to_dict(), results, why_no_upstream, command)
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(dict(command=command, config=overrides, args={k: v for k, v in vars(args).items()
+                                                                   if k not in ("worker", "spec")},
+                           upstream_skipped=why_no_upstream, results=results), f, indent=1)
+    failed = [f"{m} {s}" for m, r in results.items() for s, v in r.items() if "error" in v]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
