@@ -158,15 +158,16 @@ class InternLMXComposer2ForCausalLM(ChatMixin, nn.Cell):
     def load_weights(self, ckpt: Checkpoint) -> None:
         """Set every resident parameter from the checkpoint, in the storage dtype; task LoRAs are read
         from it when a mode needs them."""
+        self._forget_task_loras()
         self._set_parameters((n, ckpt.raw(n), ckpt.dtype(n)) for n in ckpt.keys() if not _is_task_lora(n))
         self._task_source = lambda name: (ckpt.raw(name), ckpt.dtype(name))
-        self.resident_tasks = ()
 
     def load_state_dict(self, items) -> None:
         """Set every parameter from (upstream name, float32 array) pairs or a dict; all must be present.
         Task-LoRA arrays are kept aside (host memory) until a mode needs them."""
         items = items.items() if isinstance(items, dict) else items
         tasks = {}
+        self._forget_task_loras()
 
         def resident():
             for name, arr in items:
@@ -182,7 +183,17 @@ class InternLMXComposer2ForCausalLM(ChatMixin, nn.Cell):
         if missing or unexpected:
             raise CheckpointError(f"task LoRA parameters missing: {missing[:20]}; unexpected: {unexpected[:20]}")
         self._task_source = lambda name: (tasks[name], "F32")
+
+    def _forget_task_loras(self) -> None:
+        """Before new weights: drop the resident task LoRAs (they hold the old ones); the version bump makes
+        sessions built on the model rebuild."""
+        if self.resident_tasks:
+            for layer in self.model.layers:
+                for name in LINEARS:
+                    for task in self.resident_tasks:
+                        layer.plora(name).drop_task(task)
         self.resident_tasks = ()
+        self.task_version += 1
 
     def _set_parameters(self, items) -> None:
         params = {p.name: p for p in self.get_parameters()}

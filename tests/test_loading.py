@@ -112,3 +112,22 @@ def test_bf16_round_trip_and_reader(tmp_path):
     # values torch gives for x.bfloat16().float()
     np.testing.assert_array_equal(bf16_to_fp32(bits), [1.0, -2.5, 3.140625, 0.00099945068359375, 65536.0,
                                                        np.inf, -0.0, 1.0, 1.015625])
+
+
+def test_reloading_weights_replaces_resident_task_loras():
+    """New weights while a mode's task LoRA is resident: the old task cells go, sessions see a new version,
+    and the mode brings the new values in."""
+    import numpy as np
+    from mindxcomposer.demo import random_weights, tiny_config
+    from mindxcomposer.modeling_xcomposer2 import InternLMXComposer2ForCausalLM
+    cfg = tiny_config()
+    first, second = random_weights(cfg, 0), random_weights(cfg, 1)
+    model = InternLMXComposer2ForCausalLM(cfg)
+    model.load_state_dict(first)
+    model.use_task_loras("web")
+    version = model.task_version
+    model.load_state_dict(second)
+    assert model.resident_tasks == () and model.task_version > version
+    model.use_task_loras("web")
+    name = "model.layers.1.feed_forward.w2.lora_web_B.weight"
+    np.testing.assert_array_equal(model.model.layers[1].feed_forward.w2.lora_web_B.weight.asnumpy(), second[name])
