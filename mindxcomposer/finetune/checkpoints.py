@@ -16,7 +16,7 @@ import numpy as np
 
 from ..weights import SafetensorsFile, write_safetensors
 from .atomic import atomic_dir, write_json
-from .lora import LoraSettings, load_adapter, save_adapter
+from .lora import LoraSettings, load_adapter, write_adapter
 
 PREFIX = "checkpoint-"
 TRAINABLE_FILE = "trainable.safetensors"
@@ -42,12 +42,11 @@ def latest_checkpoint(output_dir: str) -> Optional[str]:
 
 
 def _write_arrays(path: str, arrays: Dict[str, np.ndarray]) -> None:
-    dtypes = {}
     out = {}
     for k, v in arrays.items():
         v = np.asarray(v)
         out[k] = v if v.dtype in (np.float32, np.int64) else v.astype(np.float32)
-    write_safetensors(path, out, metadata={"format": "mxc"}, dtypes=dtypes)
+    write_safetensors(path, out, metadata={"format": "mxc"})
 
 
 def _read_arrays(path: str) -> Dict[str, np.ndarray]:
@@ -61,10 +60,7 @@ def save_checkpoint(output_dir: str, step: int, trained: Dict[str, np.ndarray], 
     path = os.path.join(output_dir, f"{PREFIX}{step}")
     with atomic_dir(path) as tmp:
         if lora is not None:
-            save_adapter(os.path.join(tmp, "adapter"), trained, lora, base_model)
-            for f in os.listdir(os.path.join(tmp, "adapter")):
-                os.replace(os.path.join(tmp, "adapter", f), os.path.join(tmp, f))
-            os.rmdir(os.path.join(tmp, "adapter"))
+            write_adapter(tmp, trained, lora, base_model)
         else:
             _write_arrays(os.path.join(tmp, TRAINABLE_FILE), trained)
         _write_arrays(os.path.join(tmp, OPTIMIZER_FILE), optimizer_state)

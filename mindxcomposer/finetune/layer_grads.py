@@ -14,13 +14,13 @@ projector's cells, `rms_norm` + `linear` for the head. `TrainingMath` adds what 
 inference has not: the trained LoRA adapter on the target linears (peft's `lora_B(lora_A(drop(x))) *
 scaling` on top of the Partial-LoRA linear) and dropout on the LoRA inputs.
 """
-from typing import Sequence, Tuple
+from typing import Sequence
 
 import mindspore as ms
 from mindspore import nn, ops
 
 from ..layers import rms_norm
-from ..modeling_internlm2 import LINEARS, DecoderMath
+from ..modeling_internlm2 import DecoderMath
 from ..ops import linear
 
 
@@ -167,8 +167,3 @@ class ChainGrad(nn.Cell):
     def construct(self, x, dy):
         return self.grad(x, dy)
 
-
-def adapter_targets(target_modules: Sequence[str]) -> Tuple[bool, ...]:
-    """Which of `LINEARS` peft's `target_modules` matches: a name equal to the module's or ending with
-    '.' + it (peft's suffix rule), e.g. 'attention.wqkv' or 'wqkv'."""
-    return tuple(any(name == t or name.endswith("." + t) for t in target_modules) for name in LINEARS)

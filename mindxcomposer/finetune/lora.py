@@ -114,13 +114,18 @@ def init_adapter(config, settings: LoraSettings, seed: int) -> Dict[str, np.ndar
     return out
 
 
+def write_adapter(directory: str, tensors: Dict[str, np.ndarray], settings: LoraSettings, base_model: str = "") -> None:
+    """Write an adapter's two files (peft's layout) into an existing directory."""
+    write_safetensors(os.path.join(directory, WEIGHTS_FILE), {k: np.asarray(v, np.float32) for k, v in tensors.items()},
+                      metadata={"format": "pt"})
+    with open(os.path.join(directory, CONFIG_FILE), "w", encoding="utf-8") as f:
+        json.dump(settings.peft_config(base_model), f, indent=2)
+
+
 def save_adapter(path: str, tensors: Dict[str, np.ndarray], settings: LoraSettings, base_model: str = "") -> None:
     """Write (atomically) an adapter directory in peft's layout."""
     with atomic_dir(path) as tmp:
-        write_safetensors(os.path.join(tmp, WEIGHTS_FILE), {k: np.asarray(v, np.float32) for k, v in tensors.items()},
-                          metadata={"format": "pt"})
-        with open(os.path.join(tmp, CONFIG_FILE), "w", encoding="utf-8") as f:
-            json.dump(settings.peft_config(base_model), f, indent=2)
+        write_adapter(tmp, tensors, settings, base_model)
 
 
 def load_adapter(path: str, config=None) -> Tuple[LoraSettings, Dict[str, np.ndarray]]:

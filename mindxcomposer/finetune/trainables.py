@@ -23,7 +23,7 @@ import mindspore as ms
 from mindspore import Parameter, Tensor, ops
 
 from ..modeling_internlm2 import LINEARS
-from .lora import LoraSettings, adapter_name
+from .lora import SEPARATORS, LoraSettings, adapter_name
 
 _LAYERNORM_PARTS = (".layer_norm1.", ".layer_norm2.", ".pre_layrnorm.", ".post_layernorm.")
 
@@ -84,23 +84,20 @@ def full_trainables(model, fix_vit: bool, fix_sampler: bool) -> Trainables:
     return Trainables(params)
 
 
-GN_NAMES = ("plora_glb_GN", "plora_sub_GN")
-PEFT_PREFIX = "base_model.model."  # lora.SEPARATORS are these names with it
-
-
 def lora_trainables(model, settings: LoraSettings, initial: Dict[str, np.ndarray]) -> Trainables:
     """Adapter Parameters (fp32) for every layer and target, from `initial` (peft names), and the
     model's two separators (see the module docstring), named with peft's prefix; `initial` may hold
     them (an adapter written here), else the model's values are the start."""
     params = {}
-    for gn in GN_NAMES:
+    for key in SEPARATORS:
+        gn = key.rsplit(".", 1)[1]
         p = getattr(model, gn)
-        if PEFT_PREFIX + gn in initial:
-            ops.assign(p, Tensor(np.asarray(initial[PEFT_PREFIX + gn], np.float32)).astype(p.dtype))
+        if key in initial:
+            ops.assign(p, Tensor(np.asarray(initial[key], np.float32)).astype(p.dtype))
         if p.dtype != ms.float32:  # a bf16 base: the separators train in fp32 (the merge reads them as fp32)
             p = Parameter(p.astype(ms.float32), name=gn)
             setattr(model, gn, p)
-        params[PEFT_PREFIX + gn] = p
+        params[key] = p
     for layer in range(model.config.num_hidden_layers):
         for lin, target in zip(LINEARS, settings.targets):
             if not target:

@@ -129,15 +129,13 @@ class Trainer:
         warmup = a.warmup_steps if a.warmup_steps > 0 else math.ceil(max_steps * a.warmup_ratio)
         return per_epoch, max_steps, epochs, warmup
 
-    def _records(self, epoch: int, index: int, stream_index: int):
+    def _records(self, index: int):
+        """The samples of this epoch's `index`-th micro-batch (sequential), or the stream's next."""
         if self.data_args.sampling == "sequential":
             return self.data.micro_batch_records(index)
         return next(self._stream)
 
     # ------------------------------------------------------------------ outputs
-    def _trained_numpy(self) -> Dict[str, np.ndarray]:
-        return self.trainables.numpy()
-
     def _state(self, log_history, global_step, epoch_float, max_steps, position):
         return {"best_metric": None, "best_model_checkpoint": None, "epoch": epoch_float, "eval_steps": 500,
                 "global_step": global_step, "is_hyper_param_search": False, "is_local_process_zero": True,
@@ -148,7 +146,7 @@ class Trainer:
     def _save_checkpoint(self, log_history, global_step, epoch_float, max_steps, position):
         if not self.world.is_main:
             return
-        save_checkpoint(self.args.output_dir, global_step, self._trained_numpy(), self.trainables.lora,
+        save_checkpoint(self.args.output_dir, global_step, self.trainables.numpy(), self.trainables.lora,
                         self.optimizer.state_dict(), self._state(log_history, global_step, epoch_float, max_steps,
                                                                  position),
                         self.args.model_name_or_path, self.args.save_total_limit)
@@ -158,7 +156,7 @@ class Trainer:
             return
         out = self.args.output_dir
         os.makedirs(out, exist_ok=True)
-        trained = self._trained_numpy()
+        trained = self.trainables.numpy()
         if self.trainables.is_lora:
             save_adapter(os.path.join(out, ".adapter.tmp"), trained, self.trainables.lora, self.args.model_name_or_path)
             tmp = os.path.join(out, ".adapter.tmp")
@@ -208,7 +206,6 @@ class Trainer:
         if self.data_args.sampling == "upstream":
             self._stream = self.data.iter_records(start=total_batched)
         progress = Progress(max_steps, bool(getattr(a, "progress", True)) and self.world.is_main, self.progress_stream)
-        progress.start_step = global_step
         start = time.time()
         accum: Dict[str, Tensor] = {}
         stop = global_step >= max_steps
@@ -218,7 +215,7 @@ class Trainer:
                 break
             first = skip if epoch == start_epoch else 0
             for index in range(first, per_epoch):
-                records = self._records(epoch, index, total_batched)
+                records = self._records(index)
                 batch = self.data.build(records)
                 total_batched += 1
                 # The dropout seed follows the global micro-batch number (1-based; this worker's is
