@@ -10,7 +10,7 @@ import mindspore as ms
 from mindspore import Parameter, nn, ops
 from mindspore.common.initializer import initializer
 
-from .ops import cast_like, embedding, linear
+from .ops import EXACT, cast_like, embedding, linear
 
 
 def lazy_param(shape, dtype, name, fill="zeros"):
@@ -20,15 +20,16 @@ def lazy_param(shape, dtype, name, fill="zeros"):
 class Linear(nn.Cell):
     """y = x W^T + b with W [out, in] as in torch; any number of leading dimensions."""
 
-    def __init__(self, in_features, out_features, bias=True, dtype=ms.float32):
+    def __init__(self, in_features, out_features, bias=True, dtype=ms.float32, products=EXACT):
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
+        self.products = products  # the arithmetic of the product (`ops.weight_products`)
         self.weight = lazy_param((out_features, in_features), dtype, "weight")
         self.bias = lazy_param((out_features,), dtype, "bias") if bias else None
 
     def construct(self, x):
-        y = linear(x, self.weight)
+        y = linear(x, self.weight, self.products)
         if self.bias is not None:
             y = y + cast_like(self.bias, y)
         return y

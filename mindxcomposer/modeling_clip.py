@@ -18,11 +18,8 @@ from mindspore import Tensor, nn, ops
 
 from .configuration import CLIPVisionConfig
 from .layers import LayerNorm, Linear, lazy_param
-from .ops import cast_like, linear
+from .ops import EXACT, attention, cast_like, linear
 from .vision_pauses import vision_call_done
-
-_bmm_t = ops.BatchMatMul(transpose_b=True)
-_bmm = ops.BatchMatMul()
 
 # Order in which a layer's weights are passed to `CLIPLayerMath` (upstream names under the layer).
 LAYER_WEIGHTS = (
@@ -111,8 +108,9 @@ class CLIPEncoderLayer(nn.Cell):
 class CLIPLayerMath(nn.Cell):
     """One CLIP encoder layer (HF's CLIPEncoderLayer) on weights given in `LAYER_WEIGHTS` order."""
 
-    def __init__(self, cfg: CLIPVisionConfig):
+    def __init__(self, cfg: CLIPVisionConfig, products=EXACT):
         super().__init__()
+        self.products = products  # the arithmetic of every product (`ops.weight_products`)
         self.num_heads = cfg.num_attention_heads
         self.head_dim = cfg.hidden_size // cfg.num_attention_heads
         self.scale = self.head_dim ** -0.5
@@ -123,7 +121,7 @@ class CLIPLayerMath(nn.Cell):
         return x.reshape(b, n, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
 
     def _dense(self, x, w, b):
-        return linear(x, w) + cast_like(b, x)
+        return linear(x, w, self.products) + cast_like(b, x)
 
     def construct(self, x, ln1_w, ln1_b, q_w, q_b, k_w, k_b, v_w, v_b, o_w, o_b, ln2_w, ln2_b,
                   fc1_w, fc1_b, fc2_w, fc2_b):
@@ -133,8 +131,7 @@ class CLIPLayerMath(nn.Cell):
         q = self._heads(self._dense(h, q_w, q_b) * self.scale)
         k = self._heads(self._dense(h, k_w, k_b))
         v = self._heads(self._dense(h, v_w, v_b))
-        probs = ops.softmax(_bmm_t(q, k).astype(ms.float32), axis=-1).astype(x.dtype)
-        out = _bmm(probs, v).transpose(0, 2, 1, 3).reshape(b, n, c)
+        out = attention(q, k, v, None, 1, False, self.products).transpose(0, 2, 1, 3).reshape(b, n, c)
         x = x + self._dense(out, o_w, o_b)
         h = self.norm(x, cast_like(ln2_w, x), cast_like(ln2_b, x))[0]
         return x + self._dense(quick_gelu(self._dense(h, fc1_w, fc1_b)), fc2_w, fc2_b)
@@ -177,14 +174,14 @@ class CLIPVisionTower(nn.Cell):
     """Holds the tower under upstream's attribute names (`vit.vision_tower.vision_model...`) and runs it
     crop micro-batch by micro-batch, layer by layer (see the module docstring)."""
 
-    def __init__(self, cfg: CLIPVisionConfig, dtype=ms.float32, compute_dtype=ms.float32):
+    def __init__(self, cfg: CLIPVisionConfig, dtype=ms.float32, compute_dtype=ms.float32, products=EXACT):
         super().__init__()
         self.vision_tower = CLIPVisionModel(cfg, dtype)
         self.compute_dtype = compute_dtype
         vm = self.vision_tower.vision_model
         # Not registered as sub-cells: they would give the same parameters a second name.
         object.__setattr__(self, "_stem", _Stem(vm.embeddings, vm.pre_layrnorm))
-        object.__setattr__(self, "_math", CLIPLayerMath(cfg))
+        object.__setattr__(self, "_math", CLIPLayerMath(cfg, products))
 
     def __call__(self, pixel_values, micro_batch: Optional[int] = None) -> Tensor:
         return self.encode(pixel_values.asnumpy() if isinstance(pixel_values, Tensor) else pixel_values, micro_batch)

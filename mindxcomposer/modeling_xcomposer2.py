@@ -19,7 +19,7 @@ from .image_processing import global_view, pixel_values
 from .layers import Linear, lazy_param
 from .modeling_clip import CLIPVisionTower
 from .modeling_internlm2 import LINEARS, InternLM2Model
-from .ops import enable_kernels, fused_attention_available
+from .ops import BF16, EXACT, enable_kernels, fused_attention_available
 from .plora import INFER_MODES, TASKS_OF_MODE
 from .prompt import build_inputs, interleave_chat
 from .rope import packed_rope
@@ -49,6 +49,19 @@ def resolve_dtype(dtype, what="dtype"):
 def default_compute_dtype(storage_dtype):
     """fp32 arithmetic except on Ascend, which computes in the stored dtype as upstream runs on GPU."""
     return storage_dtype if ms.get_context("device_target") == "Ascend" else ms.float32
+
+
+def arithmetic(storage_dtype, compute_dtype=None):
+    """(activation dtype, product mode) for a model: `compute_dtype` None is `default_compute_dtype`.
+    On Ascend the activations are in the compute dtype and its cube units multiply in it. Elsewhere the
+    activations stay fp32 (MindSpore's CPU has no bf16 arithmetic) and `compute_dtype="bf16"` means
+    bf16 products: each product's inputs rounded to bf16, accumulated in fp32 (`ops.weight_products`)."""
+    if compute_dtype is None:
+        return default_compute_dtype(storage_dtype), EXACT
+    compute_dtype = resolve_dtype(compute_dtype, "compute_dtype")
+    if ms.get_context("device_target") != "Ascend" and compute_dtype == ms.bfloat16:
+        return ms.float32, BF16
+    return compute_dtype, EXACT
 
 
 def to_storage(arr: np.ndarray, dtype, src_code: str = "F32") -> Tensor:
@@ -107,17 +120,16 @@ class InternLMXComposer2ForCausalLM(ChatMixin, nn.Cell):
         dtype = resolve_dtype(dtype)
         self.config = config
         self.dtype = dtype
-        self.compute_dtype = default_compute_dtype(dtype) if compute_dtype is None else resolve_dtype(
-            compute_dtype, "compute_dtype")
-        if self.dtype == ms.bfloat16 and self.compute_dtype == ms.float32:
-            enable_kernels()  # bf16 x fp32 CPU kernels; the portable cast path serves if they cannot be built
-        self.model = InternLM2Model(config, dtype, use_fused_attention, self.compute_dtype)
-        self.output = Linear(config.hidden_size, config.vocab_size, bias=False, dtype=dtype)
+        self.compute_dtype, self.products = arithmetic(dtype, compute_dtype)
+        if self.compute_dtype == ms.float32:
+            enable_kernels()  # the CPU product kernels; the portable MatMul path serves if they cannot be built
+        self.model = InternLM2Model(config, dtype, use_fused_attention, self.compute_dtype, self.products)
+        self.output = Linear(config.hidden_size, config.vocab_size, bias=False, dtype=dtype, products=self.products)
         v = config.vision_config
-        self.vit = CLIPVisionTower(v, dtype, self.compute_dtype)
+        self.vit = CLIPVisionTower(v, dtype, self.compute_dtype, self.products)
         self.vit_micro_batch = None  # crops per ViT call (None: the tower's default, 1)
         self.vision_proj = VisionProjector(config.vision_merged_size, config.projector_hidden_size,
-                                           config.hidden_size, dtype, self.compute_dtype)
+                                           config.hidden_size, dtype, self.compute_dtype, self.products)
         self.plora_glb_GN = lazy_param((1, 1, config.vision_merged_size), dtype, "plora_glb_GN")
         self.plora_sub_GN = lazy_param((1, 1, 1, config.vision_merged_size), dtype, "plora_sub_GN")
         self.merger = HDMerge(v.image_size // v.patch_size)
@@ -138,7 +150,7 @@ class InternLMXComposer2ForCausalLM(ChatMixin, nn.Cell):
         memory, no fp32 copy is made), or 'bf16' / 'fp16' / 'fp32'. `compute_dtype`: see the class."""
         dtype = None if dtype is None else resolve_dtype(dtype)
         if compute_dtype is not None:
-            compute_dtype = resolve_dtype(compute_dtype, "compute_dtype")
+            resolve_dtype(compute_dtype, "compute_dtype")  # checked before anything loads
         path = check_model_dir(path, dtype, use_fused_attention=use_fused_attention)
         config = InternLMXComposer2Config.from_pretrained(path)
         tokenizer = load_model_tokenizer(path)  # before the weights: a broken tokenizer.model fails fast

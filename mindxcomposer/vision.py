@@ -12,6 +12,7 @@ import mindspore as ms
 from mindspore import Tensor, nn
 
 from .layers import Linear
+from .ops import EXACT
 from .vision_pauses import vision_call_done
 
 PROJECTOR_CHUNK = 1024
@@ -64,9 +65,9 @@ class VisionProjector(nn.SequentialCell):
     """`vision_proj`: Linear(4C, mid) - GELU (erf, torch's default) - Linear(mid, hidden), applied to
     `PROJECTOR_CHUNK` rows at a time (the last chunk padded with zeros: one compiled shape)."""
 
-    def __init__(self, in_features, mid_features, out_features, dtype, compute_dtype=ms.float32):
-        super().__init__([Linear(in_features, mid_features, dtype=dtype), nn.GELU(approximate=False),
-                          Linear(mid_features, out_features, dtype=dtype)])
+    def __init__(self, in_features, mid_features, out_features, dtype, compute_dtype=ms.float32, products=EXACT):
+        super().__init__([Linear(in_features, mid_features, dtype=dtype, products=products), nn.GELU(approximate=False),
+                          Linear(mid_features, out_features, dtype=dtype, products=products)])
         self.compute_dtype = compute_dtype
 
     def __call__(self, x):

@@ -23,7 +23,7 @@ from ..modeling_clip import LAYER_WEIGHTS
 from ..modeling_internlm2 import LINEARS, _UncachedLayer
 from ..modeling_xcomposer2 import causal_mask
 from ..layers import rms_norm
-from ..ops import embedding, linear
+from ..ops import embedding, kernels_enabled, linear
 from ..rope import packed_rope
 from ..vision import PROJECTOR_CHUNK
 from .labels import IGNORE_INDEX
@@ -64,7 +64,7 @@ class MicroBatchGradients:
         # Ascend's fused attention (and its backward) where the model uses it; the portable path elsewhere.
         self.math = TrainingMath(self.config, targets, lora.scaling if lora else 1.0,
                                  lora.lora_dropout if lora else 0.0, plora_dropout,
-                                 model.model.math.use_fused_attention)
+                                 model.model.math.use_fused_attention, model.products)
         self.forward_layer = _UncachedLayer(self.math)
         key = trainables.key
         # Per layer: the trained name of each weight in the layer's weight tuple (None: frozen).
@@ -81,9 +81,11 @@ class MicroBatchGradients:
         m = model.model
         self.head_keys = (key(m.norm.weight), key(model.output.weight))
         self.train_head = self.head_keys[1] is not None
-        # A frozen head stored in another dtype than the arithmetic: see `_frozen_head`.
-        self.frozen_cast_head = not self.train_head and model.output.weight.dtype != self.dt
-        self.head_grad = HeadLossGrad(self.config.rms_norm_eps, self.train_head)
+        # A frozen head stored in another dtype than the arithmetic, without the CPU kernels (which read it in
+        # place, in the forward and in the gradient): see `_frozen_head`.
+        self.frozen_cast_head = (not self.train_head and model.output.weight.dtype != self.dt
+                                 and not kernels_enabled())
+        self.head_grad = HeadLossGrad(self.config.rms_norm_eps, self.train_head, model.products)
         self.embedding_key = key(m.tok_embeddings.weight)
         vit = model.vit.vision_tower.vision_model
         self.vit_layer_keys = [[key(p) for p in layer.weights()] for layer in vit.encoder.layers]

@@ -21,7 +21,7 @@ from mindspore import nn, ops
 
 from ..layers import rms_norm
 from ..modeling_internlm2 import DecoderMath
-from ..ops import linear
+from ..ops import EXACT, linear
 
 
 def hash_dropout(x, p, seed, salt):
@@ -45,8 +45,8 @@ class TrainingMath(DecoderMath):
     each adapter target in `LINEARS` order, then, when a dropout is on, a float32 scalar seed."""
 
     def __init__(self, config, targets: Sequence[bool] = (False,) * 5, scaling=1.0, lora_dropout=0.0,
-                 plora_dropout=0.0, use_fused_attention=False):
-        super().__init__(config, use_fused_attention)
+                 plora_dropout=0.0, use_fused_attention=False, products=EXACT):
+        super().__init__(config, use_fused_attention, products)
         self.targets = tuple(bool(t) for t in targets)
         self.scaling = float(scaling)
         self.lora_p = float(lora_dropout)
@@ -68,7 +68,8 @@ class TrainingMath(DecoderMath):
         k = self.adapter_slots[i]
         if k < 0:
             return res
-        return res + linear(linear(self.lora_input(x, w, i, 1), w[k]), w[k + 1]) * self.scaling
+        lora = linear(linear(self.lora_input(x, w, i, 1), w[k], self.products), w[k + 1], self.products)
+        return res + lora * self.scaling
 
 
 class _LayerDot(nn.Cell):
@@ -96,12 +97,13 @@ class _HeadLoss(nn.Cell):
     """Final RMSNorm, output head and upstream's loss: CrossEntropyLoss (mean over the supervised
     tokens) of logits t against labels t + 1, times `scale` (1 / gradient accumulation steps)."""
 
-    def __init__(self, eps):
+    def __init__(self, eps, products=EXACT):
         super().__init__()
         self.eps = eps
+        self.products = products
 
     def construct(self, x, next_labels, valid, count, scale, norm_w, head_w):
-        logits = linear(rms_norm(x, norm_w, self.eps), head_w).astype(ms.float32)
+        logits = linear(rms_norm(x, norm_w, self.eps), head_w, self.products).astype(ms.float32)
         logp = ops.log_softmax(logits, -1)
         nll = -ops.gather_elements(logp, 2, next_labels.expand_dims(2)).squeeze(2)
         return (nll * valid).sum() / count * scale
@@ -110,10 +112,10 @@ class _HeadLoss(nn.Cell):
 class HeadLossGrad(nn.Cell):
     """(loss * scale, (dx[, d norm, d head])) of `_HeadLoss`."""
 
-    def __init__(self, eps, train_head: bool):
+    def __init__(self, eps, train_head: bool, products=EXACT):
         super().__init__()
         positions = (0, 5, 6) if train_head else (0,)
-        self.grad = ms.value_and_grad(_HeadLoss(eps), grad_position=positions)
+        self.grad = ms.value_and_grad(_HeadLoss(eps, products), grad_position=positions)
 
     def construct(self, x, next_labels, valid, count, scale, norm_w, head_w):
         return self.grad(x, next_labels, valid, count, scale, norm_w, head_w)

@@ -1,14 +1,17 @@
 """Kernel dispatch: the few places where a device- or dtype-specific kernel may replace the portable path.
 
-- `attention`: Ascend's fused kernel only on Ascend, the portable BatchMatMul + softmax elsewhere.
-- `linear` / `embedding`: bf16-stored weights with fp32 arithmetic through the CPU kernels of
-  `bf16_kernels` on CPU, a cast to the compute dtype elsewhere or when they cannot be built.
+- `attention`: Ascend's fused kernel only on Ascend, the portable path (two products + fp32 softmax)
+  elsewhere.
+- `linear`, `batch_nt`, `batch_nn`, `embedding` (`weight_products`): every product, in the model's
+  arithmetic (`exact` or `bf16`), through the CPU kernels of `cpu_kernels` on CPU, MindSpore's MatMul
+  elsewhere or when they cannot be built.
 
 (A top-level package named `ops` would collide with other packages in site-packages, hence
 `mindxcomposer.ops`.)
 """
 from .attention import attention, fused_attention_available
-from .weight_products import cast_like, embedding, enable_kernels, kernels_enabled, linear
+from .weight_products import (BF16, EXACT, PRODUCT_MODES, batch_nn, batch_nt, cast_like, check_products, embedding,
+                              enable_kernels, kernels_enabled, linear)
 
-__all__ = ["attention", "fused_attention_available", "cast_like", "embedding", "enable_kernels",
-           "kernels_enabled", "linear"]
+__all__ = ["attention", "fused_attention_available", "BF16", "EXACT", "PRODUCT_MODES", "batch_nn", "batch_nt",
+           "cast_like", "check_products", "embedding", "enable_kernels", "kernels_enabled", "linear"]

@@ -1,33 +1,52 @@
-"""Products with stored weights: the single dispatch point between storage and compute dtypes.
+"""Products: the single dispatch point between storage dtypes, compute dtypes and kernels.
 
-Weights are kept in the checkpoint's dtype (bf16 for the release) and the arithmetic runs in the
-model's compute dtype (fp32 on CPU, where MindSpore has no bf16 MatMul or Gather kernel; bf16 on
-Ascend, as upstream runs). Three paths, chosen per call from static shapes and dtypes:
+Weights are kept in the checkpoint's dtype (bf16 for the release) and activations are in the model's
+compute dtype (fp32 on CPU, where MindSpore has no bf16 MatMul; bf16 on Ascend, as upstream runs).
+Every product with a stored weight (`linear`) and attention's two products (`batch_nt`, `batch_nn`)
+come through here. A product has one of two arithmetics (`PRODUCT_MODES`), a property of the model
+(`InternLMXComposer2ForCausalLM.products`):
 
-- same dtype: MindSpore's MatMul / Gather, as before (fp32 checkpoints, and bf16 on Ascend);
-- bf16 weight, fp32 activations, at most `KERNEL_MAX_ROWS` rows (decode steps): the CPU kernels of
-  `bf16_kernels.py`, which read the bf16 bits directly; no fp32 copy of the weight is ever made;
-- otherwise (prefill chunks, the ViT, or no kernel): cast the weight to the compute dtype, then
-  MatMul. bf16 -> fp32 is exact, so this equals an fp32-stored model bit for bit; the cast is a
-  transient the size of one weight, and its cost is small next to a product over hundreds of rows.
+- `exact` (the default): fp32 products and sums, so a bf16-stored model computes exactly what an
+  fp32-stored copy of the same values computes;
+- `bf16`: both inputs are rounded to bf16 and products accumulate in fp32 into an fp32 output, as
+  upstream's bf16 inference rounds them (on CPU: AVX512-BF16 where the CPU has it). Everything that is
+  not a product (norms, softmax, RoPE, residuals, activations) stays fp32.
+
+The paths, chosen per call from static shapes and dtypes:
+
+- CPU with the kernels of `cpu_kernels` (built from the package's own sources):
+  - at most `KERNEL_MAX_ROWS` rows (decode steps; read-bound): a bf16 weight goes through the decode
+    kernel, which reads its bits in place; an fp32 weight through MindSpore's MatMul. Both exact, in
+    either mode: a decode step's time is the weight read, not the arithmetic;
+  - more rows (prefill chunks, the ViT, the projector, attention, training): the blocked GEMM of
+    `csrc/gemm_kernels.cc` in the model's arithmetic. bf16 weights are widened while the GEMM packs
+    them: no fp32 copy of a weight exists and no separate cast pass runs. Its gradients are the same
+    GEMM's products (the primitives are differentiable).
+- elsewhere (Ascend, GPU, or no kernels here): MindSpore's MatMul / BatchMatMul in the compute dtype,
+  after a cast of the weight when it is stored in another dtype (exact for bf16 -> fp32).
 """
 import mindspore as ms
 from mindspore import ops
 
-from . import bf16_kernels
+from . import cpu_kernels
+
+EXACT, BF16 = "exact", "bf16"
+PRODUCT_MODES = (EXACT, BF16)
+KERNEL_MAX_ROWS = 16  # above this a product is compute-bound: the GEMM kernel; at or below, read-bound
 
 _matmul_t = ops.MatMul(transpose_b=True)
-KERNEL_MAX_ROWS = 16  # above this a product is compute-bound: the cast + oneDNN GEMM is faster
+_bmm_t = ops.BatchMatMul(transpose_b=True)
+_bmm = ops.BatchMatMul()
 
-# (linear, embedding) Custom primitives when enabled; read when a graph is traced.
+# The CPU kernels (`cpu_kernels.custom_ops()`) once enabled; read when a graph is traced.
 _kernels = None
 
 
 def enable_kernels() -> bool:
-    """Turn the bf16 CPU kernels on if they can be built here (see `bf16_kernels.available`)."""
+    """Turn the CPU kernels on if they can be built here (see `cpu_kernels.available`)."""
     global _kernels
     if _kernels is None:
-        _kernels = bf16_kernels.custom_ops()
+        _kernels = cpu_kernels.custom_ops()
     return _kernels is not None
 
 
@@ -35,22 +54,48 @@ def kernels_enabled() -> bool:
     return _kernels is not None
 
 
+def check_products(products: str) -> str:
+    if products not in PRODUCT_MODES:
+        raise ValueError(f"products must be one of {PRODUCT_MODES}, got {products!r}")
+    return products
+
+
 def cast_like(p, x):
     """A parameter (norm weight, bias, embedding row...) in the dtype of the activations x."""
     return p if p.dtype == x.dtype else p.astype(x.dtype)
 
 
-def linear(x, w):
+def _gemm_ready(x, w):
+    return _kernels is not None and x.dtype == ms.float32 and w.dtype in (ms.float32, ms.bfloat16)
+
+
+def linear(x, w, products=EXACT):
     """x [..., K] in the compute dtype, w [N, K] in the storage dtype -> x w^T [..., N] in x's dtype."""
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
-    if w.dtype == x.dtype:
+    if _gemm_ready(x, w) and x2.shape[0] > KERNEL_MAX_ROWS:
+        y = _kernels.gemm[products].linear(x2, w)
+    elif _gemm_ready(x, w) and w.dtype == ms.bfloat16:
+        y = _kernels.decode_linear(x2, w)
+    elif w.dtype == x.dtype:
         y = _matmul_t(x2, w)
-    elif _kernels is not None and w.dtype == ms.bfloat16 and x.dtype == ms.float32 and x2.shape[0] <= KERNEL_MAX_ROWS:
-        y = _kernels[0](x2, w)
     else:
         y = _matmul_t(x2, w.astype(x.dtype))
     return y.reshape(lead + (w.shape[0],))
+
+
+def batch_nt(a, b, products=EXACT):
+    """a [..., M, K] b [..., N, K]^T -> [..., M, N] (attention's scores), both activations."""
+    if _gemm_ready(a, b) and b.dtype == a.dtype and a.shape[-2] > KERNEL_MAX_ROWS:
+        return _kernels.gemm[products].batch_nt(a, b)
+    return _bmm_t(a, b)
+
+
+def batch_nn(a, b, products=EXACT):
+    """a [..., M, K] b [..., K, N] -> [..., M, N] (attention's weighted values), both activations."""
+    if _gemm_ready(a, b) and b.dtype == a.dtype and a.shape[-2] > KERNEL_MAX_ROWS:
+        return _kernels.gemm[products].batch_nn(a, b)
+    return _bmm(a, b)
 
 
 def embedding(ids, table, dtype):
@@ -58,5 +103,5 @@ def embedding(ids, table, dtype):
     if table.dtype == dtype:
         return ops.gather(table, ids, 0)
     if _kernels is not None and table.dtype == ms.bfloat16 and dtype == ms.float32:
-        return _kernels[1](ids, table)
+        return _kernels.embedding(ids, table)
     return ops.gather(table.astype(dtype), ids, 0)

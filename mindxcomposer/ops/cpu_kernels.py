@@ -1,0 +1,189 @@
+"""Builds and wraps the CPU kernels of `csrc/` as MindSpore `ops.Custom(func_type="aot")` primitives.
+
+- `bf16_kernels.cc`: decode-sized products (a few rows) and embedding lookups that read bf16 weights in
+  place: read-bound, one pass over each weight row serves every activation row.
+- `gemm_kernels.cc`: compute-bound products (prefill chunks, the ViT, attention, training), a blocked
+  GEMM with fp32 (`exact`) or bf16-input (`bf16`) arithmetic; bf16 weights are widened while packed.
+
+One shared library is compiled from the package's own sources with the machine's g++ the first time it
+is needed (a few seconds), with `-march=native` and OpenMP, into a cache directory keyed by the sources,
+the compiler flags and the CPU's feature flags: built once per machine and CPU kind, never downloaded.
+`-march=native` is the CPU dispatch: the same source gives AVX-512 + AVX512-BF16, AVX-512, AVX2 or
+portable code for the CPU it is built on (`isa()` says which). `python -m mindxcomposer.ops.cpu_kernels`
+builds it ahead of time and prints where it is and what it was built for.
+
+Where it cannot be built (no g++), `available()` is False and the portable path (cast the weight to the
+compute dtype, then MindSpore's MatMul) serves instead; `MXC_PORTABLE_KERNELS=1` forces that path.
+"""
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from types import SimpleNamespace
+
+_CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
+_SOURCES = [os.path.join(_CSRC, name) for name in ("bf16_kernels.cc", "gemm_kernels.cc")]
+_FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++14"]
+_lock = threading.Lock()
+_state = {"path": None, "error": None, "ops": None}
+
+ISA_NAMES = {0: "portable C++", 1: "AVX-512", 2: "AVX-512 + AVX512-BF16", 3: "AVX2 + FMA"}
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return line
+    except OSError:
+        pass
+    return ""
+
+
+def cache_dir() -> str:
+    base = os.environ.get("MXC_KERNEL_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "mindxcomposer")
+    return os.path.join(base, "kernels")
+
+
+def library_path() -> str:
+    digest = hashlib.sha256()
+    for src in _SOURCES:
+        with open(src, "rb") as f:
+            digest.update(f.read())
+    digest.update(" ".join(_FLAGS).encode() + _cpu_flags().encode())
+    return os.path.join(cache_dir(), f"mxc_cpu_{digest.hexdigest()[:16]}.so")
+
+
+def build(force: bool = False) -> str:
+    """Compile the library if it is not cached; returns its path. Raises RuntimeError if it cannot."""
+    path = library_path()
+    if os.path.isfile(path) and not force:
+        return path
+    cxx = os.environ.get("CXX") or shutil.which("g++")
+    if cxx is None:
+        raise RuntimeError("no C++ compiler (g++) found to build the CPU kernels")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".so.tmp")
+    os.close(fd)
+    try:
+        proc = subprocess.run([cxx, *_FLAGS, "-o", tmp, *_SOURCES], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"building the CPU kernels failed:\n{proc.stderr[-2000:]}")
+        os.chmod(tmp, 0o755)
+        os.replace(tmp, path)  # atomic: a concurrent process sees no half-written library
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def available() -> bool:
+    """True when the kernels are usable here: a CPU device target and a library built (or buildable)."""
+    import mindspore as ms
+
+    if os.environ.get("MXC_PORTABLE_KERNELS") == "1" or ms.get_context("device_target") != "CPU":
+        return False
+    with _lock:
+        if _state["path"] is None and _state["error"] is None:
+            try:
+                _state["path"] = build()
+            except (RuntimeError, OSError) as e:
+                _state["error"] = str(e)
+        return _state["path"] is not None
+
+
+def isa() -> str:
+    """What the library was built for on this machine (`ISA_NAMES`), or why there is none."""
+    if not available():
+        return "none: " + (_state["error"] or "portable path forced or not a CPU target")
+    return ISA_NAMES.get(ctypes.CDLL(_state["path"]).MxcGemmIsa(), "unknown")
+
+
+def _custom(lib, symbol, out_shape, bprop=None, out_dtype=None):
+    import mindspore as ms
+    from mindspore import ops
+
+    return ops.Custom(f"{lib}:{symbol}", out_shape=out_shape, out_dtype=out_dtype or (lambda *a: ms.float32),
+                      func_type="aot", bprop=bprop)
+
+
+def _gemm_ops(lib, suffix):
+    """The GEMM primitives of one arithmetic (`suffix` "" = exact, "Bf16" = bf16 products), with their
+    gradients written with the same primitives (a product's gradients are products of the same kind)."""
+    nn_ = _custom(lib, "MxcLinearNN" + suffix, lambda dy, w: list(dy[:-1]) + [w[1]])
+    tn = _custom(lib, "MxcLinearTN" + suffix, lambda dy, x: [dy[-1], x[-1]])
+    btn = _custom(lib, "MxcBatchTN" + suffix, lambda a, b: list(a[:-2]) + [a[-1], b[-1]])
+
+    def linear_bprop(x, w, out, dout):
+        return nn_(dout, w), tn(dout, x).astype(w.dtype)
+
+    def bnt_bprop(a, b, out, dout):  # out = a b^T: da = dout b, db = dout^T a
+        return bnn(dout, b), btn(dout, a)
+
+    def bnn_bprop(a, b, out, dout):  # out = a b: da = dout b^T, db = a^T dout
+        return bnt(dout, b), btn(a, dout)
+
+    linear = _custom(lib, "MxcLinearNT" + suffix, lambda x, w: list(x[:-1]) + [w[0]], linear_bprop)
+    bnt = _custom(lib, "MxcBatchNT" + suffix, lambda a, b: list(a[:-1]) + [b[-2]], bnt_bprop)
+    bnn = _custom(lib, "MxcBatchNN" + suffix, lambda a, b: list(a[:-1]) + [b[-1]], bnn_bprop)
+    return SimpleNamespace(linear=linear, batch_nt=bnt, batch_nn=bnn, linear_bprop=linear_bprop)
+
+
+def custom_ops():
+    """The kernels as `ops.Custom` primitives, or None when not `available()`:
+    `decode_linear`, `embedding` (bf16 weights, few rows) and `gemm[mode]` for mode "exact" / "bf16"
+    with `linear` (x [..., K] x W [N, K]^T), `batch_nt` (a [..., M, K] b [..., N, K]^T) and
+    `batch_nn` (a [..., M, K] b [..., K, N]), differentiable."""
+    if not available():
+        return None
+    with _lock:
+        if _state["ops"] is None:
+            import mindspore as ms
+
+            lib = _state["path"]
+            gemm = {"exact": _gemm_ops(lib, ""), "bf16": _gemm_ops(lib, "Bf16")}
+            _state["ops"] = SimpleNamespace(
+                # Short training samples reach it too: its gradient is the exact GEMM's.
+                decode_linear=_custom(lib, "MxcLinearBf16", lambda x, w: list(x[:-1]) + [w[0]],
+                                      gemm["exact"].linear_bprop),
+                embedding=_custom(lib, "MxcEmbeddingBf16", lambda i, t: list(i) + [t[1]],
+                                  out_dtype=lambda i, t: ms.float32),
+                gemm=gemm,
+            )
+        return _state["ops"]
+
+
+def gemm_nt(a, w, bf16_products=False):
+    """numpy: a [M, K] fp32 times w [N, K]^T (fp32, or bf16 bits as uint16) -> [M, N] fp32, through the
+    library directly (no MindSpore graph): for benchmarks and tests of the kernel itself."""
+    import numpy as np
+
+    if not available():
+        raise RuntimeError("the CPU kernels are not available here: " + isa())
+    lib = ctypes.CDLL(_state["path"])
+    fn = lib.MxcGemmNT
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int64,
+                   ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
+    a = np.ascontiguousarray(a, dtype=np.float32)
+    w = np.ascontiguousarray(w)
+    if w.dtype not in (np.float32, np.uint16) or a.ndim != 2 or w.ndim != 2 or a.shape[1] != w.shape[1]:
+        raise ValueError("gemm_nt takes a [M, K] float32 and w [N, K] float32 or uint16 (bf16 bits)")
+    out = np.empty((a.shape[0], w.shape[0]), np.float32)
+    fn(a.ctypes.data, w.ctypes.data, int(w.dtype == np.uint16), out.ctypes.data, a.shape[0], w.shape[0],
+       a.shape[1], int(bf16_products))
+    return out
+
+
+if __name__ == "__main__":
+    try:
+        print(build(force="--force" in sys.argv))
+    except RuntimeError as e:
+        print(e, file=sys.stderr)
+        sys.exit(1)
+    print(isa())

@@ -1,0 +1,518 @@
+// Compute-bound products on the CPU: C[M, N] = A[M, K] B[K, N] with fp32 activations A and fp32 or bf16
+// B (stored weights, or a second activation in attention and gradients), fp32 output. Called through
+// MindSpore's `ops.Custom(func_type="aot")` (`gemm_kernels.py`); `params` holds the inputs, then the output.
+//
+// Two arithmetics, one blocked GEMM (packing + register-tiled micro-kernel, BLIS loop order):
+// - exact: fp32 products and sums. A bf16 weight is widened to fp32 while it is packed (bf16 -> fp32 is
+//   exact), so no fp32 copy of a weight is ever made and a bf16-stored model computes what the same
+//   values stored in fp32 compute. Every output element gets the same arithmetic (FMA chains over
+//   blocks of k, the blocks summed in order) whatever M, N, the thread count or the row's position:
+//   results do not depend on the batch.
+// - bf16 products: both inputs are rounded to bf16 (round to nearest even, as torch's `.bfloat16()`)
+//   while packed, products accumulate in fp32 (AVX512-BF16 `vdpbf16ps`: pairs of k per instruction).
+//   Without AVX512-BF16 the same rounded values go through the fp32 micro-kernel (same products, exact in
+//   fp32; only the summation order differs).
+//
+// The ISA is chosen when the library is built (`-march=native`, one build per CPU: see gemm_kernels.py):
+// AVX-512 (12 x 32 tile), AVX2 + FMA (6 x 16), or portable C++.
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace {
+
+#if defined(__AVX512F__)
+constexpr int MR = 12, NR = 32;
+#elif defined(__AVX2__) && defined(__FMA__)
+constexpr int MR = 6, NR = 16;
+#else
+constexpr int MR = 4, NR = 8;
+#endif
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+constexpr bool kNativeBf16 = true;
+#else
+constexpr bool kNativeBf16 = false;
+#endif
+#ifndef MXC_KC
+#define MXC_KC 256
+#endif
+#ifndef MXC_KC_BF16
+#define MXC_KC_BF16 512
+#endif
+#ifndef MXC_MC
+#define MXC_MC 96
+#endif
+#ifndef MXC_NC
+#define MXC_NC 1024
+#endif
+constexpr int64_t KC = MXC_KC;            // k per packed block, fp32 panels
+constexpr int64_t KC_BF16 = MXC_KC_BF16;  // k per packed block, bf16 pair panels
+constexpr int64_t MC = MXC_MC;            // rows of A per block (a multiple of MR)
+constexpr int64_t NC = MXC_NC;            // columns of B per packed block (a multiple of NR)
+
+inline float bf16_to_f32(uint16_t b) {
+  uint32_t u = static_cast<uint32_t>(b) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+
+inline uint16_t f32_to_bf16(float f) {  // round to nearest even; NaN stays a quiet NaN
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);
+  return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+inline float round_bf16(float f) { return bf16_to_f32(f32_to_bf16(f)); }
+
+// A strided view of an operand: element (r, c) is at p[r * rs + c * cs].
+struct View {
+  const void *p;
+  int64_t rs, cs;
+  bool bf16;
+  inline float at(int64_t r, int64_t c) const {
+    const int64_t i = r * rs + c * cs;
+    return bf16 ? bf16_to_f32(static_cast<const uint16_t *>(p)[i]) : static_cast<const float *>(p)[i];
+  }
+  inline uint16_t bits(int64_t r, int64_t c) const {  // as bf16, rounded if stored in fp32
+    const int64_t i = r * rs + c * cs;
+    return bf16 ? static_cast<const uint16_t *>(p)[i] : f32_to_bf16(static_cast<const float *>(p)[i]);
+  }
+};
+
+// ---- packing --------------------------------------------------------------------------------------
+// fp32 panels: A as [k][MR] per MR rows, B as [k][NR] per NR columns; zero padding past the edges.
+// With `round`, values are rounded to bf16 (the bf16 arithmetic on the fp32 micro-kernel).
+void pack_a_f32(const View &a, int64_t m0, int64_t mc, int64_t k0, int64_t kc, float *dst, bool round) {
+  for (int64_t i0 = 0; i0 < mc; i0 += MR) {
+    const int64_t rows = mc - i0 < MR ? mc - i0 : MR;
+    for (int64_t k = 0; k < kc; ++k) {
+      float *d = dst + (i0 / MR) * kc * MR + k * MR;
+      for (int64_t i = 0; i < MR; ++i) {
+        float v = i < rows ? a.at(m0 + i0 + i, k0 + k) : 0.0f;
+        d[i] = round ? round_bf16(v) : v;
+      }
+    }
+  }
+}
+
+// Columns of B contiguous (a weight W [N, K] used as B = W^T): a transpose, done in tiles of NR columns
+// x 16 k so that both the reads (16 consecutive k of one row of W) and the writes stay in L1.
+template <typename T, typename F>
+void pack_b_columns(const T *w, int64_t ldw, int64_t k0, int64_t kc, int64_t cols, float *panel, F widen) {
+  for (int64_t kb = 0; kb < kc; kb += 16) {
+    const int64_t kn = kc - kb < 16 ? kc - kb : 16;
+    for (int64_t j = 0; j < NR; ++j) {
+      if (j >= cols) {
+        for (int64_t k = 0; k < kn; ++k) panel[(kb + k) * NR + j] = 0.0f;
+        continue;
+      }
+      const T *src = w + j * ldw + k0 + kb;
+      for (int64_t k = 0; k < kn; ++k) panel[(kb + k) * NR + j] = widen(src[k]);
+    }
+  }
+}
+
+void pack_b_f32(const View &b, int64_t k0, int64_t kc, int64_t n0, int64_t nc, float *dst, bool round) {
+  for (int64_t j0 = 0; j0 < nc; j0 += NR) {
+    const int64_t cols = nc - j0 < NR ? nc - j0 : NR;
+    float *panel = dst + (j0 / NR) * kc * NR;
+    if (b.rs == 1) {
+      if (b.bf16)
+        pack_b_columns(static_cast<const uint16_t *>(b.p) + (n0 + j0) * b.cs, b.cs, k0, kc, cols, panel, bf16_to_f32);
+      else if (round)
+        pack_b_columns(static_cast<const float *>(b.p) + (n0 + j0) * b.cs, b.cs, k0, kc, cols, panel, round_bf16);
+      else
+        pack_b_columns(static_cast<const float *>(b.p) + (n0 + j0) * b.cs, b.cs, k0, kc, cols, panel,
+                       [](float v) { return v; });
+      continue;
+    }
+    for (int64_t k = 0; k < kc; ++k)
+      for (int64_t j = 0; j < NR; ++j) {
+        float v = j < cols ? b.at(k0 + k, n0 + j0 + j) : 0.0f;
+        panel[k * NR + j] = round ? round_bf16(v) : v;
+      }
+  }
+}
+
+// bf16 panels for vdpbf16ps: k in pairs. A as [k/2][MR] 32-bit pairs (a[m][2p], a[m][2p+1]); B as
+// [k/2][NR][2]. kc2 = number of pairs; an odd k is padded with a zero.
+void pack_a_bf16(const View &a, int64_t m0, int64_t mc, int64_t k0, int64_t kc, uint32_t *dst) {
+  const int64_t kc2 = (kc + 1) / 2;
+  for (int64_t i0 = 0; i0 < mc; i0 += MR) {
+    const int64_t rows = mc - i0 < MR ? mc - i0 : MR;
+    uint32_t *panel = dst + (i0 / MR) * kc2 * MR;
+    for (int64_t i = 0; i < MR; ++i) {
+      if (i >= rows) {
+        for (int64_t p = 0; p < kc2; ++p) panel[p * MR + i] = 0;
+        continue;
+      }
+      const int64_t r = m0 + i0 + i;
+      for (int64_t p = 0; p < kc2; ++p) {
+        const int64_t k = k0 + 2 * p;
+        uint32_t lo = a.bits(r, k);
+        uint32_t hi = 2 * p + 1 < kc ? a.bits(r, k + 1) : 0;
+        panel[p * MR + i] = lo | (hi << 16);
+      }
+    }
+  }
+}
+
+void pack_b_bf16(const View &b, int64_t k0, int64_t kc, int64_t n0, int64_t nc, uint16_t *dst) {
+  const int64_t kc2 = (kc + 1) / 2;
+  for (int64_t j0 = 0; j0 < nc; j0 += NR) {
+    const int64_t cols = nc - j0 < NR ? nc - j0 : NR;
+    uint16_t *panel = dst + (j0 / NR) * kc2 * NR * 2;
+    if (b.rs == 1 && b.bf16 && cols == NR && kc % 2 == 0 && (b.cs % 2) == 0 && (k0 % 2) == 0) {
+      // A bf16 weight W [N, K]: a pair (k, k+1) of column n is one 32-bit word of row n, so the panel is a
+      // transpose of 32-bit words, in tiles of NR columns x 16 pairs.
+      const uint32_t *w32 = reinterpret_cast<const uint32_t *>(static_cast<const uint16_t *>(b.p) + (n0 + j0) * b.cs + k0);
+      uint32_t *p32 = reinterpret_cast<uint32_t *>(panel);
+      const int64_t ld = b.cs / 2;
+      for (int64_t pb = 0; pb < kc2; pb += 16) {
+        const int64_t pn = kc2 - pb < 16 ? kc2 - pb : 16;
+        for (int64_t j = 0; j < NR; ++j)
+          for (int64_t p = 0; p < pn; ++p) p32[(pb + p) * NR + j] = w32[j * ld + pb + p];
+      }
+      continue;
+    }
+    for (int64_t j = 0; j < NR; ++j) {
+      if (j >= cols) {
+        for (int64_t p = 0; p < kc2; ++p) panel[(p * NR + j) * 2] = panel[(p * NR + j) * 2 + 1] = 0;
+        continue;
+      }
+      const int64_t c = n0 + j0 + j;
+      for (int64_t p = 0; p < kc2; ++p) {
+        panel[(p * NR + j) * 2] = b.bits(k0 + 2 * p, c);
+        panel[(p * NR + j) * 2 + 1] = 2 * p + 1 < kc ? b.bits(k0 + 2 * p + 1, c) : 0;
+      }
+    }
+  }
+}
+
+// ---- micro-kernels: an MR x NR tile of C (+)= packed A panel x packed B panel ---------------------------
+// `c` has row stride ldc; only rows < mv and columns < nv are written. Each k block's sum starts from zero
+// and, with `acc`, is then added to C (also in an edge tile): every element gets the same arithmetic, a
+// chain of FMAs within each k block and a sum across blocks, which keeps the rounding error of long
+// sums (training's weight gradients sum over thousands of positions) near that of a blocked BLAS.
+inline void store_tile(const float *tile, float *c, int64_t ldc, int mv, int nv, bool acc) {
+  for (int i = 0; i < mv; ++i)
+    for (int j = 0; j < nv; ++j) c[i * ldc + j] = acc ? c[i * ldc + j] + tile[i * NR + j] : tile[i * NR + j];
+}
+
+#if defined(__AVX512F__)
+void ukr_f32(int64_t kc, const float *a, const float *b, float *c, int64_t ldc, int mv, int nv, bool acc) {
+  __m512 r[MR][2];
+  const bool full = mv == MR && nv == NR;
+  alignas(64) float tile[MR * NR];
+  for (int i = 0; i < MR; ++i) r[i][0] = r[i][1] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < kc; ++k) {
+    const __m512 b0 = _mm512_loadu_ps(b + k * NR), b1 = _mm512_loadu_ps(b + k * NR + 16);
+    const float *ak = a + k * MR;
+#pragma GCC unroll 12
+    for (int i = 0; i < MR; ++i) {
+      const __m512 av = _mm512_set1_ps(ak[i]);
+      r[i][0] = _mm512_fmadd_ps(av, b0, r[i][0]);
+      r[i][1] = _mm512_fmadd_ps(av, b1, r[i][1]);
+    }
+  }
+  if (full) {
+    for (int i = 0; i < MR; ++i) {
+      if (acc) {
+        r[i][0] = _mm512_add_ps(_mm512_loadu_ps(c + i * ldc), r[i][0]);
+        r[i][1] = _mm512_add_ps(_mm512_loadu_ps(c + i * ldc + 16), r[i][1]);
+      }
+      _mm512_storeu_ps(c + i * ldc, r[i][0]);
+      _mm512_storeu_ps(c + i * ldc + 16, r[i][1]);
+    }
+    return;
+  }
+  for (int i = 0; i < MR; ++i) {
+    _mm512_store_ps(tile + i * NR, r[i][0]);
+    _mm512_store_ps(tile + i * NR + 16, r[i][1]);
+  }
+  store_tile(tile, c, ldc, mv, nv, acc);
+}
+#elif defined(__AVX2__) && defined(__FMA__)
+void ukr_f32(int64_t kc, const float *a, const float *b, float *c, int64_t ldc, int mv, int nv, bool acc) {
+  __m256 r[MR][2];
+  const bool full = mv == MR && nv == NR;
+  alignas(64) float tile[MR * NR];
+  for (int i = 0; i < MR; ++i) r[i][0] = r[i][1] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < kc; ++k) {
+    const __m256 b0 = _mm256_loadu_ps(b + k * NR), b1 = _mm256_loadu_ps(b + k * NR + 8);
+    const float *ak = a + k * MR;
+#pragma GCC unroll 6
+    for (int i = 0; i < MR; ++i) {
+      const __m256 av = _mm256_broadcast_ss(ak + i);
+      r[i][0] = _mm256_fmadd_ps(av, b0, r[i][0]);
+      r[i][1] = _mm256_fmadd_ps(av, b1, r[i][1]);
+    }
+  }
+  if (full) {
+    for (int i = 0; i < MR; ++i) {
+      if (acc) {
+        r[i][0] = _mm256_add_ps(_mm256_loadu_ps(c + i * ldc), r[i][0]);
+        r[i][1] = _mm256_add_ps(_mm256_loadu_ps(c + i * ldc + 8), r[i][1]);
+      }
+      _mm256_storeu_ps(c + i * ldc, r[i][0]);
+      _mm256_storeu_ps(c + i * ldc + 8, r[i][1]);
+    }
+    return;
+  }
+  for (int i = 0; i < MR; ++i) {
+    _mm256_store_ps(tile + i * NR, r[i][0]);
+    _mm256_store_ps(tile + i * NR + 8, r[i][1]);
+  }
+  store_tile(tile, c, ldc, mv, nv, acc);
+}
+#else
+void ukr_f32(int64_t kc, const float *a, const float *b, float *c, int64_t ldc, int mv, int nv, bool acc) {
+  float tile[MR * NR];
+  for (int i = 0; i < MR * NR; ++i) tile[i] = 0.0f;
+  for (int64_t k = 0; k < kc; ++k)
+    for (int i = 0; i < MR; ++i)
+      for (int j = 0; j < NR; ++j) tile[i * NR + j] = __builtin_fmaf(a[k * MR + i], b[k * NR + j], tile[i * NR + j]);
+  store_tile(tile, c, ldc, mv, nv, acc);
+}
+#endif
+
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+void ukr_bf16(int64_t kc2, const uint32_t *a, const uint16_t *b, float *c, int64_t ldc, int mv, int nv, bool acc) {
+  __m512 r[MR][2];
+  const bool full = mv == MR && nv == NR;
+  alignas(64) float tile[MR * NR];
+  for (int i = 0; i < MR; ++i) r[i][0] = r[i][1] = _mm512_setzero_ps();
+  for (int64_t p = 0; p < kc2; ++p) {
+    const __m512bh b0 = (__m512bh)_mm512_loadu_si512(b + p * NR * 2);
+    const __m512bh b1 = (__m512bh)_mm512_loadu_si512(b + p * NR * 2 + 32);
+    const uint32_t *ap = a + p * MR;
+#pragma GCC unroll 12
+    for (int i = 0; i < MR; ++i) {
+      const __m512bh av = (__m512bh)_mm512_set1_epi32(static_cast<int>(ap[i]));
+      r[i][0] = _mm512_dpbf16_ps(r[i][0], av, b0);
+      r[i][1] = _mm512_dpbf16_ps(r[i][1], av, b1);
+    }
+  }
+  if (full) {
+    for (int i = 0; i < MR; ++i) {
+      if (acc) {
+        r[i][0] = _mm512_add_ps(_mm512_loadu_ps(c + i * ldc), r[i][0]);
+        r[i][1] = _mm512_add_ps(_mm512_loadu_ps(c + i * ldc + 16), r[i][1]);
+      }
+      _mm512_storeu_ps(c + i * ldc, r[i][0]);
+      _mm512_storeu_ps(c + i * ldc + 16, r[i][1]);
+    }
+    return;
+  }
+  for (int i = 0; i < MR; ++i) {
+    _mm512_store_ps(tile + i * NR, r[i][0]);
+    _mm512_store_ps(tile + i * NR + 16, r[i][1]);
+  }
+  store_tile(tile, c, ldc, mv, nv, acc);
+}
+#endif
+
+template <typename T>
+T *scratch(std::vector<T> &v, size_t n) {
+  if (v.size() < n) v.resize(n);
+  return v.data();
+}
+
+// One thread's share: C[m0:m0+m, n0:n0+n] for the whole of K. Buffers are the thread's own.
+void gemm_block(const View &a, const View &b, float *c, int64_t ldc, int64_t m0, int64_t m, int64_t n0, int64_t n,
+                int64_t k, bool bf16) {
+  thread_local std::vector<float> abuf_f, bbuf_f;
+  thread_local std::vector<uint32_t> abuf_h;
+  thread_local std::vector<uint16_t> bbuf_h;
+  const bool native = bf16 && kNativeBf16;
+  const int64_t kcb = native ? KC_BF16 : KC;  // k per block
+  const int64_t mpad = (m + MR - 1) / MR * MR;
+  for (int64_t pc = 0; pc < k; pc += kcb) {
+    const int64_t kc = k - pc < kcb ? k - pc : kcb;
+    const int64_t kc2 = (kc + 1) / 2;
+    const bool acc = pc > 0;
+    // All of this thread's rows of A for this k block (packed once, reused for every column block).
+    float *ap_f = nullptr;
+    uint32_t *ap_h = nullptr;
+    if (native) {
+      ap_h = scratch(abuf_h, mpad * kc2);
+      pack_a_bf16(a, m0, m, pc, kc, ap_h);
+    } else {
+      ap_f = scratch(abuf_f, mpad * kc);
+      pack_a_f32(a, m0, m, pc, kc, ap_f, bf16);
+    }
+    for (int64_t jc = 0; jc < n; jc += NC) {
+      const int64_t nc = n - jc < NC ? n - jc : NC;
+      const int64_t npad = (nc + NR - 1) / NR * NR;
+      float *bp_f = nullptr;
+      uint16_t *bp_h = nullptr;
+      if (native) {
+        bp_h = scratch(bbuf_h, npad * kc2 * 2);
+        pack_b_bf16(b, pc, kc, n0 + jc, nc, bp_h);
+      } else {
+        bp_f = scratch(bbuf_f, npad * kc);
+        pack_b_f32(b, pc, kc, n0 + jc, nc, bp_f, bf16);
+      }
+      for (int64_t ic = 0; ic < m; ic += MC) {
+        const int64_t mc = m - ic < MC ? m - ic : MC;
+        for (int64_t jr = 0; jr < nc; jr += NR) {
+          const int nv = static_cast<int>(nc - jr < NR ? nc - jr : NR);
+          for (int64_t ir = 0; ir < mc; ir += MR) {
+            const int mv = static_cast<int>(mc - ir < MR ? mc - ir : MR);
+            float *ct = c + (m0 + ic + ir) * ldc + n0 + jc + jr;
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+            if (native) {
+              ukr_bf16(kc2, ap_h + (ic + ir) * kc2, bp_h + jr * kc2 * 2, ct, ldc, mv, nv, acc);
+              continue;
+            }
+#endif
+            ukr_f32(kc, ap_f + (ic + ir) * kc, bp_f + jr * kc, ct, ldc, mv, nv, acc);
+          }
+        }
+      }
+    }
+  }
+}
+
+// C[M, N] = A B over the machine's threads. Work is split along N (each thread packs its own columns
+// of B once) unless N is too narrow, then along M. Neither split changes any element's arithmetic.
+void gemm(const View &a, const View &b, float *c, int64_t ldc, int64_t m, int64_t n, int64_t k, bool bf16) {
+  if (m <= 0 || n <= 0) return;
+  if (k <= 0) {
+    for (int64_t i = 0; i < m; ++i) std::memset(c + i * ldc, 0, sizeof(float) * n);
+    return;
+  }
+  int threads = 1;
+#ifdef _OPENMP
+  threads = omp_get_max_threads();
+#endif
+  const int64_t npanels = (n + NR - 1) / NR;
+  const bool split_n = npanels >= 4 * threads || m < 2 * MR * threads;
+  const int64_t units = split_n ? npanels : (m + MR - 1) / MR;
+  const int64_t workers = units < threads ? units : threads;
+#pragma omp parallel for schedule(static) num_threads(workers) if (workers > 1)
+  for (int64_t t = 0; t < workers; ++t) {
+    const int64_t u0 = units * t / workers, u1 = units * (t + 1) / workers;
+    if (split_n) {
+      const int64_t n0 = u0 * NR, n1 = u1 * NR < n ? u1 * NR : n;
+      if (n1 > n0) gemm_block(a, b, c, ldc, 0, m, n0, n1 - n0, k, bf16);
+    } else {
+      const int64_t m0 = u0 * MR, m1 = u1 * MR < m ? u1 * MR : m;
+      if (m1 > m0) gemm_block(a, b, c, ldc, m0, m1 - m0, 0, n, k, bf16);
+    }
+  }
+}
+
+int64_t numel(int ndim, const int64_t *shape, int upto) {
+  int64_t n = 1;
+  for (int i = 0; i < upto && i < ndim; ++i) n *= shape[i];
+  return n;
+}
+
+bool is_bf16(const char *dtype) { return dtype != nullptr && std::strstr(dtype, "bfloat16") != nullptr; }
+
+// The three products of a linear layer y = x W^T (W [N, K] as stored) and its gradients:
+//   nt: y[..., N]  = x[..., K] W^T        (forward)
+//   nn: dx[..., K] = dy[..., N] W         (input gradient)
+//   tn: dW[N, K]   = dy[..., N]^T x[..., K] (weight gradient; both operands activations)
+// and the batched products of attention, with any number of leading batch dimensions:
+//   bnt: s[..., M, N] = q[..., M, K] k[..., N, K]^T,   bnn: o[..., M, N] = p[..., M, K] v[..., K, N],
+//   btn: g[..., M, N] = a[..., K, M]^T b[..., K, N] (their gradients).
+int linear_nt(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, bool bf16) {
+  if (nparam != 3) return 1;
+  const int64_t k = shapes[0][ndims[0] - 1], n = shapes[1][0];
+  const int64_t m = numel(ndims[0], shapes[0], ndims[0] - 1);
+  View a{params[0], k, 1, false};
+  View b{params[1], 1, k, is_bf16(dtypes[1])};  // B(k, n) = W[n, k]
+  gemm(a, b, static_cast<float *>(params[2]), n, m, n, k, bf16);
+  return 0;
+}
+
+int linear_nn(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, bool bf16) {
+  if (nparam != 3) return 1;
+  const int64_t n = shapes[0][ndims[0] - 1], k = shapes[1][1];  // dy [.., N], W [N, K]
+  const int64_t m = numel(ndims[0], shapes[0], ndims[0] - 1);
+  View a{params[0], n, 1, false};
+  View b{params[1], k, 1, is_bf16(dtypes[1])};  // B(j, c) = W[j, c]
+  gemm(a, b, static_cast<float *>(params[2]), k, m, k, n, bf16);
+  return 0;
+}
+
+int linear_tn(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, bool bf16) {
+  if (nparam != 3) return 1;
+  const int64_t n = shapes[0][ndims[0] - 1], k = shapes[1][ndims[1] - 1];  // dy [.., N], x [.., K]
+  const int64_t m = numel(ndims[0], shapes[0], ndims[0] - 1);
+  View a{params[0], 1, n, false};  // A(j, r) = dy[r, j]
+  View b{params[1], k, 1, false};  // B(r, c) = x[r, c]
+  gemm(a, b, static_cast<float *>(params[2]), k, n, k, m, bf16);
+  return 0;
+}
+
+enum class Batched { NT, NN, TN };
+
+// nt: a [.., M, K] b [.., N, K]^T; nn: a [.., M, K] b [.., K, N]; tn: a [.., K, M]^T b [.., K, N].
+int batched(int nparam, void **params, int *ndims, int64_t **shapes, Batched kind, bool bf16) {
+  if (nparam != 3 || ndims[0] < 2 || ndims[0] != ndims[1]) return 1;
+  const int nd = ndims[0];
+  const int64_t a0 = shapes[0][nd - 2], a1 = shapes[0][nd - 1], b0 = shapes[1][nd - 2], b1 = shapes[1][nd - 1];
+  const int64_t m = kind == Batched::TN ? a1 : a0, k = kind == Batched::TN ? a0 : a1;
+  const int64_t n = kind == Batched::NT ? b0 : b1;
+  const int64_t batch = numel(nd, shapes[0], nd - 2);
+  const float *a = static_cast<const float *>(params[0]);
+  const float *b = static_cast<const float *>(params[1]);
+  float *c = static_cast<float *>(params[2]);
+  for (int64_t i = 0; i < batch; ++i) {
+    const float *ai = a + i * m * k, *bi = b + i * k * n;
+    View av = kind == Batched::TN ? View{ai, 1, m, false} : View{ai, k, 1, false};
+    View bv = kind == Batched::NT ? View{bi, 1, k, false} : View{bi, n, 1, false};
+    gemm(av, bv, c + i * m * n, n, m, n, k, bf16);
+  }
+  return 0;
+}
+
+}  // namespace
+
+#define MXC_AOT(name) \
+  extern "C" int name(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *)
+
+MXC_AOT(MxcLinearNT) { return linear_nt(nparam, params, ndims, shapes, dtypes, false); }
+MXC_AOT(MxcLinearNTBf16) { return linear_nt(nparam, params, ndims, shapes, dtypes, true); }
+MXC_AOT(MxcLinearNN) { return linear_nn(nparam, params, ndims, shapes, dtypes, false); }
+MXC_AOT(MxcLinearNNBf16) { return linear_nn(nparam, params, ndims, shapes, dtypes, true); }
+MXC_AOT(MxcLinearTN) { return linear_tn(nparam, params, ndims, shapes, dtypes, false); }
+MXC_AOT(MxcLinearTNBf16) { return linear_tn(nparam, params, ndims, shapes, dtypes, true); }
+MXC_AOT(MxcBatchNT) { return batched(nparam, params, ndims, shapes, Batched::NT, false); }
+MXC_AOT(MxcBatchNTBf16) { return batched(nparam, params, ndims, shapes, Batched::NT, true); }
+MXC_AOT(MxcBatchNN) { return batched(nparam, params, ndims, shapes, Batched::NN, false); }
+MXC_AOT(MxcBatchNNBf16) { return batched(nparam, params, ndims, shapes, Batched::NN, true); }
+MXC_AOT(MxcBatchTN) { return batched(nparam, params, ndims, shapes, Batched::TN, false); }
+MXC_AOT(MxcBatchTNBf16) { return batched(nparam, params, ndims, shapes, Batched::TN, true); }
+
+// For tests and benchmarks without MindSpore: C[M, N] = A[M, K] W[N, K]^T with W fp32 or bf16.
+extern "C" int MxcGemmNT(const float *a, const void *w, int w_bf16, float *c, int64_t m, int64_t n, int64_t k,
+                         int bf16_products) {
+  View av{a, k, 1, false};
+  View bv{w, 1, k, w_bf16 != 0};
+  gemm(av, bv, c, n, m, n, k, bf16_products != 0);
+  return 0;
+}
+
+// What the library was built with: 2 = AVX-512 with native bf16 products, 1 = AVX-512, 3 = AVX2, 0 = portable.
+extern "C" int MxcGemmIsa() {
+#if defined(__AVX512F__)
+  return kNativeBf16 ? 2 : 1;
+#elif defined(__AVX2__) && defined(__FMA__)
+  return 3;
+#else
+  return 0;
+#endif
+}
