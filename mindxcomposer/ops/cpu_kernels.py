@@ -27,7 +27,10 @@ from types import SimpleNamespace
 
 _CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
 _SOURCES = [os.path.join(_CSRC, name) for name in ("bf16_kernels.cc", "gemm_kernels.cc")]
-_FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++14"]
+_FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC", "-std=c++14"]
+# The library MindSpore uses is built for this CPU ("native"). The others build the same sources for the
+# older kinds of CPU (AVX2 + FMA; plain x86-64), so that their code paths are tested on any machine.
+ARCH_FLAGS = {"native": "-march=native", "avx2": "-march=haswell", "portable": "-march=x86-64"}
 _lock = threading.Lock()
 _state = {"path": None, "error": None, "ops": None}
 
@@ -51,18 +54,23 @@ def cache_dir() -> str:
     return os.path.join(base, "kernels")
 
 
-def library_path() -> str:
+def _flags(arch: str):
+    return _FLAGS + [ARCH_FLAGS[arch]]
+
+
+def library_path(arch: str = "native") -> str:
     digest = hashlib.sha256()
     for src in _SOURCES:
         with open(src, "rb") as f:
             digest.update(f.read())
-    digest.update(" ".join(_FLAGS).encode() + _cpu_flags().encode())
-    return os.path.join(cache_dir(), f"mxc_cpu_{digest.hexdigest()[:16]}.so")
+    digest.update(" ".join(_flags(arch)).encode() + _cpu_flags().encode())
+    return os.path.join(cache_dir(), f"mxc_cpu_{arch}_{digest.hexdigest()[:16]}.so")
 
 
-def build(force: bool = False) -> str:
-    """Compile the library if it is not cached; returns its path. Raises RuntimeError if it cannot."""
-    path = library_path()
+def build(force: bool = False, arch: str = "native") -> str:
+    """Compile the library for `arch` (`ARCH_FLAGS`) if it is not cached; returns its path. Raises
+    RuntimeError if it cannot."""
+    path = library_path(arch)
     if os.path.isfile(path) and not force:
         return path
     cxx = os.environ.get("CXX") or shutil.which("g++")
@@ -72,7 +80,7 @@ def build(force: bool = False) -> str:
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".so.tmp")
     os.close(fd)
     try:
-        proc = subprocess.run([cxx, *_FLAGS, "-o", tmp, *_SOURCES], capture_output=True, text=True)
+        proc = subprocess.run([cxx, *_flags(arch), "-o", tmp, *_SOURCES], capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"building the CPU kernels failed:\n{proc.stderr[-2000:]}")
         os.chmod(tmp, 0o755)
@@ -98,11 +106,11 @@ def available() -> bool:
         return _state["path"] is not None
 
 
-def isa() -> str:
-    """What the library was built for on this machine (`ISA_NAMES`), or why there is none."""
-    if not available():
+def isa(arch: str = "native") -> str:
+    """What the library for `arch` was built for on this machine (`ISA_NAMES`), or why there is none."""
+    if arch == "native" and not available():
         return "none: " + (_state["error"] or "portable path forced or not a CPU target")
-    return ISA_NAMES.get(ctypes.CDLL(_state["path"]).MxcGemmIsa(), "unknown")
+    return ISA_NAMES.get(ctypes.CDLL(build(arch=arch)).MxcGemmIsa(), "unknown")
 
 
 def _custom(lib, symbol, out_shape, bprop=None, out_dtype=None):
@@ -159,14 +167,12 @@ def custom_ops():
         return _state["ops"]
 
 
-def gemm_nt(a, w, bf16_products=False):
+def gemm_nt(a, w, bf16_products=False, arch="native"):
     """numpy: a [M, K] fp32 times w [N, K]^T (fp32, or bf16 bits as uint16) -> [M, N] fp32, through the
-    library directly (no MindSpore graph): for benchmarks and tests of the kernel itself."""
+    library for `arch` directly (no MindSpore graph): for benchmarks and tests of the kernels themselves."""
     import numpy as np
 
-    if not available():
-        raise RuntimeError("the CPU kernels are not available here: " + isa())
-    lib = ctypes.CDLL(_state["path"])
+    lib = ctypes.CDLL(build(arch=arch))
     fn = lib.MxcGemmNT
     fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int64,
                    ctypes.c_int64, ctypes.c_int64, ctypes.c_int]

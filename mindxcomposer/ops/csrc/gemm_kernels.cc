@@ -125,6 +125,27 @@ void pack_b_f32(const View &b, int64_t k0, int64_t kc, int64_t n0, int64_t nc, f
   for (int64_t j0 = 0; j0 < nc; j0 += NR) {
     const int64_t cols = nc - j0 < NR ? nc - j0 : NR;
     float *panel = dst + (j0 / NR) * kc * NR;
+    if (b.rs == 1 && b.bf16 && !round && cols == NR && kc % 2 == 0 && b.cs % 2 == 0 && k0 % 2 == 0) {
+      // A bf16 weight W [N, K]: transpose 32-bit words (pairs of k) in tiles of NR columns x 16 pairs, then
+      // widen each pair into two fp32 rows of the panel (a shift and a mask, vectorised by the compiler).
+      const uint32_t *w32 = reinterpret_cast<const uint32_t *>(static_cast<const uint16_t *>(b.p) + (n0 + j0) * b.cs + k0);
+      const int64_t ld = b.cs / 2, kc2 = kc / 2;
+      alignas(64) uint32_t tmp[16 * NR];
+      for (int64_t pb = 0; pb < kc2; pb += 16) {
+        const int64_t pn = kc2 - pb < 16 ? kc2 - pb : 16;
+        for (int64_t j = 0; j < NR; ++j)
+          for (int64_t p = 0; p < pn; ++p) tmp[p * NR + j] = w32[j * ld + pb + p];
+        for (int64_t p = 0; p < pn; ++p) {
+          uint32_t *lo = reinterpret_cast<uint32_t *>(panel + (2 * (pb + p)) * NR);
+          uint32_t *hi = lo + NR;
+          for (int64_t j = 0; j < NR; ++j) {
+            lo[j] = tmp[p * NR + j] << 16;
+            hi[j] = tmp[p * NR + j] & 0xffff0000u;
+          }
+        }
+      }
+      continue;
+    }
     if (b.rs == 1) {
       if (b.bf16)
         pack_b_columns(static_cast<const uint16_t *>(b.p) + (n0 + j0) * b.cs, b.cs, k0, kc, cols, panel, bf16_to_f32);

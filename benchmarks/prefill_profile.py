@@ -1,0 +1,215 @@
+"""Where a release-width prefill spends its time, per product mode, against the machine's GEMM rates.
+
+    python benchmarks/prefill_profile.py [--layers 2] [--tokens 858] [--image-tokens 800]
+        [--modes exact,bf16] [--new-tokens 8] [--json out.json]
+
+A benchmark, not a test: it prints a table. A decoder at the release's width (hidden 4096, 32 heads,
+8 KV heads, intermediate 14336, Partial LoRA rank 256, vocabulary 92544) with `--layers` layers of
+seeded random bf16 weights (the release's storage), GRAPH_MODE, prefills one prompt of `--tokens` rows
+whose first `--image-tokens` rows are image tokens, through `ModelSession.prefill` (the path `chat` takes).
+Per mode it reports:
+
+- prefill: seconds per layer, tokens/s scaled to the release's 32 layers, and the achieved GFLOP/s of
+  the decoder products (base linears, Partial LoRA, attention's two products over the cache);
+- products alone: the same products at the same shapes through the same kernels, one call each, so
+  that prefill time minus products time is what the layer spends on everything else (norms, RoPE,
+  softmax, masks, cache writes, residuals, host work and graph launches): the "other" share;
+- the machine's rates in the same run: the one product `[512 x 4096] x [4096 x 14336]` through our
+  kernel, numpy (BLAS) fp32 and, if torch is installed, torch fp32 and bf16 (`linear`).
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+
+def best_of(fn, reps=3):
+    fn()
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def reference_rates(m=512, k=4096, n=14336):
+    """GFLOP/s of one prefill-shaped product by numpy fp32 and torch fp32 / bf16 (when installed)."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((m, k), dtype=np.float32)
+    w = rng.standard_normal((n, k), dtype=np.float32)
+    flop = 2.0 * m * k * n
+    out = {"numpy_fp32": flop / best_of(lambda: x @ w.T) / 1e9}
+    try:
+        import torch
+    except ImportError:
+        return out
+    xt, wt = torch.from_numpy(x), torch.from_numpy(w)
+    with torch.no_grad():
+        out["torch_fp32"] = flop / best_of(lambda: torch.nn.functional.linear(xt, wt)) / 1e9
+        xb, wb = xt.bfloat16(), wt.bfloat16()
+        out["torch_bf16"] = flop / best_of(lambda: torch.nn.functional.linear(xb, wb)) / 1e9
+    return out
+
+
+def kernel_rates(m=512, k=4096, n=14336):
+    """GFLOP/s of our kernel on the same product with a bf16 weight, per mode (no MindSpore graph)."""
+    from mindxcomposer.ops import cpu_kernels
+    from mindxcomposer.weights import fp32_to_bf16
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((m, k), dtype=np.float32)
+    w = fp32_to_bf16(rng.standard_normal((n, k), dtype=np.float32))
+    flop = 2.0 * m * k * n
+    return {mode: flop / best_of(lambda: cpu_kernels.gemm_nt(x, w, mode == "bf16")) / 1e9 for mode in ("exact", "bf16")}
+
+
+def release_width_config(layers):
+    from mindxcomposer.configuration import CLIPVisionConfig, InternLMXComposer2Config
+
+    return InternLMXComposer2Config(num_hidden_layers=layers, vision_config=CLIPVisionConfig(num_hidden_layers=1),
+                                    projector_hidden_size=4096)
+
+
+def build_model(config, mode, seed=0):
+    """The decoder, head and embeddings filled with seeded random bf16 weights (the ViT stays lazy)."""
+    import mindspore as ms
+    from mindspore import Tensor
+
+    from mindxcomposer import InternLMXComposer2ForCausalLM
+    from mindxcomposer.modeling_xcomposer2 import _BF16_NP
+    from mindxcomposer.weights import fp32_to_bf16
+
+    model = InternLMXComposer2ForCausalLM(config, ms.bfloat16, compute_dtype="bf16" if mode == "bf16" else None)
+    rng = np.random.default_rng(seed)
+    for p in model.get_parameters():
+        if not p.name.startswith(("model.", "output.")) or "lora_" in p.name:
+            continue
+        shape = tuple(p.shape)
+        if p.name.endswith("norm.weight"):
+            arr = 1 + 0.1 * rng.standard_normal(shape, dtype=np.float32)
+        else:
+            arr = rng.standard_normal(shape, dtype=np.float32) * np.float32(1 / np.sqrt(shape[-1]))
+        p.set_data(Tensor.from_numpy(fp32_to_bf16(arr).view(_BF16_NP)))
+    return model
+
+
+def decoder_flops(config, n, cache_len, plora=True):
+    """FLOPs of one layer's products on n prompt rows: base linears, Partial LoRA (on every row, as the
+    graph computes it), attention's two products over the whole static cache (masked slots included)."""
+    c = config
+    h, inter, r = c.hidden_size, c.intermediate_size, c.plora_rank
+    qkv = (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim
+    shapes = [(h, qkv), (h, h), (h, inter), (h, inter), (inter, h)]  # (in, out)
+    base = sum(2 * n * i * o for i, o in shapes)
+    lora = sum(2 * n * (i * r + r * o) for i, o in shapes) if plora else 0
+    attn = 2 * 2 * n * cache_len * c.head_dim * c.num_attention_heads
+    return {"base": base, "plora": lora, "attention": attn}
+
+
+def products_alone(model, config, n, cache_len):
+    """Seconds of one layer's products at prefill shapes, through the model's own dispatch (PyNative,
+    one call each): the floor a prefill layer cannot go below."""
+    import mindspore as ms
+    from mindspore import Tensor
+
+    from mindxcomposer.ops import batch_nn, batch_nt, linear
+
+    products = model.products
+    c = config
+    layer = model.model.layers[0]
+    rng = np.random.default_rng(1)
+    x = Tensor(rng.standard_normal((1, n, c.hidden_size), dtype=np.float32))
+    xi = Tensor(rng.standard_normal((1, n, c.intermediate_size), dtype=np.float32))
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+    try:
+        out = {}
+        for name in ("attention.wqkv", "attention.wo", "feed_forward.w1", "feed_forward.w3", "feed_forward.w2"):
+            p = layer.plora(name)
+            inp = xi if name.endswith("w2") else x
+            out[name] = best_of(lambda: linear(inp, p.weight, products).asnumpy(), 2)
+            a = linear(inp, p.Plora_A.weight, products)
+            out[name + " plora"] = best_of(
+                lambda: linear(linear(inp, p.Plora_A.weight, products), p.Plora_B.weight, products).asnumpy(), 2)
+            del a
+        g = c.num_attention_heads // c.num_key_value_heads
+        q = Tensor(rng.standard_normal((1, c.num_key_value_heads, g * n, c.head_dim), dtype=np.float32))
+        k = Tensor(rng.standard_normal((1, c.num_key_value_heads, cache_len, c.head_dim), dtype=np.float32))
+        s = batch_nt(q, k, products)
+        out["attention q k^T"] = best_of(lambda: batch_nt(q, k, products).asnumpy(), 2)
+        out["attention p v"] = best_of(lambda: batch_nn(s, k, products).asnumpy(), 2)
+        return out
+    finally:
+        ms.set_context(mode=ms.GRAPH_MODE)
+
+
+def profile_mode(args, mode):
+    import mindspore as ms
+
+    from mindxcomposer.session import ModelSession
+
+    ms.set_context(mode=ms.GRAPH_MODE)
+    config = release_width_config(args.layers)
+    model = build_model(config, mode)
+    n = args.tokens
+    session = ModelSession(model, 1, n + args.new_tokens)
+    rng = np.random.default_rng(2)
+    embeds = rng.standard_normal((1, n, config.hidden_size), dtype=np.float32)
+    im_mask = np.zeros((1, n), np.float32)
+    im_mask[:, :args.image_tokens] = 1
+    session.prefill(embeds, im_mask)  # compiles
+    t = time.perf_counter()
+    logits = session.prefill(embeds, im_mask)
+    seconds = time.perf_counter() - t
+    assert np.isfinite(logits).all()
+    flops = decoder_flops(config, n, session.cache_len)
+    prods = products_alone(model, config, n, session.cache_len)
+    per_layer = seconds / args.layers  # the head runs once, on the last row only: negligible
+    product_s = sum(prods.values())
+    return {"mode": mode, "prefill_s": seconds, "per_layer_s": per_layer, "cache_len": session.cache_len,
+            "tokens_per_s_32_layers": n / (per_layer * 32), "decoder_gflops": sum(flops.values()) / per_layer / 1e9,
+            "flops_per_layer": flops, "products_alone_s": prods, "products_alone_total_s": product_s,
+            "other_share": max(0.0, per_layer - product_s) / per_layer}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--tokens", type=int, default=858)
+    ap.add_argument("--image-tokens", type=int, default=800)
+    ap.add_argument("--new-tokens", type=int, default=8)
+    ap.add_argument("--modes", default="exact,bf16")
+    ap.add_argument("--json")
+    args = ap.parse_args(argv)
+    from mindxcomposer.ops import cpu_kernels
+
+    results = {"isa": cpu_kernels.isa(), "reference_gflops": reference_rates(), "kernel_gflops": kernel_rates(),
+               "modes": [profile_mode(args, m) for m in args.modes.split(",")]}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+    ref = results["reference_gflops"]
+    print(f"kernels: {results['isa']}")
+    print("one product [512 x 4096] x [4096 x 14336], GFLOP/s: "
+          + ", ".join(f"{k} {v:.0f}" for k, v in {**{f'ours_{m}': v for m, v in results['kernel_gflops'].items()},
+                                                  **ref}.items()))
+    print(f"\nprefill of {args.tokens} tokens ({args.image_tokens} image), release width, {args.layers} layers, "
+          f"GRAPH_MODE\n")
+    print("| mode | s / layer | tokens/s (32 layers) | decoder GFLOP/s | products alone s | other share |")
+    print("|---|---|---|---|---|---|")
+    for r in results["modes"]:
+        print(f"| {r['mode']} | {r['per_layer_s']:.3f} | {r['tokens_per_s_32_layers']:.1f} | {r['decoder_gflops']:.0f} | "
+              f"{r['products_alone_total_s']:.3f} | {100 * r['other_share']:.0f}% |")
+    for r in results["modes"]:
+        print(f"\n{r['mode']}: products alone, s: " + ", ".join(f"{k} {v:.3f}" for k, v in r["products_alone_s"].items()))
+
+
+if __name__ == "__main__":
+    main()

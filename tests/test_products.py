@@ -1,0 +1,186 @@
+"""The product kernels behind `mindxcomposer.ops.weight_products` (`csrc/gemm_kernels.cc`).
+
+Each arithmetic is checked against float64 with a rounding-error bound, on every code path the library
+has (the CPU's own build, and the AVX2 and portable builds that older CPUs get), then through MindSpore
+(PyNative and GRAPH_MODE, forward and gradients) against the library called directly."""
+import re
+
+import numpy as np
+import pytest
+
+import mindspore as ms
+from mindspore import Tensor, nn
+
+from mindxcomposer.ops import cpu_kernels
+from mindxcomposer.ops import weight_products as wp
+from mindxcomposer.weights import bf16_to_fp32, fp32_to_bf16
+
+ARCHS = ("native", "avx2", "portable")
+# (M, K, N): edges of every blocking (12-row and 32-column tiles, k blocks of 256 / 512, column blocks of 1024)
+SHAPES = [(17, 1, 1), (17, 33, 70), (100, 513, 257), (37, 1030, 96), (25, 64, 1100), (130, 300, 40)]
+EPS = 2.0 ** -24
+
+
+def round_bf16(a):
+    return bf16_to_fp32(fp32_to_bf16(np.asarray(a, np.float32)))
+
+
+def bound(x, w, k):
+    """Rounding-error bound of a blocked fp32 sum (FMA chains over blocks of at most 512 k, blocks summed):
+    (512 + k / 256 + 2) eps |x| |w|^T, elementwise."""
+    return (512 + k / 256 + 2) * EPS * (np.abs(x).astype(np.float64) @ np.abs(w).astype(np.float64).T)
+
+
+def data(m, k, n, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((m, k), dtype=np.float32), rng.standard_normal((n, k), dtype=np.float32)
+
+
+def test_the_build_matches_the_cpu():
+    """One dispatch: the library is built for the CPU it runs on (`-march=native`)."""
+    flags = set(open("/proc/cpuinfo").read().split("flags")[1].split("\n")[0].split())
+    want = ("AVX-512 + AVX512-BF16" if {"avx512f", "avx512_bf16"} <= flags else "AVX-512" if "avx512f" in flags
+            else "AVX2 + FMA" if {"avx2", "fma"} <= flags else "portable C++")
+    assert cpu_kernels.isa() == want
+    assert cpu_kernels.isa("avx2") == "AVX2 + FMA" and cpu_kernels.isa("portable") == "portable C++"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_exact_products_are_fp32_products(arch, shape):
+    m, k, n = shape
+    x, w = data(m, k, n)
+    wb = fp32_to_bf16(w)
+    for weight, wf in ((w, w), (wb, bf16_to_fp32(wb))):
+        y = cpu_kernels.gemm_nt(x, weight, False, arch)
+        ref = x.astype(np.float64) @ wf.astype(np.float64).T
+        assert (np.abs(y - ref) <= bound(x, wf, k)).all()
+    # A bf16 weight is widened exactly: the same product as its fp32 copy, bit for bit.
+    np.testing.assert_array_equal(cpu_kernels.gemm_nt(x, wb, False, arch),
+                                  cpu_kernels.gemm_nt(x, bf16_to_fp32(wb), False, arch))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_bf16_products_round_both_inputs(arch, shape):
+    m, k, n = shape
+    x, w = data(m, k, n, seed=1)
+    xr, wr = round_bf16(x), round_bf16(w)
+    for weight in (w, fp32_to_bf16(w)):
+        y = cpu_kernels.gemm_nt(x, weight, True, arch)
+        ref = xr.astype(np.float64) @ wr.astype(np.float64).T
+        assert (np.abs(y - ref) <= bound(xr, wr, k)).all()
+    if k > 1:  # the rounding is real: the result is not the fp32 product
+        exact = x.astype(np.float64) @ w.astype(np.float64).T
+        assert np.abs(y - exact).max() > 100 * bound(x, w, k).max() / (512 + k / 256 + 2)
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_rows_do_not_depend_on_the_batch(bf16):
+    """A row's result is the same alone or among others, at any position (serving batches rows)."""
+    x, w = data(77, 600, 130, seed=2)
+    whole = cpu_kernels.gemm_nt(x, fp32_to_bf16(w), bf16)
+    for rows in (slice(0, 1), slice(5, 6), slice(12, 37), slice(60, 77)):
+        np.testing.assert_array_equal(cpu_kernels.gemm_nt(x[rows], fp32_to_bf16(w), bf16), whole[rows])
+
+
+def test_nan_and_inf_propagate():
+    x, w = data(20, 40, 50, seed=3)
+    x[3, 7], x[4, 8] = np.nan, np.inf
+    for bf16 in (False, True):
+        y = cpu_kernels.gemm_nt(x, w, bf16)
+        assert np.isnan(y[3]).all() and not np.isfinite(y[4]).any() and np.isfinite(np.delete(y, [3, 4], 0)).all()
+
+
+class _Linear(nn.Cell):
+    def __init__(self, products):
+        super().__init__()
+        self.products = products
+
+    def construct(self, x, w):
+        return wp.linear(x, w, self.products)
+
+
+class _Dot(nn.Cell):
+    """sum(linear(x, w) * dy): its gradients are dy w and dy^T x."""
+
+    def __init__(self, products):
+        super().__init__()
+        self.products = products
+
+    def construct(self, x, w, dy):
+        return (wp.linear(x, w, self.products) * dy).sum()
+
+
+class _AttnDot(nn.Cell):
+    def __init__(self, products):
+        super().__init__()
+        self.products = products
+
+    def construct(self, q, k, v, dy):
+        return (wp.batch_nn(wp.batch_nt(q, k, self.products), v, self.products) * dy).sum()
+
+
+@pytest.fixture(params=["pynative", "graph"])
+def any_mode(request):
+    old = ms.get_context("mode")
+    ms.set_context(mode=ms.PYNATIVE_MODE if request.param == "pynative" else ms.GRAPH_MODE)
+    yield request.param
+    ms.set_context(mode=old)
+
+
+@pytest.mark.parametrize("products", wp.PRODUCT_MODES)
+def test_linear_through_mindspore_is_the_kernel(any_mode, products):
+    assert wp.enable_kernels()
+    x, w = data(40, 96, 70, seed=4)
+    x3 = x.reshape(2, 20, 96)
+    for weight in (Tensor(w), Tensor(w).astype(ms.bfloat16)):
+        stored = w if weight.dtype == ms.float32 else fp32_to_bf16(w)
+        got = _Linear(products)(Tensor(x3), weight).asnumpy()
+        np.testing.assert_array_equal(got.reshape(40, 70), cpu_kernels.gemm_nt(x, stored, products == "bf16"))
+
+
+@pytest.mark.parametrize("products", wp.PRODUCT_MODES)
+def test_gradients(any_mode, products):
+    """dx = dy w and dw = dy^T x through the kernels, against float64 (bf16 products: of the rounded inputs);
+    a bf16 weight's gradient comes back in bf16; attention's products likewise."""
+    assert wp.enable_kernels()
+    rnd = round_bf16 if products == "bf16" else (lambda a: a)
+    x, w = data(300, 96, 70, seed=5)
+    dy = np.random.default_rng(6).standard_normal((300, 70), dtype=np.float32)
+    dx, dw = ms.grad(_Dot(products), grad_position=(0, 1))(Tensor(x), Tensor(w), Tensor(dy))
+    ref_dx = rnd(dy).astype(np.float64) @ rnd(w).astype(np.float64)
+    ref_dw = rnd(dy).astype(np.float64).T @ rnd(x).astype(np.float64)
+    assert (np.abs(dx.asnumpy() - ref_dx) <= bound(rnd(dy), rnd(w).T, 70)).all()
+    assert (np.abs(dw.asnumpy() - ref_dw) <= bound(rnd(dy).T, rnd(x).T, 300)).all()
+    _, dwb = ms.grad(_Dot(products), grad_position=(0, 1))(Tensor(x), Tensor(w).astype(ms.bfloat16), Tensor(dy))
+    assert dwb.dtype == ms.bfloat16
+
+    rng = np.random.default_rng(7)
+    q, k, v = (rng.standard_normal((2, 3, 40, 16), dtype=np.float32) for _ in range(3))
+    do = rng.standard_normal((2, 3, 40, 16), dtype=np.float32)
+    got = ms.grad(_AttnDot(products), grad_position=(0, 1, 2))(Tensor(q), Tensor(k), Tensor(v), Tensor(do))
+    import torch
+
+    tq, tk, tv = (torch.tensor(a, dtype=torch.float64, requires_grad=True) for a in (q, k, v))
+    ((tq @ tk.transpose(-1, -2)) @ tv * torch.tensor(do, dtype=torch.float64)).sum().backward()
+    tol = 1e-6 if products == "exact" else 3e-2  # relative to the largest entry; bf16 inputs: 2^-8 each
+    for ours, ref in zip(got, (tq, tk, tv)):
+        r = ref.grad.numpy()
+        assert np.abs(ours.asnumpy() - r).max() <= tol * np.abs(r).max()
+
+
+def test_decode_sized_products_stay_exact():
+    """At most KERNEL_MAX_ROWS rows (decode steps, read-bound) a product is exact in either mode."""
+    assert wp.enable_kernels()
+    x, w = data(wp.KERNEL_MAX_ROWS, 64, 50, seed=8)
+    wb = Tensor(w).astype(ms.bfloat16)
+    exact = wp.linear(Tensor(x), wb, wp.EXACT).asnumpy()
+    np.testing.assert_array_equal(wp.linear(Tensor(x), wb, wp.BF16).asnumpy(), exact)
+    ref = x.astype(np.float64) @ round_bf16(w).astype(np.float64).T
+    assert (np.abs(exact - ref) <= bound(x, round_bf16(w), 64)).all()
+
+
+def test_products_mode_is_checked():
+    with pytest.raises(ValueError, match=re.escape("products must be one of")):
+        wp.check_products("fp8")
