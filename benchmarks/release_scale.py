@@ -10,13 +10,19 @@ every peak RSS is that stage's alone:
             weights: 3 bf16 `pytorch_model-0000{1,2,3}-of-00003.bin` shards + index, config.json,
             vision_config.json, tokenizer; task LoRAs at release ranks (web 512, sft/dpo 256).
 2. convert  `mxc-convert SRC DST` with default options (keeps bf16).
-3. ours     GRAPH_MODE: `from_pretrained(DST)` (bf16 resident, no task LoRA), `chat` on a small image
-            (1 tile) with greedy decoding (prefill s, decode ms/token, compile count), then in the SAME
-            process the image embeddings of a 4K image (3840x2160) at hd_num=24 (25 crops): time, peak.
-4. ours_web `from_pretrained(DST)` and `write_webpage` (brings in lora_web): peak RSS.
-5. upstream (with --upstream) the upstream PyTorch code on the same checkpoint: the 4K image's
-            embeddings in fp32 eager (compared with ours, 1e-5 relative) and bf16 decode on our chat
-            prompt, where it fits in memory (the worker says when it does not).
+3. rates    the machine's GEMM rates on one prefill-shaped product [512 x 4096] x [4096 x 14336]: our
+            kernel in each arithmetic, numpy (BLAS) fp32 and, where torch is installed, torch fp32 / bf16.
+4. ours     GRAPH_MODE, exact products (the default): `from_pretrained(DST)` (bf16 resident, no task
+            LoRA); `chat` about a small image (`hd_num=1`, 8 new tokens, greedy) end to end; the same
+            prompt through `generate` (prefill s, tokens/s, decoder GFLOP/s, decode ms/token, compile
+            count); a text-only prompt's prefill; then in the SAME process the embeddings of a 4K image
+            (3840x2160) at hd_num=24 (25 crops): time, peak.
+   ours_bf16  the same with `compute_dtype="bf16"` (bf16 products).
+5. ours_web `from_pretrained(DST)` and `write_webpage` (2 beams, brings in lora_web): peak RSS and the
+            prompt rows prefilled (once, copied to the beams).
+6. upstream (with --upstream) the upstream PyTorch code on the same checkpoint: the 4K image's
+            embeddings in fp32 eager (compared with ours, 1e-5 relative) and bf16 prefill + decode on our
+            chat prompt and on the text prompt, where it fits in memory (the worker says when it does not).
 
 Decode is also put against the bf16 read roofline: the bf16 bytes one decode step must read (decoder
 linears without the image LoRA, norms, output head, one embedding row) over the machine's read bandwidth
@@ -181,22 +187,36 @@ class _TokenClock:
         pass
 
 
-def stage_ours(args):
+def _decoder_flops(config, n, cache_len):
+    from prefill_profile import decoder_flops
+
+    return sum(decoder_flops(config, n, cache_len).values()) * config.num_hidden_layers
+
+
+def _ours(args, compute_dtype):
     import mindspore as ms
 
     from mindxcomposer import InternLMXComposer2ForCausalLM
-    from mindxcomposer.ops import kernels_enabled
+    from mindxcomposer.ops import cpu_kernels, kernels_enabled
+    from mindxcomposer.session import ModelSession
 
     ms.set_context(mode=ms.GRAPH_MODE)
-    out = {"threads": int(ms.get_context("runtime_num_threads"))}
+    out = {"threads": int(ms.get_context("runtime_num_threads")), "compute_dtype": compute_dtype or "fp32"}
     t = time.perf_counter()
-    model = InternLMXComposer2ForCausalLM.from_pretrained(args.dst)
+    model = InternLMXComposer2ForCausalLM.from_pretrained(args.dst, compute_dtype=compute_dtype)
     out.update(load_s=time.perf_counter() - t, rss_after_load_gib=_rss_gib(), storage=str(model.dtype),
-               kernels=kernels_enabled())
+               products=model.products, kernels=kernels_enabled(), isa=cpu_kernels.isa())
+    # `chat` as a user calls it: a small image (one tile at hd_num=1), 8 new tokens, greedy.
+    t = time.perf_counter()
+    response, _ = model.chat(model.tokenizer, QUERY, image=[SMALL_IMAGE], hd_num=1, max_new_tokens=8,
+                             do_sample=False, num_beams=1)
+    out.update(chat_s=time.perf_counter() - t, chat_chars=len(response))
+    # The same kind of prompt through generate: prefill and decode timed apart.
     clock = _TokenClock()
     t = time.perf_counter()
     inputs, im_mask, _ = model.interleav_wrap_chat(QUERY, [SMALL_IMAGE], hd_num=args.hd_num_small)
-    out["small_image_tokens"] = int(inputs["inputs_embeds"].shape[1])
+    n = int(inputs["inputs_embeds"].shape[1])
+    out["small_image_tokens"] = n
     np.savez(os.path.join(args.workdir, "prompt.npz"), inputs_embeds=inputs["inputs_embeds"], im_mask=im_mask)
     t_prompt = time.perf_counter() - t
     t = time.perf_counter()
@@ -205,18 +225,58 @@ def stage_ours(args):
                          eos_token_id=None)  # no early stop: every run decodes new_tokens
     total = time.perf_counter() - t
     steps = np.diff(clock.times[1:])  # times[0]: the prompt put; [1]: first token, after the prefill
-    out.update(prompt_s=t_prompt, prefill_s=clock.times[1] - t, decode_ms=float(np.median(steps[1:]) * 1e3),
-               generate_s=total, new_ids=ids[0, 1:].tolist(), compile_count=model.last_session.compile_count,
-               peak_after_chat_gib=_peak_gib())
-    out["bandwidth"] = read_bandwidth_gbs()
-    out["bandwidth_gbs"] = max(out["bandwidth"].values())
+    prefill_s = clock.times[1] - t
+    cache_len = model.last_session.cache_len
+    out.update(prompt_s=t_prompt, prefill_s=prefill_s, prefill_tokens_per_s=n / prefill_s,
+               prefill_gflops=_decoder_flops(model.config, n, cache_len) / prefill_s / 1e9,
+               decode_ms=float(np.median(steps[1:]) * 1e3), generate_s=total, new_ids=ids[0, 1:].tolist(),
+               compile_count=model.last_session.compile_count, peak_after_chat_gib=_peak_gib())
+    # A text-only prompt (no image rows): the prefill alone.
+    text = _text_prompt(model, args)
+    session = ModelSession(model, 1, text["inputs_embeds"].shape[1] + 8)
+    t = time.perf_counter()
+    session.prefill(text["inputs_embeds"], text["im_mask"])
+    text_s = time.perf_counter() - t
+    m = int(text["inputs_embeds"].shape[1])
+    out.update(text_tokens=m, text_prefill_s=text_s, text_prefill_tokens_per_s=m / text_s,
+               text_prefill_gflops=_decoder_flops(model.config, m, session.cache_len) / text_s / 1e9)
+    del session
+    if compute_dtype is None:
+        out["bandwidth"] = read_bandwidth_gbs()
+        out["bandwidth_gbs"] = max(out["bandwidth"].values())
     if args.big_image:
         t = time.perf_counter()
         emb = model.encode_img(args.big_image, hd_num=24).asnumpy()[0]
         out.update(vit4k_s=time.perf_counter() - t, vit4k_tokens=int(emb.shape[0]))
-        np.save(os.path.join(args.workdir, "emb4k_ours.npy"), emb)
+        np.save(os.path.join(args.workdir, f"emb4k_ours{'_' + compute_dtype if compute_dtype else ''}.npy"), emb)
     out["peak_gib"] = _peak_gib()
     _reply(out)
+
+
+def _text_prompt(model, args):
+    """A text-only prompt of `--text-tokens` ids (seeded), as embeddings, saved for the upstream side."""
+    path = os.path.join(args.workdir, "text_prompt.npz")
+    if not os.path.isfile(path):
+        rng = np.random.default_rng(args.seed)
+        ids = rng.integers(100, model.config.vocab_size - 100, size=(1, args.text_tokens))
+        np.savez(path, inputs_embeds=model.embed_tokens(ids).astype(np.float32),
+                 im_mask=np.zeros((1, args.text_tokens), bool))
+    with np.load(path) as z:
+        return {"inputs_embeds": z["inputs_embeds"], "im_mask": z["im_mask"]}
+
+
+def stage_ours(args):
+    _ours(args, None)
+
+
+def stage_ours_bf16(args):
+    _ours(args, "bf16")
+
+
+def stage_rates(args):
+    from prefill_profile import kernel_rates, reference_rates
+
+    _reply({"kernel_gflops": kernel_rates(), "reference_gflops": reference_rates()})
 
 
 def stage_ours_vit(args):
@@ -257,8 +317,10 @@ def stage_ours_web(args):
     t = time.perf_counter()
     html = model.write_webpage("A one-page site for a cat cafe.", [SMALL_IMAGE], max_new_tokens=args.new_tokens,
                                seed=0, output_dir=args.workdir)
+    session = model.last_session
     _reply({"seconds": time.perf_counter() - t, "peak_gib": _peak_gib(), "resident_tasks": model.resident_tasks,
-            "chars": len(html)})
+            "chars": len(html), "rows": session.batch_size,
+            "prompt_rows_prefilled": getattr(session, "prefilled_rows", None)})
 
 
 def stage_convert(args):
@@ -271,8 +333,8 @@ def stage_convert(args):
     _reply({"seconds": time.perf_counter() - t, "peak_gib": _peak_gib()})
 
 
-STAGES = {"write": stage_write, "convert": stage_convert, "ours": stage_ours, "ours_vit": stage_ours_vit,
-          "ours_web": stage_ours_web}
+STAGES = {"write": stage_write, "convert": stage_convert, "rates": stage_rates, "ours": stage_ours,
+          "ours_bf16": stage_ours_bf16, "ours_vit": stage_ours_vit, "ours_web": stage_ours_web}
 
 
 # ----------------------------------------------------------------------------------------- orchestrator
@@ -307,7 +369,8 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--hd-num-small", type=int, default=24)
-    ap.add_argument("--stages", default="write,convert,ours,ours_vit,ours_web,upstream")
+    ap.add_argument("--text-tokens", type=int, default=1024, help="length of the text-only prompt")
+    ap.add_argument("--stages", default="write,convert,rates,ours,ours_bf16,ours_vit,ours_web,upstream")
     ap.add_argument("--llm-layers", type=int, default=32, help="decoder layers of the written checkpoint (32)")
     ap.add_argument("--vit-layers", type=int, default=24, help="ViT layers of the written checkpoint (24)")
     ap.add_argument("--upstream", help="upstream code folder (internlm-xcomposer2d5-ol-7b/base)")
@@ -329,6 +392,7 @@ def main(argv=None):
         stages = [s for s in stages if s != "write"]
     common = [os.path.abspath(__file__), "--workdir", args.workdir, "--seed", str(args.seed),
               "--new-tokens", str(args.new_tokens), "--hd-num-small", str(args.hd_num_small),
+              "--text-tokens", str(args.text_tokens),
               "--llm-layers", str(args.llm_layers), "--vit-layers", str(args.vit_layers)]
     if args.checkpoint:
         common += ["--checkpoint", args.checkpoint]
@@ -344,10 +408,13 @@ def main(argv=None):
         results["upstream_vit"] = run_stage(args.upstream_python, up + [
             "--stage", "vit", "--image", args.big_image, "--hd-num", "24",
             "--out", os.path.join(args.workdir, "emb4k_upstream.npy")], "upstream_vit")
+        threads = str(results.get("ours", {}).get("threads", 2))
         results["upstream_decode"] = run_stage(args.upstream_python, up + [
             "--stage", "decode", "--dtype", "bf16", "--prompt", os.path.join(args.workdir, "prompt.npz"),
-            "--new-tokens", str(args.new_tokens), "--threads", str(results.get("ours", {}).get("threads", 2))],
-            "upstream_decode")
+            "--new-tokens", str(args.new_tokens), "--threads", threads], "upstream_decode")
+        results["upstream_text"] = run_stage(args.upstream_python, up + [
+            "--stage", "decode", "--dtype", "bf16", "--prompt", os.path.join(args.workdir, "text_prompt.npz"),
+            "--new-tokens", "1", "--threads", threads], "upstream_text")
         a, b = (os.path.join(args.workdir, f) for f in ("emb4k_ours.npy", "emb4k_upstream.npy"))
         if os.path.isfile(a) and os.path.isfile(b):
             ours, ref = np.load(a).astype(np.float64), np.load(b).astype(np.float64)
@@ -363,47 +430,79 @@ def main(argv=None):
 def print_table(r):
     from mindxcomposer.configuration import InternLMXComposer2Config
 
-    roof = None
-    ours = r.get("ours", {})
-    if "bandwidth_gbs" in ours:
-        cfg = InternLMXComposer2Config(num_hidden_layers=r["llm_layers"])
-        roof = decode_read_bytes(cfg) / (ours["bandwidth_gbs"] * 1e9) * 1e3
     rows = [("stage", "wall s", "peak RSS GiB", "notes")]
     for key in ("write", "convert"):
         if key in r:
             rows.append((key, f"{r[key]['wall_s']:.0f}", f"{r[key]['maxrss_gib']:.2f}", ""))
-    if ours:
-        rows.append(("ours: load (bf16)", f"{ours.get('load_s', float('nan')):.0f}",
-                     f"{ours.get('rss_after_load_gib', float('nan')):.2f} (RSS)", f"kernels={ours.get('kernels')}"))
-        rows.append(("ours: chat, small image", f"{ours.get('generate_s', float('nan')):.0f}",
-                     f"{ours.get('peak_after_chat_gib', float('nan')):.2f}",
-                     f"{ours.get('small_image_tokens')} prompt tokens, prefill {ours.get('prefill_s', 0):.1f} s, "
-                     f"decode {ours.get('decode_ms', 0):.0f} ms/token, compiles {ours.get('compile_count')}"))
-        if "vit4k_s" in ours:
-            rows.append(("ours: 4K image, hd_num 24", f"{ours['vit4k_s']:.0f}", f"{ours['maxrss_gib']:.2f}",
-                         f"{ours['vit4k_tokens']} tokens; same process as the chat"))
+    for key in ("ours", "ours_bf16"):
+        o = r.get(key)
+        if not o or "load_s" not in o:
+            continue
+        tag = f"{key} ({o['compute_dtype']})"
+        rows.append((f"{tag}: load", f"{o['load_s']:.0f}", f"{o['rss_after_load_gib']:.2f} (RSS)",
+                     f"products={o.get('products')}, kernels: {o.get('isa')}"))
+        rows.append((f"{tag}: chat, small image", f"{o['chat_s']:.1f}", f"{o['peak_after_chat_gib']:.2f}",
+                     "`chat`, hd_num=1, 8 new tokens, end to end"))
+        rows.append((f"{tag}: prefill", f"{o['prefill_s']:.1f}", "",
+                     f"{o['small_image_tokens']} tokens: {o['prefill_tokens_per_s']:.1f} tokens/s, decoder "
+                     f"{o['prefill_gflops']:.0f} GFLOP/s; decode {o['decode_ms']:.0f} ms/token; "
+                     f"compiles {o.get('compile_count')}"))
+        rows.append((f"{tag}: text prefill", f"{o['text_prefill_s']:.1f}", "",
+                     f"{o['text_tokens']} tokens: {o['text_prefill_tokens_per_s']:.1f} tokens/s, "
+                     f"decoder {o['text_prefill_gflops']:.0f} GFLOP/s"))
+        if "vit4k_s" in o:
+            rows.append((f"{tag}: 4K image, hd_num 24", f"{o['vit4k_s']:.1f}", f"{o['maxrss_gib']:.2f}",
+                         f"{o['vit4k_tokens']} tokens; same process as the chat"))
+    if "ours_vit" in r and "seconds" in r["ours_vit"]:
+        v = r["ours_vit"]
+        rows.append(("ours_vit (fp32): 4K image alone", f"{v['seconds']:.1f}", f"{v['maxrss_gib']:.2f}", ""))
     if "ours_web" in r:
         w = r["ours_web"]
         rows.append(("ours: write_webpage", f"{w.get('seconds', float('nan')):.0f}", f"{w['maxrss_gib']:.2f}",
-                     f"resident {w.get('resident_tasks')}"))
-    for key in ("upstream_vit", "upstream_decode"):
+                     f"resident {w.get('resident_tasks')}, {w.get('rows')} beams, prompt rows prefilled "
+                     f"{w.get('prompt_rows_prefilled')}"))
+    for key in ("upstream_vit", "upstream_decode", "upstream_text"):
         if key in r:
             u = r[key]
-            note = json.dumps({k: v for k, v in u.items() if k not in ("wall_s", "maxrss_gib", "ids", "new_ids")})[:150]
+            note = json.dumps({k: v for k, v in u.items() if k not in ("wall_s", "maxrss_gib", "ids", "new_ids",
+                                                                          "step_ms")})[:160]
             rows.append((key, f"{u['wall_s']:.0f}", f"{u['maxrss_gib']:.2f}", note))
     widths = [max(len(str(row[i])) for row in rows) for i in range(4)]
     for i, row in enumerate(rows):
         print("| " + " | ".join(str(c).ljust(w) for c, w in zip(row, widths)) + " |")
         if i == 0:
             print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    if roof is not None:
+
+    rates = r.get("rates", {})
+    if "kernel_gflops" in rates:
+        ref = rates["reference_gflops"]
+        print("\nGEMM [512 x 4096] x [4096 x 14336], GFLOP/s: "
+              + ", ".join(f"ours {m} {v:.0f}" for m, v in rates["kernel_gflops"].items()) + ", "
+              + ", ".join(f"{k} {v:.0f}" for k, v in ref.items()))
+        best_fp32 = max(v for k, v in ref.items() if k.endswith("fp32"))
+        ours = r.get("ours", {})
+        if "prefill_gflops" in ours:
+            print(f"exact prefill's decoder products: {ours['prefill_gflops']:.0f} GFLOP/s = "
+                  f"{100 * ours['prefill_gflops'] / best_fp32:.0f}% of the best reference fp32 GEMM ({best_fp32:.0f})")
+    up, upt = r.get("upstream_decode", {}), r.get("upstream_text", {})
+    for key in ("ours", "ours_bf16"):
+        o = r.get(key, {})
+        if up.get("prefill_s") and "prefill_s" in o:
+            print(f"{key}: image prompt prefill {o['prefill_s']:.1f} s vs upstream bf16 {up['prefill_s']:.1f} s: "
+                  f"{up['prefill_s'] / o['prefill_s']:.2f}x")
+        if upt.get("prefill_s") and "text_prefill_s" in o:
+            print(f"{key}: text prompt prefill {o['text_prefill_s']:.1f} s vs upstream bf16 {upt['prefill_s']:.1f} s: "
+                  f"{upt['prefill_s'] / o['text_prefill_s']:.2f}x")
+    ours = r.get("ours", {})
+    if "bandwidth_gbs" in ours:
+        cfg = InternLMXComposer2Config(num_hidden_layers=r["llm_layers"])
+        roof = decode_read_bytes(cfg) / (ours["bandwidth_gbs"] * 1e9) * 1e3
         dec = ours["decode_ms"]
         print(f"\ndecode: {dec:.0f} ms/token; bf16 read roofline {roof:.0f} ms/token "
               f"({decode_read_bytes(cfg) / 1e9:.2f} GB per step at "
               f"{ours['bandwidth_gbs']:.1f} GB/s): {100 * roof / dec:.0f}% of roofline")
-        ud = r.get("upstream_decode", {})
-        if ud.get("decode_ms"):
-            print(f"upstream bf16 decode: {ud['decode_ms']:.0f} ms/token -> ours is {ud['decode_ms'] / dec:.2f}x")
+        if up.get("decode_ms"):
+            print(f"upstream bf16 decode: {up['decode_ms']:.0f} ms/token -> ours is {up['decode_ms'] / dec:.2f}x")
     if "vit4k_parity" in r:
         p = r["vit4k_parity"]
         print(f"4K image embeddings vs upstream fp32: max abs err {p['max_abs_err']} (tolerance {p['tol']:.3g})")

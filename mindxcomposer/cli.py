@@ -10,6 +10,8 @@ import sys
 import tempfile
 import traceback
 
+from .cli_support import COMPUTE_DTYPE_HELP
+
 DEMO_NOTICE = ("[mxc-chat] no --model given: using the bundled demo model. Its weights are RANDOM, so its "
                "answers are gibberish; it only shows that the pipeline runs.")
 
@@ -29,6 +31,8 @@ def _parser():
     p.add_argument("--mode", choices=["graph", "pynative"], default=None,
                    help="MindSpore execution mode of the decoding steps (default: graph, pynative on GPU)")
     p.add_argument("--device", choices=["CPU", "GPU", "Ascend"], default=None)
+    p.add_argument("--compute-dtype", choices=["fp32", "bf16"], default=None,
+                   help=COMPUTE_DTYPE_HELP)
     p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     return p
 
@@ -86,12 +90,13 @@ def _chat(args) -> int:
     tmp = None
     try:
         if args.model:
-            model = InternLMXComposer2ForCausalLM.from_pretrained(args.model)
+            model = InternLMXComposer2ForCausalLM.from_pretrained(args.model, compute_dtype=args.compute_dtype)
         else:
             print(DEMO_NOTICE, file=sys.stderr)
             with deferred_interrupts():  # the folder and the record of it, or neither
                 tmp = tempfile.TemporaryDirectory(prefix="mxc-chat-demo-")
-            model = InternLMXComposer2ForCausalLM.from_pretrained(save_demo_model(tmp.name))
+            model = InternLMXComposer2ForCausalLM.from_pretrained(save_demo_model(tmp.name),
+                                                                  compute_dtype=args.compute_dtype)
         require_tokenizer(model)
 
         def ask(query, history):

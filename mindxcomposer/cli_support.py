@@ -22,6 +22,11 @@ import threading
 import traceback
 from typing import Callable, Optional
 
+# --compute-dtype of mxc-chat and mxc-serve (`from_pretrained(compute_dtype=...)`).
+COMPUTE_DTYPE_HELP = ("arithmetic of the products (default: fp32 on CPU and GPU, the checkpoint's dtype on "
+                      "Ascend). bf16 on CPU: each product's inputs rounded to bf16, sums in fp32: about twice as "
+                      "fast for prompts and images where the CPU has AVX512-BF16 (docs/performance.md)")
+
 # SIGHUP too: closing the terminal must not leave a temporary folder behind either.
 _SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
 USER_ERRORS = (ValueError, TypeError, OSError)

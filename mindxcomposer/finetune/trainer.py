@@ -74,9 +74,9 @@ class Progress:
 
 def load_model(args: TrainingArguments):
     from ..modeling_xcomposer2 import InternLMXComposer2ForCausalLM
-    compute = "bf16" if args.bf16 and ms.get_context("device_target") == "Ascend" else None
-    if args.bf16 and compute is None:
-        print("mxc-finetune: --bf16 mixed precision needs Ascend; training in fp32 here", file=sys.stderr)
+    # --bf16: bf16 arithmetic on Ascend; on CPU, bf16 products (inputs rounded to bf16, fp32 sums; activations,
+    # gradients and master weights fp32), the CPU's counterpart of upstream's bf16 training.
+    compute = "bf16" if args.bf16 else None
     # Full fine-tuning updates fp32 master weights in place; a LoRA run keeps the base as stored.
     dtype = None if args.use_lora else "fp32"
     return InternLMXComposer2ForCausalLM.from_pretrained(args.model_name_or_path, dtype=dtype, compute_dtype=compute)

@@ -5,6 +5,8 @@ import os
 import sys
 import tempfile
 
+from ..cli_support import COMPUTE_DTYPE_HELP
+
 DEMO_NOTICE = ("[mxc-serve] no --model given: serving the bundled demo model. Its weights are RANDOM, so its "
                "answers are gibberish; it only shows that the server runs.")
 
@@ -31,6 +33,7 @@ def _parser():
     p.add_argument("--mode", choices=["graph", "pynative"], default=None,
                    help="MindSpore execution of the decoding steps (default: graph, pynative on GPU)")
     p.add_argument("--device", choices=["CPU", "GPU", "Ascend"], default=None)
+    p.add_argument("--compute-dtype", choices=["fp32", "bf16"], default=None, help=COMPUTE_DTYPE_HELP)
     return p
 
 
@@ -51,12 +54,12 @@ def build(args):
     if args.model:
         if not os.path.isdir(args.model):
             sys.exit(f"mxc-serve: model directory {args.model!r} does not exist")
-        model = InternLMXComposer2ForCausalLM.from_pretrained(args.model)
+        model = InternLMXComposer2ForCausalLM.from_pretrained(args.model, compute_dtype=args.compute_dtype)
         name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
     else:
         print(DEMO_NOTICE, file=sys.stderr)
         tmp = tempfile.TemporaryDirectory()
-        model = InternLMXComposer2ForCausalLM.from_pretrained(save_demo_model(tmp.name))
+        model = InternLMXComposer2ForCausalLM.from_pretrained(save_demo_model(tmp.name), compute_dtype=args.compute_dtype)
         name = args.served_model_name or "mindxcomposer-demo"
     if model.tokenizer is None:
         sys.exit(f"mxc-serve: {args.model!r} has no tokenizer.model")
