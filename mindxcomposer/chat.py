@@ -81,8 +81,9 @@ class _BeamReadySession:
     """`ModelSession` as the decoding loop expects it (`generation.DecoderSession`).
 
     Beam search asks, right after prefill, for each prompt row to become `num_beams` cache rows. The
-    static cache has a fixed row count, so the prompt is prefilled `num_beams` times over instead, and
-    that first expansion becomes a pick among identical rows."""
+    static cache has a fixed row count, so the prefill does it at once: each prompt row runs through the
+    layers once and is copied to its beams' rows r*k .. r*k+k-1 (`ModelSession.prefill(..., copies=k)`),
+    which is that first expansion already done."""
 
     def __init__(self, session: ModelSession, num_beams: int):
         self.session = session
@@ -91,19 +92,21 @@ class _BeamReadySession:
 
     def prefill(self, inputs_embeds, attention_mask, im_mask=None):
         k = self.num_beams
-        logits = self.session.prefill(np.repeat(inputs_embeds, k, 0), np.repeat(im_mask, k, 0),
-                                      np.repeat(attention_mask, k, 0))
-        return logits[::k]
+        if k == 1:
+            return self.session.prefill(inputs_embeds, im_mask, attention_mask)
+        return self.session.prefill(inputs_embeds, im_mask, attention_mask, copies=k)[::k]
 
     def step(self, token_ids, attention_mask=None):
         return self.session.step(token_ids)
 
     def reorder(self, row_index):
-        row_index = np.asarray(row_index)
-        if not self.expanded:
+        if not self.expanded:  # each prompt row repeated k times: the prefill's copies are those rows
             self.expanded = True
-            row_index = row_index * self.num_beams  # prompt row r was prefilled at rows r*k .. r*k+k-1
-        self.session.reorder(row_index)
+            k = self.num_beams
+            if not np.array_equal(row_index, np.repeat(np.arange(len(row_index) // k), k)):
+                raise ValueError(f"the first reorder of beam search must repeat each prompt row {k} times")
+            return
+        self.session.reorder(np.asarray(row_index))
 
 
 class ChatMixin:

@@ -269,6 +269,13 @@ class CachedDecoder(nn.Cell):
         for cache in tuple(self.k_cache) + tuple(self.v_cache):
             ops.assign(cache, ops.zeros(cache.shape, cache.dtype))
 
+    def broadcast_rows(self, layer, k, v, rows):
+        """Layer `layer`'s caches become rows `rows` (int32 [B]) of `k`, `v` [P, KV, S, D]: beam search runs
+        each prompt row once and copies its keys and values to its beams' rows."""
+        ops.assign(self.k_cache[layer], ops.gather(k, rows, 0))
+        ops.assign(self.v_cache[layer], ops.gather(v, rows, 0))
+        return rows
+
     def reorder(self, beam_idx):
         for i in range(self.num_layers):
             ops.assign(self.k_cache[i], ops.gather(self.k_cache[i], beam_idx, 0))

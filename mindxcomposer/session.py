@@ -7,13 +7,14 @@ equal chunks of at most `PREFILL_CHUNK` rows, rounded up to a multiple of `prefi
 one padded on the right: padding rows write nothing into the cache (they add zeros), so padding costs
 no cache slots. The prefill graph thus compiles once per chunk size and the step graph once per
 (batch, cache size). Positions and the dynamic-NTK RoPE base are computed per row from that row's real
-tokens, so a row decodes exactly as it would alone.
+tokens, so a row decodes exactly as it would alone. For beam search (`prefill(..., copies=num_beams)`)
+each prompt row runs through the layers once and its keys and values are copied to its beams' rows.
 """
 from typing import Optional
 
 import numpy as np
 import mindspore as ms
-from mindspore import Tensor
+from mindspore import Tensor, ops
 
 from .modeling_internlm2 import CachedDecoder
 from .rope import packed_rope
@@ -45,6 +46,7 @@ class ModelSession:
         self.signatures = set()  # distinct (kind, shapes, mode) = graphs compiled when `compiled`
         self.slot_mask = np.zeros((batch_size, self.cache_len), np.int64)
         self.next_slot = 0
+        self.prefilled_rows = 0  # prompt rows `prefill` has run through the layers, over the session's life
         self._slots = np.arange(self.cache_len)
 
     def set_infer_mode(self, infer_mode: str) -> None:
@@ -81,12 +83,20 @@ class ModelSession:
         t = Tensor(arr)
         return t if self.model.compute_dtype == ms.float32 else t.astype(self.model.compute_dtype)
 
-    def prefill(self, inputs_embeds, im_mask, attention_mask=None) -> np.ndarray:
-        """Left-padded prompt embeddings [B, L, H] -> logits [B, V] of each row's last token."""
+    def prefill(self, inputs_embeds, im_mask, attention_mask=None, copies: int = 1) -> np.ndarray:
+        """Left-padded prompt embeddings [P, L, H] -> logits [P * copies, V] of each row's last token.
+
+        Each prompt row runs through the layers once. With `copies` > 1 (beam search, one copy per beam) its
+        keys, values and last hidden state are then copied to `copies` consecutive rows (prompt row r to
+        rows r * copies ... r * copies + copies - 1) and the head runs on every row: the session holds
+        P * copies rows, as if each prompt had been prefilled that many times side by side."""
         embeds = np.asarray(inputs_embeds, np.float32)
         b, n, hsz = embeds.shape
-        if b != self.batch_size:
-            raise ValueError(f"the session holds {self.batch_size} rows, the prompt has {b}")
+        if isinstance(copies, bool) or not isinstance(copies, (int, np.integer)) or copies < 1:
+            raise ValueError(f"copies must be an integer >= 1, got {copies!r}")
+        if b * copies != self.batch_size:
+            raise ValueError(f"the session holds {self.batch_size} rows, the prompt has {b}"
+                             + (f" rows copied {copies} times" if copies > 1 else ""))
         if n > self.cache_len:
             raise ValueError(f"prompt of {n} tokens does not fit a cache of {self.cache_len}")
         am = np.ones((b, n), np.int64) if attention_mask is None else np.asarray(attention_mask, np.int64)
@@ -97,9 +107,9 @@ class ModelSession:
         embeds = np.concatenate([embeds, np.zeros((b, pad, hsz), np.float32)], 1)
         imm = np.concatenate([np.asarray(im_mask, np.float32), np.zeros((b, pad), np.float32)], 1)[..., None]
         am_padded = np.concatenate([am, np.zeros((b, pad), np.int64)], 1)
-        self.decoder.reset()
-        self.slot_mask[:] = 0
-        self.slot_mask[:, :n] = am
+        slot_mask = np.zeros((b, self.cache_len), np.int64)
+        slot_mask[:, :n] = am
+        self.slot_mask = np.repeat(slot_mask, copies, 0)
         self.next_slot = n
         positions = np.where(am_padded > 0, np.cumsum(am_padded, 1) - 1, 1)
         cos, sin = packed_rope(self.config, positions, am.sum(1))
@@ -110,18 +120,43 @@ class ModelSession:
             self.signatures.add(("prefill", b, chunk, self.cache_len, self.infer_mode))
         d = self.decoder
         weights = [tuple(Tensor(p) for p in layer) for layer in d.layer_weights]  # views, no copies
-        k_caches = [Tensor(c) for c in d.k_cache]
-        v_caches = [Tensor(c) for c in d.v_cache]
-        for start in range(0, n + pad, chunk):
+
+        def chunk_args(start):
             rows = slice(start, start + chunk)
-            visible = (self._slots[None, None, :] <= slots[None, rows, None]) & (self.slot_mask[:, None, :] > 0)
+            visible = (self._slots[None, None, :] <= slots[None, rows, None]) & (slot_mask[:, None, :] > 0)
             mask = self._tensor(np.where(visible, np.float32(0), _MASK_MIN).astype(np.float32)[:, None])
-            args = (self._tensor(cos[:, rows]), self._tensor(sin[:, rows]), mask, self._tensor(imm[:, rows]),
+            return (self._tensor(cos[:, rows]), self._tensor(sin[:, rows]), mask, self._tensor(imm[:, rows]),
                     Tensor(slots[rows]), self._tensor(keep[:, :, rows]))
-            x = self._tensor(embeds[:, rows])
+
+        starts = range(0, n + pad, chunk)
+        if copies == 1:  # chunk by chunk, each through every layer, straight into the session's caches
+            d.reset()
+            k_caches = [Tensor(c) for c in d.k_cache]
+            v_caches = [Tensor(c) for c in d.v_cache]
+            for start in starts:
+                args = chunk_args(start)
+                x = self._tensor(embeds[:, start:start + chunk])
+                for i in range(d.num_layers):
+                    x = self._prefill_layer(x, *args, k_caches[i], v_caches[i], self.tasks, *weights[i])
+            last = x[:, (n - 1) - start]
+        else:
+            # Layer by layer, each over every chunk (the same calls as above, in another order): one layer's
+            # keys and values of the P prompt rows fill a P-row cache, then are copied to the beams' rows of
+            # the session's cache. Beside the session's cache this holds one layer's P-row cache and every
+            # chunk's hidden states and mask (P rows each), not P * copies rows of activations.
+            args = [chunk_args(start) for start in starts]
+            xs = [self._tensor(embeds[:, start:start + chunk]) for start in starts]
+            beams = Tensor(np.repeat(np.arange(b), copies).astype(np.int32))
+            shape = (b,) + tuple(d.k_cache[0].shape[1:])
             for i in range(d.num_layers):
-                x = self._prefill_layer(x, *args, k_caches[i], v_caches[i], self.tasks, *weights[i])
-        return d.head(x[:, (n - 1) - start], Tensor(d.norm_weight), Tensor(d.head_weight))[1].asnumpy()
+                k_cache, v_cache = ops.zeros(shape, d.k_cache[i].dtype), ops.zeros(shape, d.v_cache[i].dtype)
+                for c in range(len(xs)):
+                    xs[c] = self._prefill_layer(xs[c], *args[c], k_cache, v_cache, self.tasks, *weights[i])
+                d.broadcast_rows(i, k_cache, v_cache, beams)
+                del k_cache, v_cache
+            last = ops.gather(xs[-1][:, (n - 1) - starts[-1]], beams, 0)
+        self.prefilled_rows += b
+        return d.head(last, Tensor(d.norm_weight), Tensor(d.head_weight))[1].asnumpy()
 
     def step(self, token_ids, attention_mask=None) -> np.ndarray:
         """One new token per row -> logits [B, V]. Generated tokens never take the image LoRA path."""

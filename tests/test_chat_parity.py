@@ -10,6 +10,7 @@ import pytest
 from conftest import FIXTURES, HERE
 from mindxcomposer import InternLMXComposer2Config, InternLMXComposer2ForCausalLM, InternLM2Tokenizer
 from mindxcomposer.demo import random_weights
+from mindxcomposer.session import ModelSession
 
 CHAT_FIXTURES = os.path.join(FIXTURES, "chat")
 with open(os.path.join(CHAT_FIXTURES, "cases.json"), encoding="utf-8") as f:
@@ -29,15 +30,40 @@ def model():
     return m
 
 
+class _Counting(ModelSession):
+    """A `ModelSession` that records the prompt rows each `prefill` was handed (`session_factory` hook)."""
+
+    def __init__(self, *a, **k):
+        super().__init__(*a, **k)
+        self.prompt_rows = []
+
+    def prefill(self, inputs_embeds, *a, **k):
+        self.prompt_rows.append(len(inputs_embeds))
+        return super().prefill(inputs_embeds, *a, **k)
+
+
+def _assert_prefilled_once(session, prompts, num_beams):
+    """Each prompt row ran through the decoder's layers once, whatever the number of beams: beam search
+    copies it to its beams' cache rows instead of prefilling it once per beam."""
+    assert session.prompt_rows == [prompts]
+    assert session.prefilled_rows == prompts
+    assert session.batch_size == prompts * num_beams
+
+
 def _run(model, case, tmp_path, compiled):
+    """Runs a golden case; returns (generate's outputs, their sessions, the method's result)."""
     args = dict(case["args"])
     if args.get("image"):
         args["image"] = [os.path.join(ROOT, p) for p in args["image"]]
-    calls = []
+    calls, sessions = [], []
     generate = model.generate
 
+    def counting(*a, **k):
+        sessions.append(_Counting(*a, **k))
+        return sessions[-1]
+
     def recording(*a, **k):
-        out = generate(*a, compiled=compiled, **k)
+        out = generate(*a, compiled=compiled, session_factory=counting, **k)
         calls.append(out)
         return out
 
@@ -55,7 +81,7 @@ def _run(model, case, tmp_path, compiled):
             result = {"returned": getattr(model, method)(**args)}
     finally:
         del model.generate
-    return calls, result
+    return calls, sessions, result
 
 
 RUNS = [(name, True) for name in CASES] + [(name, False) for name in PYNATIVE]
@@ -64,8 +90,10 @@ RUNS = [(name, True) for name in CASES] + [(name, False) for name in PYNATIVE]
 @pytest.mark.parametrize("name,compiled", RUNS, ids=[f"{n}-{'graph' if c else 'pynative'}" for n, c in RUNS])
 def test_generated_ids_equal_upstream(model, name, compiled, tmp_path):
     case = CASES[name]
-    calls, result = _run(model, case, tmp_path, compiled)
+    calls, sessions, result = _run(model, case, tmp_path, compiled)
     assert len(calls) == len(case["generate_calls"])
+    for session in sessions:
+        _assert_prefilled_once(session, 1, case["args"]["num_beams"])
     for ours, ref in zip(calls, case["generate_calls"]):
         new = ours[0][ref["leading_tokens"]:].tolist()
         assert new == ref["new_ids"], f"{name}: generated ids differ"
@@ -91,5 +119,6 @@ def test_batch_chat_rows_equal_chat_alone(model):
         alone = [model.chat(model.tokenizer, q, image=im, do_sample=False, num_beams=num_beams,
                             max_new_tokens=8)[0] for q, im in requests]
         batched = model.batch_chat(model.tokenizer, [q for q, _ in requests], images=[im for _, im in requests],
-                                   num_beams=num_beams, max_new_tokens=8)
+                                   num_beams=num_beams, max_new_tokens=8, session_factory=_Counting)
         assert batched == alone
+        _assert_prefilled_once(model.last_session, len(requests), num_beams)

@@ -107,3 +107,41 @@ def test_batched_rows_equal_rows_alone(demo_model):
     batched = np.stack(lg, 1)
     for r in range(2):
         assert np.abs(batched[r] - alone[r]).max() <= 1e-5 * max(1, np.abs(alone[r]).max())
+
+
+def _two_prompts(model, n_a, n_b):
+    """Two left-padded prompts (the second shorter), with image rows: embeds, im_mask, attention_mask."""
+    (a_emb, a_im), (b_emb, b_im) = _prompt(model, n_a, 20, 7), _prompt(model, n_b, 10, 8)
+    pad = n_a - n_b
+    emb = np.concatenate([a_emb, np.concatenate([np.zeros((1, pad, a_emb.shape[2]), np.float32), b_emb], 1)])
+    im = np.concatenate([a_im, np.concatenate([np.zeros((1, pad), bool), b_im], 1)])
+    am = np.ones((2, n_a), np.int64)
+    am[1, :pad] = 0
+    return emb, im, am
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("lengths", [(50, 33), (600, 333)], ids=["one-chunk", "two-chunks"])
+def test_beam_copies_equal_prefilling_every_beam(demo_model, compiled, lengths):
+    """`prefill(..., copies=k)` runs each prompt row through the layers once and copies it to its k beams'
+    rows: the caches, the logits of the prefill and of the steps after it (beams re-ranked in between) are
+    bit for bit those of prefilling every beam's copy of the prompt side by side, as beam search did before."""
+    k = 3
+    emb, im, am = _two_prompts(demo_model, *lengths)
+    every = ModelSession(demo_model, 2 * k, 1024, compiled=compiled)
+    once = ModelSession(demo_model, 2 * k, 1024, compiled=compiled)
+    ref = [every.prefill(np.repeat(emb, k, 0), np.repeat(im, k, 0), np.repeat(am, k, 0))]
+    got = [once.prefill(emb, im, am, copies=k)]
+    assert (every.prefilled_rows, once.prefilled_rows) == (2 * k, 2)
+    for a, b in zip(tuple(every.decoder.k_cache) + tuple(every.decoder.v_cache),
+                    tuple(once.decoder.k_cache) + tuple(once.decoder.v_cache)):
+        np.testing.assert_array_equal(a.asnumpy(), b.asnumpy())
+    np.testing.assert_array_equal(every.slot_mask, once.slot_mask)
+    for order, ids in (([0, 2, 2, 3, 3, 5], [11, 12, 13, 14, 15, 16]), ([1, 0, 0, 4, 5, 3], [17, 18, 19, 20, 21, 22])):
+        for s, out in ((every, ref), (once, got)):
+            s.reorder(np.array(order))
+            out.append(s.step(np.array(ids)))
+    for a, b in zip(ref, got):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="copied 2 times"):
+        once.prefill(emb, im, am, copies=2)

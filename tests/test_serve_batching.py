@@ -23,7 +23,7 @@ QUERIES = ["Why is the sky blue?", "Tell me a joke, please.", "Hello"]
 N = 12
 
 
-def _chat_logits(model, query):
+def _chat_logits(model, query, num_beams=1):
     seen = []
 
     class Recording(ModelSession):
@@ -35,11 +35,12 @@ def _chat_logits(model, query):
             seen.append(super().step(*a, **k))
             return seen[-1]
 
-    text = model.chat(model.tokenizer, query, max_new_tokens=N, do_sample=False, session_factory=Recording)[0]
+    text = model.chat(model.tokenizer, query, max_new_tokens=N, do_sample=False, num_beams=num_beams,
+                      session_factory=Recording)[0]
     return text, seen
 
 
-def _served(model, engine, queries):
+def _served(model, engine, queries, num_beams=1):
     """Runs the queries through `engine` at once; returns (texts, logits each row received)."""
     seen = {q: [] for q in queries}
     ask = engine._ask
@@ -53,7 +54,7 @@ def _served(model, engine, queries):
     jobs = []
     for q in queries:
         req = parse_chat_request({"model": "m", "messages": [{"role": "user", "content": q}], "max_tokens": N,
-                                  "temperature": 0}, "m", engine.max_beams)
+                                  "temperature": 0, "num_beams": num_beams}, "m", engine.max_beams)
         jobs.append(Job(req, [], 0, AnswerText(model.tokenizer, model._eos_ids(model.tokenizer))))
         engine.submit(jobs[-1])
     for job in jobs:
@@ -71,6 +72,23 @@ def test_alone_in_a_one_row_batch_is_bit_for_bit(demo_model):
     assert got_text == text
     assert len(seen[QUERIES[0]]) == len(ref)
     for a, b in zip(seen[QUERIES[0]], ref):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_beams_alone_are_bit_for_bit_and_prefilled_once(demo_model):
+    """A request of 2 beams filling a 2-row batch: its prompt runs through the layers once and is copied to
+    both beams' rows, and every logit it receives is chat's (which prefills the prompt once too)."""
+    text, ref = _chat_logits(demo_model, QUERIES[1], num_beams=2)
+    engine = BatchEngine(demo_model, max_batch=2, max_queue=2).start()
+    try:
+        (got_text,), seen = _served(demo_model, engine, QUERIES[1:2], num_beams=2)
+    finally:
+        engine.stop()
+    assert got_text == text
+    assert engine.prefilled_rows == 1
+    assert len(seen[QUERIES[1]]) == len(ref)
+    assert ref[0].shape[0] == 2  # the prefill's logits: one row per beam
+    for a, b in zip(seen[QUERIES[1]], ref):
         np.testing.assert_array_equal(a, b)
 
 

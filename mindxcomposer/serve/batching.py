@@ -7,8 +7,9 @@ thread, unchanged, with a `session_factory` that hands it a `RowGroup`: a sessio
 So the decoding loop, its processors, sampling, beams, stop rules and the decoded text are `chat`'s own.
 
 How a row decodes exactly as it would alone:
-- its prompt is prefilled in a session shaped as `chat` alone shapes it (same rows, same cache length),
-  so the first logits are the same; the prompt's keys and values are then copied into the row;
+- its prompt is prefilled in a session shaped as `chat` alone shapes it (same rows, same cache length,
+  with beams each prompt row prefilled once and copied to its beams' rows), so the first logits are the
+  same; the prompt's keys and values are then copied into the request's rows;
 - rows share the step's write slot (`ModelSession.next_slot`), but positions, the dynamic-NTK base and
   the attention mask come from each row's own slot mask, so where a row's slots lie does not change
   the computation: a newcomer reserves the slots the batch will write during its `max_new_tokens` steps
@@ -99,8 +100,9 @@ class RowGroup:
         self.ready = threading.Event()
         self.closed = False
 
-    def prefill(self, inputs_embeds, im_mask, attention_mask=None):
-        return self.engine._ask(self, ("prefill", (inputs_embeds, im_mask, attention_mask)))
+    def prefill(self, inputs_embeds, im_mask, attention_mask=None, copies=1):
+        """As `ModelSession.prefill`: P prompt rows, each copied to `copies` rows (P * copies = batch_size)."""
+        return self.engine._ask(self, ("prefill", (inputs_embeds, im_mask, attention_mask, copies)))
 
     def step(self, token_ids, attention_mask=None):
         self.job.check()
@@ -134,6 +136,7 @@ class BatchEngine:
         self.steps_in_prefill = 0  # steps run between the chunks of a newcomer's prefill
         self.steps_in_vision = 0  # steps run between the vision calls of a newcomer's prompt building
         self.compactions = 0
+        self.prefilled_rows = 0  # prompt rows the prefills ran through the layers (once per prompt, beams or not)
         self.shared: Optional[ModelSession] = None
         self._sessions: "collections.OrderedDict" = collections.OrderedDict()  # prefill sessions, LRU
         self.keep_sessions = keep_sessions
@@ -366,9 +369,10 @@ class BatchEngine:
 
     def _prefill(self, g: RowGroup):
         s = self.shared
-        embeds, im_mask, attention_mask = g.pending[1]
-        k, length = embeds.shape[:2]
-        am = np.ones((k, length), np.int64) if attention_mask is None else np.asarray(attention_mask, np.int64)
+        embeds, im_mask, attention_mask, copies = g.pending[1]
+        length = embeds.shape[1]
+        k = g.batch_size  # prompt rows times copies
+        am = np.ones(embeds.shape[:2], np.int64) if attention_mask is None else np.asarray(attention_mask, np.int64)
         with self.cv:
             if not self.active:
                 s.next_slot = 0
@@ -378,7 +382,7 @@ class BatchEngine:
             rows = np.array(self.free_rows[:k], np.int64)
             del self.free_rows[:k]
         try:
-            logits, slots = self._prefill_rows(g, rows, embeds, im_mask, am)
+            logits, slots = self._prefill_rows(g, rows, embeds, im_mask, am, copies)
         except BaseException:
             with self.cv:
                 self.free_rows = sorted(self.free_rows + [int(r) for r in rows])
@@ -408,13 +412,15 @@ class BatchEngine:
                 self._sessions.popitem(last=False)
         return self._sessions[key]
 
-    def _prefill_rows(self, g, rows, embeds, im_mask, am):
+    def _prefill_rows(self, g, rows, embeds, im_mask, am, copies):
         """Prefills the prompt and puts it into `rows` of the shared cache; returns (logits, its slots)."""
         s = self.shared
-        k, length = embeds.shape[:2]
+        k, length = g.batch_size, embeds.shape[1]
         reserved = g.max_len - length  # slots the batch writes while this request decodes
         alone = self._prefill_session(k, g.max_len, g.infer_mode)
-        logits = self._prefill_between_steps(alone, reserved, embeds, im_mask, am)
+        before = alone.prefilled_rows
+        logits = self._prefill_between_steps(alone, reserved, embeds, im_mask, am, copies)
+        self.prefilled_rows += alone.prefilled_rows - before
         # The prompt goes right before the slots the row will write, as in chat's own cache: the same
         # layout keeps attention's sums in the same order (a request alone in a one-row batch then
         # decodes bit for bit as chat); otherwise into the first slots the batch will not write.
@@ -433,18 +439,19 @@ class BatchEngine:
             block[:, :, slots] = src.asnumpy().astype(np.float32)[:, :, :length]
             ops.scatter_update(dst, row_index, Tensor(block).astype(dst.dtype))
         s.slot_mask[rows] = 0
-        s.slot_mask[rows[:, None], slots[None, :]] = am
+        s.slot_mask[rows[:, None], slots[None, :]] = np.repeat(am, copies, 0)
         return logits, slots
 
-    def _prefill_between_steps(self, alone: ModelSession, reserved: int, embeds, im_mask, am):
+    def _prefill_between_steps(self, alone: ModelSession, reserved: int, embeds, im_mask, am, copies):
         """`alone.prefill`, with a step of the running batch after each prefill chunk (`_step_when_ready`):
         a long prompt delays running decodes by one chunk at a time. The prefill session
-        calls its layer function once per layer and chunk; that call is wrapped (the session's
-        computation is untouched, so its logits are the same). Steps stop while the batch's next write
-        slot would leave the newcomer less than `reserved` slots."""
+        calls its layer function once per layer and chunk (chunk by chunk, or with beams layer by layer);
+        that call is wrapped (the session's computation is untouched, so its logits are the same) and the
+        batch steps after every `num_layers` calls, one chunk's worth of work. Steps stop while the
+        batch's next write slot would leave the newcomer less than `reserved` slots."""
         inner = getattr(alone, "_prefill_layer", None)
         if inner is None or not self.active:
-            return alone.prefill(embeds, im_mask, am)
+            return alone.prefill(embeds, im_mask, am, copies=copies)
         layers, calls = alone.decoder.num_layers, [0]
 
         def layer(*args):
@@ -457,7 +464,7 @@ class BatchEngine:
 
         alone._prefill_layer = layer
         try:
-            return alone.prefill(embeds, im_mask, am)
+            return alone.prefill(embeds, im_mask, am, copies=copies)
         finally:
             alone._prefill_layer = inner
 
