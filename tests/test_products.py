@@ -184,3 +184,47 @@ def test_decode_sized_products_stay_exact():
 def test_products_mode_is_checked():
     with pytest.raises(ValueError, match=re.escape("products must be one of")):
         wp.check_products("fp8")
+
+
+def _attention_ref(q, k, v, mask, div):
+    """float64 softmax(q k^T / div + mask) v with grouped heads, as `portable_attention` computes it."""
+    b, h, n, d = q.shape
+    kv = k.shape[1]
+    qs = q.reshape(b, kv, (h // kv) * n, d).astype(np.float64)
+    s = qs @ k.astype(np.float64).transpose(0, 1, 3, 2) / div
+    if mask is not None:
+        s = (s.reshape(b, kv, h // kv, n, -1) + mask[:, None].astype(np.float64)).reshape(s.shape)
+    s = np.exp(s - s.max(-1, keepdims=True))
+    return ((s / s.sum(-1, keepdims=True)) @ v.astype(np.float64)).reshape(b, h, n, d)
+
+
+@pytest.mark.parametrize("products", wp.PRODUCT_MODES)
+def test_fused_attention(products):
+    """The CPU attention kernel against float64: a static cache longer than the keys in use (causal mask,
+    left padding, empty slots after the chunk), a padding query that sees nothing (uniform weights, as the
+    plain softmax gives it), and no mask (the ViT)."""
+    from mindxcomposer.ops.attention import attention
+
+    assert wp.enable_kernels()
+    rng = np.random.default_rng(9)
+    b, h, kv, n, d, slots, start = 2, 4, 2, 24, 16, 100, 30
+    q = rng.standard_normal((b, h, n, d), dtype=np.float32)
+    k, v = (rng.standard_normal((b, kv, slots, d), dtype=np.float32) for _ in range(2))
+    visible = np.arange(slots)[None, :] <= (start + np.arange(n))[:, None]  # chunk rows at slots start..start+n-1
+    visible = np.broadcast_to(visible, (b, n, slots)).copy()
+    visible[1, :, :7] = False  # row 1 left-padded by 7 slots
+    visible[1, 0] = False  # a query that sees nothing
+    mask = np.where(visible, 0, np.finfo(np.float32).min).astype(np.float32)[:, None]
+    div = float(np.sqrt(d))
+    got = attention(Tensor(q), Tensor(k), Tensor(v), Tensor(mask), div, products=products).asnumpy()
+    ref = _attention_ref(q, k, v, mask, div)
+    tol = 2e-6 if products == "exact" else 2e-2
+    assert np.abs(got - ref).max() <= tol * np.abs(ref).max()
+    if products == "bf16":  # the products' inputs really are rounded
+        exact = attention(Tensor(q), Tensor(k), Tensor(v), Tensor(mask), div).asnumpy()
+        assert np.abs(got - exact).max() > 1e-4
+    qv = rng.standard_normal((1, 2, 40, d), dtype=np.float32)
+    kv_ = rng.standard_normal((1, 2, 40, d), dtype=np.float32)
+    got = attention(Tensor(qv), Tensor(kv_), Tensor(kv_ * 2), None, 1, products=products).asnumpy()
+    ref = _attention_ref(qv, kv_, kv_ * 2, None, 1.0)
+    assert np.abs(got - ref).max() <= tol * np.abs(ref).max()

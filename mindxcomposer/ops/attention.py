@@ -8,7 +8,7 @@ Ascend and the caller did not ask for the portable path.
 import mindspore as ms
 from mindspore import ops
 
-from .weight_products import EXACT, batch_nn, batch_nt
+from .weight_products import EXACT, KERNEL_MAX_ROWS, batch_nn, batch_nt, kernels
 
 
 def fused_attention_available() -> bool:
@@ -26,6 +26,17 @@ def portable_attention(q, k, v, mask, scale_divisor, products=EXACT):
     b, h, n, d = q.shape
     kv, s = k.shape[1], k.shape[2]
     g = h // kv
+    cpu = kernels()
+    if cpu is not None and q.dtype == ms.float32 and g * n > KERNEL_MAX_ROWS:
+        # Prompt-sized rows on CPU: one kernel (products, scale, mask, softmax) that skips the keys no row of
+        # a block sees and never holds [heads, n, S] scores; the same arithmetic up to rounding.
+        div = ops.full((1,), scale_divisor, dtype=ms.float32)
+        qs = q.reshape(b, kv, g * n, d)
+        if mask is None:
+            out = cpu.gemm[products].attention_nomask(qs, k, v, div)
+        else:
+            out = cpu.gemm[products].attention(qs, k, v, mask.astype(ms.float32), div)
+        return out.reshape(b, h, n, d)
     scores = batch_nt(q.reshape(b, kv, g * n, d), k, products)
     if scale_divisor != 1:
         scores = scores / scale_divisor

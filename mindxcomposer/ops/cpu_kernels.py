@@ -123,7 +123,10 @@ def _custom(lib, symbol, out_shape, bprop=None, out_dtype=None):
 
 def _gemm_ops(lib, suffix):
     """The GEMM primitives of one arithmetic (`suffix` "" = exact, "Bf16" = bf16 products), with their
-    gradients written with the same primitives (a product's gradients are products of the same kind)."""
+    gradients written with the same primitives (a product's gradients are products of the same kind).
+    `attention(q, k, v, mask, divisor)` is softmax(q k^T / divisor + mask) v in one kernel (`csrc`)."""
+    from mindspore import ops
+
     nn_ = _custom(lib, "MxcLinearNN" + suffix, lambda dy, w: list(dy[:-1]) + [w[1]])
     tn = _custom(lib, "MxcLinearTN" + suffix, lambda dy, x: [dy[-1], x[-1]])
     btn = _custom(lib, "MxcBatchTN" + suffix, lambda a, b: list(a[:-2]) + [a[-1], b[-1]])
@@ -137,17 +140,44 @@ def _gemm_ops(lib, suffix):
     def bnn_bprop(a, b, out, dout):  # out = a b: da = dout b^T, db = a^T dout
         return bnt(dout, b), btn(a, dout)
 
+    def scores_and_probs(q, k, mask, div):
+        """The attention weights the fused kernel computes, recomputed for its gradient."""
+        b, kv, r, _ = q.shape
+        s = bnt(q, k) / div
+        if mask is not None:
+            n, slots = mask.shape[2], mask.shape[3]
+            s = (s.reshape(b, kv, r // n, n, slots) + mask.expand_dims(1)).reshape(b, kv, r, slots)
+        return ops.softmax(s, -1)
+
+    def attention_grads(q, k, v, mask, div, dout):
+        p = scores_and_probs(q, k, mask, div)
+        dv = btn(p, dout)
+        dp = bnt(dout, v)
+        ds = p * (dp - (dp * p).sum(-1, keepdims=True)) / div
+        return bnn(ds, k), btn(ds, q), dv
+
+    def attention_bprop(q, k, v, mask, div, out, dout):
+        dq, dk, dv = attention_grads(q, k, v, mask, div, dout)
+        return dq, dk, dv, ops.zeros_like(mask), ops.zeros_like(div)
+
+    def attention_nomask_bprop(q, k, v, div, out, dout):
+        dq, dk, dv = attention_grads(q, k, v, None, div, dout)
+        return dq, dk, dv, ops.zeros_like(div)
+
     linear = _custom(lib, "MxcLinearNT" + suffix, lambda x, w: list(x[:-1]) + [w[0]], linear_bprop)
     bnt = _custom(lib, "MxcBatchNT" + suffix, lambda a, b: list(a[:-1]) + [b[-2]], bnt_bprop)
     bnn = _custom(lib, "MxcBatchNN" + suffix, lambda a, b: list(a[:-1]) + [b[-1]], bnn_bprop)
-    return SimpleNamespace(linear=linear, batch_nt=bnt, batch_nn=bnn, linear_bprop=linear_bprop)
+    attention = _custom(lib, "MxcAttention" + suffix, lambda q, k, v, m, d: list(q), attention_bprop)
+    attention_nomask = _custom(lib, "MxcAttention" + suffix, lambda q, k, v, d: list(q), attention_nomask_bprop)
+    return SimpleNamespace(linear=linear, batch_nt=bnt, batch_nn=bnn, attention=attention,
+                           attention_nomask=attention_nomask, linear_bprop=linear_bprop)
 
 
 def custom_ops():
     """The kernels as `ops.Custom` primitives, or None when not `available()`:
     `decode_linear`, `embedding` (bf16 weights, few rows) and `gemm[mode]` for mode "exact" / "bf16"
     with `linear` (x [..., K] x W [N, K]^T), `batch_nt` (a [..., M, K] b [..., N, K]^T) and
-    `batch_nn` (a [..., M, K] b [..., K, N]), differentiable."""
+    `batch_nn` (a [..., M, K] b [..., K, N]), `attention` / `attention_nomask`, all differentiable."""
     if not available():
         return None
     with _lock:

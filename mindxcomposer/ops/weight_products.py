@@ -54,6 +54,11 @@ def kernels_enabled() -> bool:
     return _kernels is not None
 
 
+def kernels():
+    """The CPU kernels' primitives (`cpu_kernels.custom_ops()`) when enabled, else None."""
+    return _kernels
+
+
 def check_products(products: str) -> str:
     if products not in PRODUCT_MODES:
         raise ValueError(f"products must be one of {PRODUCT_MODES}, got {products!r}")

@@ -15,6 +15,7 @@
 //
 // The ISA is chosen when the library is built (`-march=native`, one build per CPU: see gemm_kernels.py):
 // AVX-512 (12 x 32 tile), AVX2 + FMA (6 x 16), or portable C++.
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -500,6 +501,103 @@ int batched(int nparam, void **params, int *ndims, int64_t **shapes, Batched kin
   return 0;
 }
 
+// ---- attention ---------------------------------------------------------------------------------------
+// exp for softmax: round-to-nearest range reduction x = n ln2 + r and a degree-6 polynomial (about 1 ulp on
+// the range softmax uses, x <= 0); x below -87.3 (masked scores) gives exactly 0, as expf underflows.
+inline float softmax_exp(float x) {
+  if (x < -87.3f) return 0.0f;
+  if (x > 88.7f) x = 88.7f;
+  const float n = __builtin_nearbyintf(x * 1.44269504088896341f);
+  const float r = __builtin_fmaf(n, -0.693359375f, __builtin_fmaf(n, 2.12194440e-4f, x));
+  float p = 1.0f / 720.0f;
+  p = __builtin_fmaf(p, r, 1.0f / 120.0f);
+  p = __builtin_fmaf(p, r, 1.0f / 24.0f);
+  p = __builtin_fmaf(p, r, 1.0f / 6.0f);
+  p = __builtin_fmaf(p, r, 0.5f);
+  p = __builtin_fmaf(p, r, 1.0f);
+  p = __builtin_fmaf(p, r, 1.0f);
+  int32_t bits;
+  std::memcpy(&bits, &p, sizeof(bits));
+  bits += static_cast<int32_t>(n) << 23;
+  float out;
+  std::memcpy(&out, &bits, sizeof(out));
+  return out;
+}
+
+// Masked scores: an additive mask at or below this hides a key (the model's masks use fp32's minimum).
+constexpr float kHidden = -1e30f;
+
+// out = softmax(q k^T / divisor + mask) v for q [B, KV, R, D] (R = group heads x n queries, query i of row
+// r is r % n), k / v [B, KV, S, D], mask [B, 1, n, S] or none, out [B, KV, R, D]. Blocks of query rows
+// run in parallel; each computes its scores only over the keys some row of the block can see (below the
+// last visible slot), so a prompt chunk early in a long static cache does not pay for the empty slots
+// after it, and the scores are never [R, S] at once. The hidden keys it skips have probability exactly 0.
+void attention(const float *q, const float *k, const float *v, const float *mask, float divisor, float *out,
+               int64_t batch, int64_t heads, int64_t rows, int64_t n, int64_t slots, int64_t d, bool bf16) {
+  constexpr int64_t RB = 4 * MR;  // query rows per block
+  const int64_t blocks = (rows + RB - 1) / RB;
+  const int64_t items = batch * heads * blocks;
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int64_t it = 0; it < items; ++it) {
+    thread_local std::vector<float> sbuf;
+    const int64_t b = it / (heads * blocks), h = (it / blocks) % heads, r0 = (it % blocks) * RB;
+    const int64_t rn = rows - r0 < RB ? rows - r0 : RB;
+    const float *qb = q + ((b * heads + h) * rows + r0) * d;
+    const float *kb = k + (b * heads + h) * slots * d;
+    const float *vb = v + (b * heads + h) * slots * d;
+    const float *mb = mask ? mask + b * n * slots : nullptr;
+    int64_t limit = slots;
+    if (mb) {  // one past the last slot any row of the block sees
+      limit = 0;
+      for (int64_t r = 0; r < rn; ++r) {
+        const float *mr = mb + ((r0 + r) % n) * slots;
+        int64_t last = slots;
+        while (last > limit && mr[last - 1] <= kHidden) --last;
+        limit = last > limit ? last : limit;
+      }
+    }
+    float *o = out + ((b * heads + h) * rows + r0) * d;
+    // A row that sees no key (a padding query) gets what the plain softmax gives it: the mask swamps every
+    // score equally, so the weights are uniform over all slots.
+    bool hidden_rows = limit == 0;
+    if (limit > 0) {
+      float *sc = scratch(sbuf, rn * limit);
+      gemm_block(View{qb, d, 1, false}, View{kb, 1, d, false}, sc, limit, 0, rn, 0, limit, d, bf16);
+      for (int64_t r = 0; r < rn; ++r) {
+        float *row = sc + r * limit;
+        const float *mr = mb ? mb + ((r0 + r) % n) * slots : nullptr;
+        float top = -INFINITY;
+        for (int64_t j = 0; j < limit; ++j) {
+          float x = divisor == 1.0f ? row[j] : row[j] / divisor;
+          if (mr) x += mr[j];
+          row[j] = x;
+          top = x > top ? x : top;
+        }
+        if (top <= kHidden) hidden_rows = true;
+        float sum = 0.0f;
+        for (int64_t j = 0; j < limit; ++j) {
+          row[j] = softmax_exp(row[j] - top);
+          sum += row[j];
+        }
+        for (int64_t j = 0; j < limit; ++j) row[j] /= sum;
+      }
+      gemm_block(View{sc, limit, 1, false}, View{vb, d, 1, false}, o, d, 0, rn, 0, d, limit, bf16);
+    }
+    if (!hidden_rows || mb == nullptr) continue;
+    for (int64_t r = 0; r < rn; ++r) {
+      const float *mr = mb + ((r0 + r) % n) * slots;
+      bool seen = false;
+      for (int64_t j = 0; j < slots && !seen; ++j) seen = mr[j] > kHidden;
+      if (seen) continue;
+      for (int64_t c = 0; c < d; ++c) {
+        float acc = 0.0f;
+        for (int64_t j = 0; j < slots; ++j) acc += vb[j * d + c];
+        o[r * d + c] = acc / static_cast<float>(slots);
+      }
+    }
+  }
+}
+
 }  // namespace
 
 #define MXC_AOT(name) \
@@ -517,6 +615,23 @@ MXC_AOT(MxcBatchNN) { return batched(nparam, params, ndims, shapes, Batched::NN,
 MXC_AOT(MxcBatchNNBf16) { return batched(nparam, params, ndims, shapes, Batched::NN, true); }
 MXC_AOT(MxcBatchTN) { return batched(nparam, params, ndims, shapes, Batched::TN, false); }
 MXC_AOT(MxcBatchTNBf16) { return batched(nparam, params, ndims, shapes, Batched::TN, true); }
+
+// q, k, v, [mask,] divisor[1] -> out (see `attention`).
+int attention_op(int nparam, void **params, int *ndims, int64_t **shapes, bool bf16) {
+  const bool masked = nparam == 6;
+  if ((nparam != 5 && nparam != 6) || ndims[0] != 4 || ndims[1] != 4) return 1;
+  const int64_t batch = shapes[0][0], heads = shapes[0][1], rows = shapes[0][2], d = shapes[0][3];
+  const int64_t slots = shapes[1][2];
+  const int64_t n = masked ? shapes[3][2] : rows;
+  const float divisor = *static_cast<const float *>(params[masked ? 4 : 3]);
+  attention(static_cast<const float *>(params[0]), static_cast<const float *>(params[1]),
+            static_cast<const float *>(params[2]), masked ? static_cast<const float *>(params[3]) : nullptr, divisor,
+            static_cast<float *>(params[nparam - 1]), batch, heads, rows, n, slots, d, bf16);
+  return 0;
+}
+
+MXC_AOT(MxcAttention) { return attention_op(nparam, params, ndims, shapes, false); }
+MXC_AOT(MxcAttentionBf16) { return attention_op(nparam, params, ndims, shapes, true); }
 
 // For tests and benchmarks without MindSpore: C[M, N] = A[M, K] W[N, K]^T with W fp32 or bf16.
 extern "C" int MxcGemmNT(const float *a, const void *w, int w_bf16, float *c, int64_t m, int64_t n, int64_t k,
