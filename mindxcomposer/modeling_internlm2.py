@@ -20,7 +20,7 @@ from mindspore import Tensor, nn, ops
 
 from .configuration import InternLMXComposer2Config
 from .layers import Embedding, RMSNorm, rms_norm
-from .ops import attention, embedding, linear
+from .ops import EXACT, attention, embedding, linear
 from .plora import PLoRA
 
 LINEARS = ("attention.wqkv", "attention.wo", "feed_forward.w1", "feed_forward.w3", "feed_forward.w2")
@@ -83,8 +83,9 @@ class DecoderMath(nn.Cell):
     (`index_add`, in place) at their slots, which hold zeros (see `CachedDecoder`).
     """
 
-    def __init__(self, config: InternLMXComposer2Config, use_fused_attention=False):
+    def __init__(self, config: InternLMXComposer2Config, use_fused_attention=False, products=EXACT):
         super().__init__()
+        self.products = products  # the arithmetic of every product (`ops.weight_products`)
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.groups = self.num_heads // self.num_kv_heads
@@ -106,15 +107,15 @@ class DecoderMath(nn.Cell):
         """Linear number i of `LINEARS`: W x [+ b] + task LoRAs [+ scale * B(A x) on image rows].
         Without `image_lora` the image branch, which adds exactly zero on text rows, is left out."""
         o = self.offsets[i]
-        res = linear(x, w[o])
+        res = linear(x, w[o], self.products)
         if self.has_bias[i]:
             res = res + w[o + 1].astype(res.dtype)
             o = o + 1
         t = self.num_base + i * 2 * len(tasks)
         for k in range(len(tasks)):
-            res = res + linear(linear(x, w[t + 2 * k]), w[t + 2 * k + 1])
+            res = res + linear(linear(x, w[t + 2 * k], self.products), w[t + 2 * k + 1], self.products)
         if image_lora:
-            lora = linear(linear(self.lora_input(x, w, i, 0), w[o + 1]), w[o + 2])
+            lora = linear(linear(self.lora_input(x, w, i, 0), w[o + 1], self.products), w[o + 2], self.products)
             res = res + (lora * self.lora_scale) * im_mask
         return self.adapt(res, w, i, x)
 
@@ -147,7 +148,7 @@ class DecoderMath(nn.Cell):
             # The result is the updated cache: reading it orders the write before the reads.
             k = ops.index_add(k_cache, slots, k, 2)
             v = ops.index_add(v_cache, slots, v, 2)
-        out = attention(q, k, v, mask, self.scale_divisor, self.use_fused_attention)
+        out = attention(q, k, v, mask, self.scale_divisor, self.use_fused_attention, self.products)
         out = out.reshape(b, n, self.hidden_size) if n == 1 else out.transpose(0, 2, 1, 3).reshape(b, n, self.hidden_size)
         x = x + self.plora_linear(w, 1, out, im_mask, tasks, image_lora)
         h = rms_norm(x, w[self.num_base - 1], self.eps)
@@ -170,27 +171,28 @@ class _UncachedLayer(nn.Cell):
 class _Head(nn.Cell):
     """Final RMSNorm and output head -> (normed hidden state, float32 logits)."""
 
-    def __init__(self, eps):
+    def __init__(self, eps, products=EXACT):
         super().__init__()
         self.eps = eps
+        self.products = products
 
     def construct(self, x, norm_weight, head_weight):
         h = rms_norm(x, norm_weight, self.eps)
-        return h, linear(h, head_weight).astype(ms.float32)
+        return h, linear(h, head_weight, self.products).astype(ms.float32)
 
 
 class InternLM2Model(nn.Cell):
     def __init__(self, config: InternLMXComposer2Config, dtype=ms.float32, use_fused_attention=False,
-                 compute_dtype=ms.float32):
+                 compute_dtype=ms.float32, products=EXACT):
         super().__init__()
         self.config = config
         self.tok_embeddings = Embedding(config.vocab_size, config.hidden_size, dtype, compute_dtype)
         self.layers = nn.CellList([InternLM2DecoderLayer(config, dtype) for _ in range(config.num_hidden_layers)])
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         # Not sub-cells: they hold no parameters of their own.
-        object.__setattr__(self, "math", DecoderMath(config, use_fused_attention))
+        object.__setattr__(self, "math", DecoderMath(config, use_fused_attention, products))
         object.__setattr__(self, "_uncached_layer", _UncachedLayer(self.math))
-        object.__setattr__(self, "head", _Head(config.rms_norm_eps))
+        object.__setattr__(self, "head", _Head(config.rms_norm_eps, products))
 
     def forward(self, inputs_embeds, rot_cos, rot_sin, mask, im_mask, tasks=(), output_hidden_states=False):
         """Layer by layer (one graph call each in GRAPH_MODE). Returns the normed last hidden state and, if

@@ -17,6 +17,7 @@ import mindspore as ms
 from mindspore import Tensor, ops
 
 from .modeling_internlm2 import CachedDecoder
+from .ops import kernels_enabled
 from .rope import packed_rope
 
 _MASK_MIN = np.finfo(np.float32).min
@@ -59,13 +60,12 @@ class ModelSession:
         caches = None if self.decoder is None else (self.decoder.k_cache, self.decoder.v_cache)
         d = self.decoder = CachedDecoder(model.model, model.output, model.config, self.batch_size, self.cache_len,
                                          model.compute_dtype, self.tasks, caches)
-        # With weights stored in another dtype than the arithmetic (bf16 on CPU), the prefill runs op by op
-        # even when `compiled`: a layer graph would keep the compute-dtype casts of all the layer's weights
-        # alive until it returns (0.9 GB at release width), op by op each cast is freed after its product.
-        # Measured at release width (856-token prompt): +1.64 GiB and 13.2 s as a graph, +0.57 GiB and
-        # 11.5 s op by op; the products dominate either way. The decode step stays compiled: it reads the
-        # bf16 weights in place through the bf16 kernel, no cast.
-        self.prefill_compiled = self.compiled and model.dtype == model.compute_dtype
+        # With weights stored in another dtype than the arithmetic (bf16 on CPU) and no CPU kernels, the
+        # prefill runs op by op even when `compiled`: a layer graph would keep the compute-dtype casts of all
+        # the layer's weights alive until it returns (0.9 GB at release width); op by op each cast is freed
+        # after its product. The CPU kernels read bf16 weights in place (no cast exists), so with them the
+        # prefill layer compiles like the step.
+        self.prefill_compiled = self.compiled and (model.dtype == model.compute_dtype or kernels_enabled())
         self._prefill_layer = ms.jit(d.prefill_layer) if self.prefill_compiled else d.prefill_layer
         self._step = ms.jit(d.step) if self.compiled else d.step
 
