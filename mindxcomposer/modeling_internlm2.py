@@ -115,8 +115,12 @@ class DecoderMath(nn.Cell):
         for k in range(len(tasks)):
             res = res + linear(linear(x, w[t + 2 * k], self.products), w[t + 2 * k + 1], self.products)
         if image_lora:
-            lora = linear(linear(self.lora_input(x, w, i, 0), w[o + 1], self.products), w[o + 2], self.products)
-            res = res + (lora * self.lora_scale) * im_mask
+            # The 0/1 mask multiplies the rank-r input of B rather than B's [n, out] output: text rows become
+            # exact zeros either way (B 0 = 0), image rows are unchanged, and the elementwise work shrinks
+            # from out to r columns. The scale stays on the output (1 in the release: no multiply).
+            lora = linear(linear(self.lora_input(x, w, i, 0), w[o + 1], self.products) * im_mask, w[o + 2],
+                          self.products)
+            res = res + (lora if self.lora_scale == 1 else lora * self.lora_scale)
         return self.adapt(res, w, i, x)
 
     # Hooks for fine-tuning (`mindxcomposer.finetune.layer_grads.TrainingMath`): dropout on the LoRA inputs
