@@ -255,11 +255,13 @@ class CachedDecoder(nn.Cell):
         self.v_cache = ms.ParameterTuple([ms.Parameter(ops.zeros(shape, compute_dtype), name=f"v_cache.{i}",
                                                        requires_grad=False) for i in range(self.num_layers)])
 
-    def prefill_layer(self, x, rot_cos, rot_sin, mask, im_mask, slots, keep, k_cache, v_cache, tasks, *weights):
+    def prefill_layer(self, x, rot_cos, rot_sin, mask, im_mask, slots, keep, k_cache, v_cache, tasks, image_lora,
+                      *weights):
         """One layer on prompt rows x [B, n, H]; `weights` as `InternLM2DecoderLayer.layer_weights(tasks)`.
         rot_cos/rot_sin [B, n, 1, G+2, D], im_mask [B, n, 1], slots int32 [n], keep [1, 1, n, 1] (0 on
-        padding rows). Returns the layer's output."""
-        return self.math.layer(weights, x, rot_cos, rot_sin, mask, im_mask, tasks, True, slots, keep,
+        padding rows). `image_lora` False leaves the Partial LoRA out, for rows none of which is an image
+        token (it adds exact zeros there). Returns the layer's output."""
+        return self.math.layer(weights, x, rot_cos, rot_sin, mask, im_mask, tasks, image_lora, slots, keep,
                                k_cache, v_cache)
 
     def step(self, ids, rot_cos, rot_sin, mask, slot):

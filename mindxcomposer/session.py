@@ -116,8 +116,12 @@ class ModelSession:
         # Padding rows add zeros (keep 0), past the cache's end all at its last slot.
         slots = np.minimum(np.arange(n + pad), self.cache_len - 1).astype(np.int32)
         keep = (np.arange(n + pad) < n).astype(np.float32)[None, None, :, None]
+        # A chunk without image rows runs without the Partial LoRA (it adds exact zeros there): a second
+        # graph, compiled when a prompt has such a chunk (text-only prompts, long text after an image).
+        has_image = [bool(imm[:, start:start + chunk].any()) for start in range(0, n + pad, chunk)]
         if self.prefill_compiled:
-            self.signatures.add(("prefill", b, chunk, self.cache_len, self.infer_mode))
+            for image_lora in set(has_image):
+                self.signatures.add(("prefill", b, chunk, self.cache_len, self.infer_mode, image_lora))
         d = self.decoder
         weights = [tuple(Tensor(p) for p in layer) for layer in d.layer_weights]  # views, no copies
 
@@ -133,11 +137,11 @@ class ModelSession:
             d.reset()
             k_caches = [Tensor(c) for c in d.k_cache]
             v_caches = [Tensor(c) for c in d.v_cache]
-            for start in starts:
+            for c, start in enumerate(starts):
                 args = chunk_args(start)
                 x = self._tensor(embeds[:, start:start + chunk])
                 for i in range(d.num_layers):
-                    x = self._prefill_layer(x, *args, k_caches[i], v_caches[i], self.tasks, *weights[i])
+                    x = self._prefill_layer(x, *args, k_caches[i], v_caches[i], self.tasks, has_image[c], *weights[i])
             last = x[:, (n - 1) - start]
         else:
             # Layer by layer, each over every chunk (the same calls as above, in another order): one layer's
@@ -151,7 +155,8 @@ class ModelSession:
             for i in range(d.num_layers):
                 k_cache, v_cache = ops.zeros(shape, d.k_cache[i].dtype), ops.zeros(shape, d.v_cache[i].dtype)
                 for c in range(len(xs)):
-                    xs[c] = self._prefill_layer(xs[c], *args[c], k_cache, v_cache, self.tasks, *weights[i])
+                    xs[c] = self._prefill_layer(xs[c], *args[c], k_cache, v_cache, self.tasks, has_image[c],
+                                                *weights[i])
                 d.broadcast_rows(i, k_cache, v_cache, beams)
                 del k_cache, v_cache
             last = ops.gather(xs[-1][:, (n - 1) - starts[-1]], beams, 0)

@@ -85,6 +85,24 @@ def test_cached_decoding_equals_full_forward(demo_model, compiled):
         assert s.compile_count == 2  # one prefill bucket, one step graph
 
 
+def test_chunks_without_image_rows_skip_the_image_lora(demo_model):
+    """A prompt of two prefill chunks, image rows only in the first: the second runs without the Partial LoRA
+    (a graph of its own) and the logits are the full forward's; the same prompt with an image row in the
+    second chunk too runs one graph."""
+    from mindxcomposer.session import PREFILL_CHUNK
+
+    emb, im = _prompt(demo_model, PREFILL_CHUNK + 100, 60, 9)
+    ref = demo_model(inputs_embeds=emb, im_mask=im).logits.asnumpy()[0, -1]
+    for second_chunk_image, graphs in ((False, 2), (True, 1)):
+        imm = im.copy()
+        imm[0, -5] = second_chunk_image
+        want = ref if not second_chunk_image else demo_model(inputs_embeds=emb, im_mask=imm).logits.asnumpy()[0, -1]
+        s = ModelSession(demo_model, 1, PREFILL_CHUNK + 128, compiled=True)
+        got = s.prefill(emb, imm)[0]
+        assert np.abs(got - want).max() <= 1e-5 * max(1, np.abs(want).max())
+        assert sum(sig[0] == "prefill" for sig in s.signatures) == graphs
+
+
 def test_batched_rows_equal_rows_alone(demo_model):
     a_emb, a_im = _prompt(demo_model, 50, 20, 5)
     b_emb, b_im = _prompt(demo_model, 33, 0, 6)
