@@ -114,9 +114,10 @@ def decoder_flops(config, n, cache_len, plora=True):
     return {"base": base, "plora": lora, "attention": attn}
 
 
-def products_alone(model, config, n, cache_len):
-    """Seconds of one layer's products at prefill shapes, through the model's own dispatch (PyNative,
-    one call each): the floor a prefill layer cannot go below."""
+def products_alone(model, config, n, cache_len, chunks=1):
+    """Seconds of one layer's products over `chunks` prefill chunks of n rows, through the model's own
+    dispatch (PyNative, one call each, best of 3): the floor a prefill layer cannot go below. Attention is
+    timed as the unfused products over the whole cache (an upper bound of what the fused kernel does)."""
     import mindspore as ms
     from mindspore import Tensor
 
@@ -134,17 +135,15 @@ def products_alone(model, config, n, cache_len):
         for name in ("attention.wqkv", "attention.wo", "feed_forward.w1", "feed_forward.w3", "feed_forward.w2"):
             p = layer.plora(name)
             inp = xi if name.endswith("w2") else x
-            out[name] = best_of(lambda: linear(inp, p.weight, products).asnumpy(), 2)
-            a = linear(inp, p.Plora_A.weight, products)
-            out[name + " plora"] = best_of(
-                lambda: linear(linear(inp, p.Plora_A.weight, products), p.Plora_B.weight, products).asnumpy(), 2)
-            del a
+            out[name] = chunks * best_of(lambda: linear(inp, p.weight, products).asnumpy())
+            out[name + " plora"] = chunks * best_of(
+                lambda: linear(linear(inp, p.Plora_A.weight, products), p.Plora_B.weight, products).asnumpy())
         g = c.num_attention_heads // c.num_key_value_heads
         q = Tensor(rng.standard_normal((1, c.num_key_value_heads, g * n, c.head_dim), dtype=np.float32))
         k = Tensor(rng.standard_normal((1, c.num_key_value_heads, cache_len, c.head_dim), dtype=np.float32))
         s = batch_nt(q, k, products)
-        out["attention q k^T"] = best_of(lambda: batch_nt(q, k, products).asnumpy(), 2)
-        out["attention p v"] = best_of(lambda: batch_nn(s, k, products).asnumpy(), 2)
+        out["attention q k^T"] = chunks * best_of(lambda: batch_nt(q, k, products).asnumpy())
+        out["attention p v"] = chunks * best_of(lambda: batch_nn(s, k, products).asnumpy())
         return out
     finally:
         ms.set_context(mode=ms.GRAPH_MODE)
@@ -153,7 +152,7 @@ def products_alone(model, config, n, cache_len):
 def profile_mode(args, mode):
     import mindspore as ms
 
-    from mindxcomposer.session import ModelSession
+    from mindxcomposer.session import PREFILL_CHUNK, ModelSession, round_up
 
     ms.set_context(mode=ms.GRAPH_MODE)
     config = release_width_config(args.layers)
@@ -170,7 +169,9 @@ def profile_mode(args, mode):
     seconds = time.perf_counter() - t
     assert np.isfinite(logits).all()
     flops = decoder_flops(config, n, session.cache_len)
-    prods = products_alone(model, config, n, session.cache_len)
+    chunks = -(-n // PREFILL_CHUNK)  # as ModelSession.prefill splits the prompt
+    chunk = round_up(-(-n // chunks), session.prefill_bucket)
+    prods = products_alone(model, config, chunk, session.cache_len, chunks)
     per_layer = seconds / args.layers  # the head runs once, on the last row only: negligible
     product_s = sum(prods.values())
     return {"mode": mode, "prefill_s": seconds, "per_layer_s": per_layer, "cache_len": session.cache_len,
