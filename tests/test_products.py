@@ -228,3 +228,28 @@ def test_fused_attention(products):
     got = attention(Tensor(qv), Tensor(kv_), Tensor(kv_ * 2), None, 1, products=products).asnumpy()
     ref = _attention_ref(qv, kv_, kv_ * 2, None, 1.0)
     assert np.abs(got - ref).max() <= tol * np.abs(ref).max()
+
+
+@pytest.mark.parametrize("products", wp.PRODUCT_MODES)
+def test_portable_path_computes_the_same_products(monkeypatch, products):
+    """Without the CPU kernels (no g++, MXC_PORTABLE_KERNELS=1) MindSpore's MatMul serves, with both inputs
+    rounded to bf16 in the bf16 arithmetic: the kernels' products up to the order of the sums."""
+    from mindxcomposer.ops.attention import attention
+
+    assert wp.enable_kernels()
+    rng = np.random.default_rng(10)
+    x, w = data(40, 96, 70, seed=11)
+    q, k, v = (rng.standard_normal((1, 2, 30, 16), dtype=np.float32) for _ in range(3))
+    wb = Tensor(w).astype(ms.bfloat16)
+
+    def run():
+        return (wp.linear(Tensor(x), wb, products).asnumpy(),
+                attention(Tensor(q), Tensor(k), Tensor(v), None, 4.0, products=products).asnumpy())
+
+    kernel = run()
+    monkeypatch.setattr(wp, "_kernels", None)
+    portable = run()
+    ref = (x.astype(np.float64) if products == "exact" else round_bf16(x).astype(np.float64)) @ round_bf16(w).T
+    for got in (kernel[0], portable[0]):
+        assert (np.abs(got - ref) <= bound(x, round_bf16(w), 96)).all()
+    assert np.abs(kernel[1] - portable[1]).max() <= 1e-5 * np.abs(kernel[1]).max()

@@ -23,7 +23,9 @@ The paths, chosen per call from static shapes and dtypes:
     them: no fp32 copy of a weight exists and no separate cast pass runs. Its gradients are the same
     GEMM's products (the primitives are differentiable).
 - elsewhere (Ascend, GPU, or no kernels here): MindSpore's MatMul / BatchMatMul in the compute dtype,
-  after a cast of the weight when it is stored in another dtype (exact for bf16 -> fp32).
+  after a cast of the weight when it is stored in another dtype (exact for bf16 -> fp32). In the bf16
+  arithmetic with fp32 activations, both inputs are first rounded to bf16 (a cast there and back), so
+  this path computes the same products as the kernels, only slower.
 """
 import mindspore as ms
 from mindspore import ops
@@ -74,6 +76,13 @@ def _gemm_ready(x, w):
     return _kernels is not None and x.dtype == ms.float32 and w.dtype in (ms.float32, ms.bfloat16)
 
 
+def _rounded(t, products):
+    """The portable path's bf16 products: an fp32 operand rounded to bf16 (and back)."""
+    if products == BF16 and t.dtype == ms.float32:
+        return t.astype(ms.bfloat16).astype(ms.float32)
+    return t
+
+
 def linear(x, w, products=EXACT):
     """x [..., K] in the compute dtype, w [N, K] in the storage dtype -> x w^T [..., N] in x's dtype."""
     lead = x.shape[:-1]
@@ -81,26 +90,29 @@ def linear(x, w, products=EXACT):
     if _gemm_ready(x, w) and x2.shape[0] > KERNEL_MAX_ROWS:
         y = _kernels.gemm[products].linear(x2, w)
     elif _gemm_ready(x, w) and w.dtype == ms.bfloat16:
-        y = _kernels.decode_linear(x2, w)
-    elif w.dtype == x.dtype:
-        y = _matmul_t(x2, w)
+        y = _kernels.decode_linear(x2, w)  # decode-sized: exact in either arithmetic
     else:
-        y = _matmul_t(x2, w.astype(x.dtype))
+        mode = products if x2.shape[0] > KERNEL_MAX_ROWS else EXACT  # decode-sized: exact, as above
+        y = _matmul_t(_rounded(x2, mode), _rounded(w if w.dtype == x.dtype else w.astype(x.dtype), mode))
     return y.reshape(lead + (w.shape[0],))
 
 
 def batch_nt(a, b, products=EXACT):
     """a [..., M, K] b [..., N, K]^T -> [..., M, N] (attention's scores), both activations."""
-    if _gemm_ready(a, b) and b.dtype == a.dtype and a.shape[-2] > KERNEL_MAX_ROWS:
+    if a.shape[-2] <= KERNEL_MAX_ROWS:
+        return _bmm_t(a, b)
+    if _gemm_ready(a, b) and b.dtype == a.dtype:
         return _kernels.gemm[products].batch_nt(a, b)
-    return _bmm_t(a, b)
+    return _bmm_t(_rounded(a, products), _rounded(b, products))
 
 
 def batch_nn(a, b, products=EXACT):
     """a [..., M, K] b [..., K, N] -> [..., M, N] (attention's weighted values), both activations."""
-    if _gemm_ready(a, b) and b.dtype == a.dtype and a.shape[-2] > KERNEL_MAX_ROWS:
+    if a.shape[-2] <= KERNEL_MAX_ROWS:
+        return _bmm(a, b)
+    if _gemm_ready(a, b) and b.dtype == a.dtype:
         return _kernels.gemm[products].batch_nn(a, b)
-    return _bmm(a, b)
+    return _bmm(_rounded(a, products), _rounded(b, products))
 
 
 def embedding(ids, table, dtype):

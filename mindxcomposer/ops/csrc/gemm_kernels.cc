@@ -15,6 +15,7 @@
 //
 // The ISA is chosen when the library is built (`-march=native`, one build per CPU: see gemm_kernels.py):
 // AVX-512 (12 x 32 tile), AVX2 + FMA (6 x 16), or portable C++.
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -178,6 +179,24 @@ void pack_a_bf16(const View &a, int64_t m0, int64_t mc, int64_t k0, int64_t kc, 
         continue;
       }
       const int64_t r = m0 + i0 + i;
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+      if (a.cs == 1 && !a.bf16) {  // a contiguous fp32 row: 32 values to 16 pairs per instruction (RNE)
+        const float *src = static_cast<const float *>(a.p) + r * a.rs + k0;
+        alignas(64) uint32_t pairs[16];
+        int64_t p = 0;
+        for (; 2 * p + 32 <= kc; p += 16) {
+          const __m512bh h = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(src + 2 * p + 16), _mm512_loadu_ps(src + 2 * p));
+          _mm512_store_si512(pairs, (__m512i)h);
+          for (int q = 0; q < 16; ++q) panel[(p + q) * MR + i] = pairs[q];
+        }
+        for (; p < kc2; ++p) {
+          uint32_t lo = f32_to_bf16(src[2 * p]);
+          uint32_t hi = 2 * p + 1 < kc ? f32_to_bf16(src[2 * p + 1]) : 0;
+          panel[p * MR + i] = lo | (hi << 16);
+        }
+        continue;
+      }
+#endif
       for (int64_t p = 0; p < kc2; ++p) {
         const int64_t k = k0 + 2 * p;
         uint32_t lo = a.bits(r, k);
@@ -501,21 +520,98 @@ int batched(int nparam, void **params, int *ndims, int64_t **shapes, Batched kin
   return 0;
 }
 
+// ---- a B packed once, used by many products ------------------------------------------------------------
+// Attention multiplies every block of query rows by the same keys and values: they are packed once per head
+// (all k blocks, in the panels `gemm_block` would make) and each block's products read a prefix of them.
+struct PackedB {
+  bool native = false;
+  int64_t n = 0, k = 0, kcb = 0;
+  std::vector<float> f;
+  std::vector<uint16_t> h;
+  std::vector<int64_t> offset;  // start of each k block's panels
+};
+
+void pack_b_all(const View &b, int64_t n, int64_t k, bool bf16, PackedB &out) {
+  out.native = bf16 && kNativeBf16;
+  out.n = n;
+  out.k = k;
+  out.kcb = out.native ? KC_BF16 : KC;
+  const int64_t npad = (n + NR - 1) / NR * NR;
+  out.offset.clear();
+  int64_t size = 0;
+  for (int64_t pc = 0; pc < k; pc += out.kcb) {
+    const int64_t kc = k - pc < out.kcb ? k - pc : out.kcb;
+    out.offset.push_back(size);
+    size += out.native ? npad * ((kc + 1) / 2) * 2 : npad * kc;
+  }
+  if (out.native) {
+    if (static_cast<int64_t>(out.h.size()) < size) out.h.resize(size);
+  } else if (static_cast<int64_t>(out.f.size()) < size) {
+    out.f.resize(size);
+  }
+  for (int64_t pc = 0, i = 0; pc < k; pc += out.kcb, ++i) {
+    const int64_t kc = k - pc < out.kcb ? k - pc : out.kcb;
+    if (out.native)
+      pack_b_bf16(b, pc, kc, 0, n, out.h.data() + out.offset[i]);
+    else
+      pack_b_f32(b, pc, kc, 0, n, out.f.data() + out.offset[i], bf16);
+  }
+}
+
+// C[m, n] = A[m, k] B[:k, :n] on one thread, B from `pack_b_all` (k <= B.k, n <= B.n). The k blocks are
+// B's, so every element's arithmetic is what `gemm` gives it.
+void gemm_packed(const View &a, int64_t m, const PackedB &b, int64_t n, int64_t k, float *c, int64_t ldc, bool bf16) {
+  thread_local std::vector<float> abuf_f;
+  thread_local std::vector<uint32_t> abuf_h;
+  const int64_t mpad = (m + MR - 1) / MR * MR;
+  for (int64_t pc = 0, blk = 0; pc < k; pc += b.kcb, ++blk) {
+    const int64_t full = b.k - pc < b.kcb ? b.k - pc : b.kcb;  // the packed block's k (panel stride)
+    const int64_t kc = k - pc < b.kcb ? k - pc : b.kcb;
+    const int64_t kc2 = (kc + 1) / 2, full2 = (full + 1) / 2;
+    const bool acc = pc > 0;
+    if (b.native) {
+      uint32_t *ap = scratch(abuf_h, mpad * kc2);
+      pack_a_bf16(a, 0, m, pc, kc, ap);
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+      const uint16_t *bp = b.h.data() + b.offset[blk];
+      for (int64_t jr = 0; jr < n; jr += NR) {
+        const int nv = static_cast<int>(n - jr < NR ? n - jr : NR);
+        for (int64_t ir = 0; ir < m; ir += MR) {
+          const int mv = static_cast<int>(m - ir < MR ? m - ir : MR);
+          ukr_bf16(kc2, ap + ir * kc2, bp + jr * full2 * 2, c + ir * ldc + jr, ldc, mv, nv, acc);
+        }
+      }
+#endif
+    } else {
+      float *ap = scratch(abuf_f, mpad * kc);
+      pack_a_f32(a, 0, m, pc, kc, ap, bf16);
+      const float *bp = b.f.data() + b.offset[blk];
+      for (int64_t jr = 0; jr < n; jr += NR) {
+        const int nv = static_cast<int>(n - jr < NR ? n - jr : NR);
+        for (int64_t ir = 0; ir < m; ir += MR) {
+          const int mv = static_cast<int>(m - ir < MR ? m - ir : MR);
+          ukr_f32(kc, ap + ir * kc, bp + jr * full, c + ir * ldc + jr, ldc, mv, nv, acc);
+        }
+      }
+    }
+  }
+}
+
 // ---- attention ---------------------------------------------------------------------------------------
 // exp for softmax: round-to-nearest range reduction x = n ln2 + r and a degree-6 polynomial (about 1 ulp on
-// the range softmax uses, x <= 0); x below -87.3 (masked scores) gives exactly 0, as expf underflows.
+// the range softmax uses, x <= 0); x below -87.3 (masked scores) gives exactly 0, as expf underflows. The
+// vector and scalar forms do the same operations, so a value's result does not depend on its position.
+constexpr float kExpLo = -87.3f, kExpHi = 88.7f, kLog2e = 1.44269504088896341f, kLn2Hi = -0.693359375f,
+                kLn2Lo = 2.12194440e-4f;
+constexpr float kExpPoly[] = {1.0f / 720.0f, 1.0f / 120.0f, 1.0f / 24.0f, 1.0f / 6.0f, 0.5f, 1.0f, 1.0f};
+
 inline float softmax_exp(float x) {
-  if (x < -87.3f) return 0.0f;
-  if (x > 88.7f) x = 88.7f;
-  const float n = __builtin_nearbyintf(x * 1.44269504088896341f);
-  const float r = __builtin_fmaf(n, -0.693359375f, __builtin_fmaf(n, 2.12194440e-4f, x));
-  float p = 1.0f / 720.0f;
-  p = __builtin_fmaf(p, r, 1.0f / 120.0f);
-  p = __builtin_fmaf(p, r, 1.0f / 24.0f);
-  p = __builtin_fmaf(p, r, 1.0f / 6.0f);
-  p = __builtin_fmaf(p, r, 0.5f);
-  p = __builtin_fmaf(p, r, 1.0f);
-  p = __builtin_fmaf(p, r, 1.0f);
+  if (x < kExpLo) return 0.0f;
+  if (x > kExpHi) x = kExpHi;
+  const float n = __builtin_nearbyintf(x * kLog2e);
+  const float r = __builtin_fmaf(n, kLn2Hi, __builtin_fmaf(n, kLn2Lo, x));
+  float p = kExpPoly[0];
+  for (int i = 1; i < 7; ++i) p = __builtin_fmaf(p, r, kExpPoly[i]);
   int32_t bits;
   std::memcpy(&bits, &p, sizeof(bits));
   bits += static_cast<int32_t>(n) << 23;
@@ -524,75 +620,131 @@ inline float softmax_exp(float x) {
   return out;
 }
 
+#if defined(__AVX512F__)
+inline __m512 softmax_exp16(__m512 x) {
+  const __mmask16 live = _mm512_cmp_ps_mask(x, _mm512_set1_ps(kExpLo), _CMP_GE_OQ);
+  x = _mm512_min_ps(x, _mm512_set1_ps(kExpHi));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(kLog2e)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 r = _mm512_fmadd_ps(n, _mm512_set1_ps(kLn2Hi), _mm512_fmadd_ps(n, _mm512_set1_ps(kLn2Lo), x));
+  __m512 p = _mm512_set1_ps(kExpPoly[0]);
+  for (int i = 1; i < 7; ++i) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpPoly[i]));
+  const __m512i bits = _mm512_add_epi32(_mm512_castps_si512(p), _mm512_slli_epi32(_mm512_cvtps_epi32(n), 23));
+  return _mm512_maskz_mov_ps(live, _mm512_castsi512_ps(bits));
+}
+#endif
+
 // Masked scores: an additive mask at or below this hides a key (the model's masks use fp32's minimum).
 constexpr float kHidden = -1e30f;
 
+// One row of scores in place: x / divisor + mask, then softmax. Returns false if the row sees no key.
+bool softmax_row(float *row, const float *mask, int64_t len, float divisor) {
+  float top = -INFINITY;
+  int64_t j = 0;
+#if defined(__AVX512F__)
+  __m512 vtop = _mm512_set1_ps(-INFINITY);
+  const __m512 vdiv = _mm512_set1_ps(divisor);
+  for (; j < len; j += 16) {
+    const __mmask16 m = len - j >= 16 ? 0xffff : static_cast<__mmask16>((1u << (len - j)) - 1);
+    __m512 x = _mm512_maskz_loadu_ps(m, row + j);
+    if (divisor != 1.0f) x = _mm512_div_ps(x, vdiv);
+    if (mask) x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(m, mask + j));
+    _mm512_mask_storeu_ps(row + j, m, x);
+    vtop = _mm512_mask_max_ps(vtop, m, vtop, x);
+  }
+  top = _mm512_reduce_max_ps(vtop);
+#else
+  for (; j < len; ++j) {
+    float x = divisor == 1.0f ? row[j] : row[j] / divisor;
+    if (mask) x += mask[j];
+    row[j] = x;
+    top = x > top ? x : top;
+  }
+#endif
+  if (top <= kHidden) return false;
+  float sum = 0.0f;
+#if defined(__AVX512F__)
+  __m512 vsum = _mm512_setzero_ps();
+  const __m512 vt = _mm512_set1_ps(top);
+  for (j = 0; j < len; j += 16) {
+    const __mmask16 m = len - j >= 16 ? 0xffff : static_cast<__mmask16>((1u << (len - j)) - 1);
+    const __m512 e = _mm512_maskz_mov_ps(m, softmax_exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, row + j), vt)));
+    _mm512_mask_storeu_ps(row + j, m, e);
+    vsum = _mm512_add_ps(vsum, e);
+  }
+  sum = _mm512_reduce_add_ps(vsum);
+  const __m512 vs = _mm512_set1_ps(sum);
+  for (j = 0; j < len; j += 16) {
+    const __mmask16 m = len - j >= 16 ? 0xffff : static_cast<__mmask16>((1u << (len - j)) - 1);
+    _mm512_mask_storeu_ps(row + j, m, _mm512_div_ps(_mm512_maskz_loadu_ps(m, row + j), vs));
+  }
+#else
+  for (j = 0; j < len; ++j) {
+    row[j] = softmax_exp(row[j] - top);
+    sum += row[j];
+  }
+  for (j = 0; j < len; ++j) row[j] /= sum;
+#endif
+  return true;
+}
+
 // out = softmax(q k^T / divisor + mask) v for q [B, KV, R, D] (R = group heads x n queries, query i of row
-// r is r % n), k / v [B, KV, S, D], mask [B, 1, n, S] or none, out [B, KV, R, D]. Blocks of query rows
-// run in parallel; each computes its scores only over the keys some row of the block can see (below the
-// last visible slot), so a prompt chunk early in a long static cache does not pay for the empty slots
-// after it, and the scores are never [R, S] at once. The hidden keys it skips have probability exactly 0.
+// r is r % n), k / v [B, KV, S, D], mask [B, 1, n, S] or none, out [B, KV, R, D]. Heads run in parallel;
+// each packs its keys and values once, up to the last slot any of its rows sees, then goes block by block of
+// query rows, each over the keys that block can see: a prompt chunk early in a long static cache does not
+// pay for the empty slots after it, and the scores are never [R, S] at once. The hidden keys it skips
+// have probability exactly 0. A row that sees no key (a padding query) gets what the plain softmax gives
+// it: the mask swamps every score equally, so its weights are uniform over all slots.
 void attention(const float *q, const float *k, const float *v, const float *mask, float divisor, float *out,
                int64_t batch, int64_t heads, int64_t rows, int64_t n, int64_t slots, int64_t d, bool bf16) {
-  constexpr int64_t RB = 4 * MR;  // query rows per block
-  const int64_t blocks = (rows + RB - 1) / RB;
-  const int64_t items = batch * heads * blocks;
+  constexpr int64_t RB = 8 * MR;  // query rows per block
+  const int64_t items = batch * heads;
+  // One past the last slot each query sees (0: none), shared by the heads.
+  std::vector<int64_t> last(batch * n, slots);
+  if (mask) {
+    for (int64_t i = 0; i < batch * n; ++i) {
+      const float *mr = mask + i * slots;
+      int64_t l = slots;
+      while (l > 0 && mr[l - 1] <= kHidden) --l;
+      last[i] = l;
+    }
+  }
 #pragma omp parallel for schedule(dynamic, 1)
   for (int64_t it = 0; it < items; ++it) {
+    thread_local PackedB kt, vp;
     thread_local std::vector<float> sbuf;
-    const int64_t b = it / (heads * blocks), h = (it / blocks) % heads, r0 = (it % blocks) * RB;
-    const int64_t rn = rows - r0 < RB ? rows - r0 : RB;
-    const float *qb = q + ((b * heads + h) * rows + r0) * d;
-    const float *kb = k + (b * heads + h) * slots * d;
-    const float *vb = v + (b * heads + h) * slots * d;
+    const int64_t b = it / heads, h = it % heads;
+    const float *qh = q + it * rows * d;
+    const float *kh = k + it * slots * d;
+    const float *vh = v + it * slots * d;
     const float *mb = mask ? mask + b * n * slots : nullptr;
-    int64_t limit = slots;
-    if (mb) {  // one past the last slot any row of the block sees
-      limit = 0;
-      for (int64_t r = 0; r < rn; ++r) {
-        const float *mr = mb + ((r0 + r) % n) * slots;
-        int64_t last = slots;
-        while (last > limit && mr[last - 1] <= kHidden) --last;
-        limit = last > limit ? last : limit;
-      }
+    float *oh = out + it * rows * d;
+    (void)h;
+    int64_t head_limit = 0;
+    for (int64_t i = 0; i < (rows < n ? rows : n); ++i) head_limit = std::max(head_limit, last[b * n + i]);
+    if (head_limit > 0) {
+      pack_b_all(View{kh, 1, d, false}, head_limit, d, bf16, kt);  // B(c, j) = k[j][c]
+      pack_b_all(View{vh, d, 1, false}, d, head_limit, bf16, vp);  // B(j, c) = v[j][c]
     }
-    float *o = out + ((b * heads + h) * rows + r0) * d;
-    // A row that sees no key (a padding query) gets what the plain softmax gives it: the mask swamps every
-    // score equally, so the weights are uniform over all slots.
-    bool hidden_rows = limit == 0;
-    if (limit > 0) {
-      float *sc = scratch(sbuf, rn * limit);
-      gemm_block(View{qb, d, 1, false}, View{kb, 1, d, false}, sc, limit, 0, rn, 0, limit, d, bf16);
-      for (int64_t r = 0; r < rn; ++r) {
-        float *row = sc + r * limit;
-        const float *mr = mb ? mb + ((r0 + r) % n) * slots : nullptr;
-        float top = -INFINITY;
-        for (int64_t j = 0; j < limit; ++j) {
-          float x = divisor == 1.0f ? row[j] : row[j] / divisor;
-          if (mr) x += mr[j];
-          row[j] = x;
-          top = x > top ? x : top;
-        }
-        if (top <= kHidden) hidden_rows = true;
-        float sum = 0.0f;
-        for (int64_t j = 0; j < limit; ++j) {
-          row[j] = softmax_exp(row[j] - top);
-          sum += row[j];
-        }
-        for (int64_t j = 0; j < limit; ++j) row[j] /= sum;
+    for (int64_t r0 = 0; r0 < rows; r0 += RB) {
+      const int64_t rn = rows - r0 < RB ? rows - r0 : RB;
+      int64_t limit = 0;
+      for (int64_t r = 0; r < rn; ++r) limit = std::max(limit, last[b * n + (r0 + r) % n]);
+      float *o = oh + r0 * d;
+      if (limit > 0) {
+        float *sc = scratch(sbuf, rn * limit);
+        gemm_packed(View{qh + r0 * d, d, 1, false}, rn, kt, limit, d, sc, limit, bf16);
+        for (int64_t r = 0; r < rn; ++r)
+          softmax_row(sc + r * limit, mb ? mb + ((r0 + r) % n) * slots : nullptr, limit, divisor);
+        gemm_packed(View{sc, limit, 1, false}, rn, vp, d, limit, o, d, bf16);
       }
-      gemm_block(View{sc, limit, 1, false}, View{vb, d, 1, false}, o, d, 0, rn, 0, d, limit, bf16);
-    }
-    if (!hidden_rows || mb == nullptr) continue;
-    for (int64_t r = 0; r < rn; ++r) {
-      const float *mr = mb + ((r0 + r) % n) * slots;
-      bool seen = false;
-      for (int64_t j = 0; j < slots && !seen; ++j) seen = mr[j] > kHidden;
-      if (seen) continue;
-      for (int64_t c = 0; c < d; ++c) {
-        float acc = 0.0f;
-        for (int64_t j = 0; j < slots; ++j) acc += vb[j * d + c];
-        o[r * d + c] = acc / static_cast<float>(slots);
+      for (int64_t r = 0; r < rn; ++r) {
+        if (last[b * n + (r0 + r) % n] > 0) continue;
+        for (int64_t c = 0; c < d; ++c) {
+          float acc = 0.0f;
+          for (int64_t j = 0; j < slots; ++j) acc += vh[j * d + c];
+          o[r * d + c] = acc / static_cast<float>(slots);
+        }
       }
     }
   }
