@@ -20,7 +20,7 @@ from mindspore import Tensor, nn, ops
 
 from .configuration import InternLMXComposer2Config
 from .layers import Embedding, RMSNorm, rms_norm
-from .ops import EXACT, attention, embedding, linear
+from .ops import EXACT, attention, embedding, linear, linear_add, swiglu
 from .plora import PLoRA
 
 LINEARS = ("attention.wqkv", "attention.wo", "feed_forward.w1", "feed_forward.w3", "feed_forward.w2")
@@ -113,14 +113,17 @@ class DecoderMath(nn.Cell):
             o = o + 1
         t = self.num_base + i * 2 * len(tasks)
         for k in range(len(tasks)):
-            res = res + linear(linear(x, w[t + 2 * k], self.products), w[t + 2 * k + 1], self.products)
+            res = linear_add(linear(x, w[t + 2 * k], self.products), w[t + 2 * k + 1], res, self.products)
         if image_lora:
             # The 0/1 mask multiplies the rank-r input of B rather than B's [n, out] output: text rows become
             # exact zeros either way (B 0 = 0), image rows are unchanged, and the elementwise work shrinks
-            # from out to r columns. The scale stays on the output (1 in the release: no multiply).
-            lora = linear(linear(self.lora_input(x, w, i, 0), w[o + 1], self.products) * im_mask, w[o + 2],
-                          self.products)
-            res = res + (lora if self.lora_scale == 1 else lora * self.lora_scale)
+            # from out to r columns. The scale stays on the output (1 in the release: no multiply, and B's
+            # product is summed onto the result in the same pass).
+            mid = linear(self.lora_input(x, w, i, 0), w[o + 1], self.products) * im_mask
+            if self.lora_scale == 1:
+                res = linear_add(mid, w[o + 2], res, self.products)
+            else:
+                res = res + linear(mid, w[o + 2], self.products) * self.lora_scale
         return self.adapt(res, w, i, x)
 
     # Hooks for fine-tuning (`mindxcomposer.finetune.layer_grads.TrainingMath`): dropout on the LoRA inputs
@@ -156,8 +159,8 @@ class DecoderMath(nn.Cell):
         out = out.reshape(b, n, self.hidden_size) if n == 1 else out.transpose(0, 2, 1, 3).reshape(b, n, self.hidden_size)
         x = x + self.plora_linear(w, 1, out, im_mask, tasks, image_lora)
         h = rms_norm(x, w[self.num_base - 1], self.eps)
-        gate = ops.silu(self.plora_linear(w, 2, h, im_mask, tasks, image_lora))
-        gate = gate * self.plora_linear(w, 3, h, im_mask, tasks, image_lora)
+        gate = swiglu(self.plora_linear(w, 2, h, im_mask, tasks, image_lora),
+                      self.plora_linear(w, 3, h, im_mask, tasks, image_lora))
         return x + self.plora_linear(w, 4, gate, im_mask, tasks, image_lora)
 
 

@@ -116,3 +116,25 @@ def test_repeated_ctrl_c_mid_generation_still_cleans_up_and_exits_130(tmp_path):
     rc, err = _interrupt(proc, times=3)
     assert rc == 130, err
     assert "Traceback" not in err and os.listdir(tmp_path) == []
+
+
+def test_compute_dtype_flag(monkeypatch, capsys):
+    """--compute-dtype bf16 loads the model with bf16 products (mxc-serve takes the same flag); a dtype
+    that is not offered is a usage error."""
+    from mindxcomposer import cli
+    from mindxcomposer.modeling_xcomposer2 import InternLMXComposer2ForCausalLM
+
+    loaded = []
+    original = InternLMXComposer2ForCausalLM.from_pretrained.__func__
+
+    def recording(cls, *args, **kwargs):
+        model = original(cls, *args, **kwargs)
+        loaded.append(model)
+        return model
+
+    monkeypatch.setattr(InternLMXComposer2ForCausalLM, "from_pretrained", classmethod(recording))
+    assert cli.main(["--compute-dtype", "bf16", "--max-new-tokens", "2", "--mode", "pynative", "Hello"]) == 0
+    assert [m.products for m in loaded] == ["bf16"]
+    assert capsys.readouterr().out.strip()
+    r = _run(["--compute-dtype", "fp16", "hi"])
+    assert r.returncode == 2 and "--compute-dtype" in r.stderr

@@ -253,3 +253,40 @@ def test_portable_path_computes_the_same_products(monkeypatch, products):
     for got in (kernel[0], portable[0]):
         assert (np.abs(got - ref) <= bound(x, round_bf16(w), 96)).all()
     assert np.abs(kernel[1] - portable[1]).max() <= 1e-5 * np.abs(kernel[1]).max()
+
+
+class _AddSwi(nn.Cell):
+    """sum(swiglu(linear_add(x, w, c), u) * dy)."""
+
+    def __init__(self, products):
+        super().__init__()
+        self.products = products
+
+    def construct(self, x, w, c, u, dy):
+        return (wp.swiglu(wp.linear_add(x, w, c, self.products), u) * dy).sum()
+
+
+@pytest.mark.parametrize("products", wp.PRODUCT_MODES)
+def test_linear_add_and_swiglu(any_mode, products):
+    """linear_add is c + x w^T (bit for bit when k fits one block), swiglu is silu(g) * u; both differentiable."""
+    import torch
+
+    assert wp.enable_kernels()
+    rng = np.random.default_rng(12)
+    x, w = data(40, 96, 70, seed=13)
+    c, u, dy = (rng.standard_normal((40, 70), dtype=np.float32) for _ in range(3))
+    got = wp.linear_add(Tensor(x), Tensor(w), Tensor(c), products).asnumpy()
+    np.testing.assert_array_equal(got, c + cpu_kernels.gemm_nt(x, w, products == "bf16"))
+    g = rng.standard_normal((3, 50, 70), dtype=np.float32) * 4
+    g[0, 0, :3] = (-100.0, 100.0, 0.0)
+    got = wp.swiglu(Tensor(g), Tensor(g[::-1].copy())).asnumpy()
+    ref = g.astype(np.float64) / (1 + np.exp(-g.astype(np.float64))) * g[::-1]
+    assert np.abs(got - ref).max() <= 4e-7 * np.abs(ref).max()
+    grads = ms.grad(_AddSwi(products), grad_position=(0, 1, 2, 3))(Tensor(x), Tensor(w), Tensor(c), Tensor(u), Tensor(dy))
+    rnd = round_bf16 if products == "bf16" else (lambda a: a)
+    tx, tw, tc, tu = (torch.tensor(a, dtype=torch.float64, requires_grad=True) for a in (rnd(x), rnd(w), c, u))
+    (torch.nn.functional.silu(tc + tx @ tw.T) * tu * torch.tensor(dy, dtype=torch.float64)).sum().backward()
+    tol = 1e-5 if products == "exact" else 2e-2
+    for ours, ref in zip(grads, (tx, tw, tc, tu)):
+        r = ref.grad.numpy()
+        assert np.abs(ours.asnumpy() - r).max() <= tol * np.abs(r).max()

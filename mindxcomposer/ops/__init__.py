@@ -2,16 +2,17 @@
 
 - `attention`: Ascend's fused kernel only on Ascend, the portable path (two products + fp32 softmax)
   elsewhere.
-- `linear`, `batch_nt`, `batch_nn`, `embedding` (`weight_products`): every product, in the model's
-  arithmetic (`exact` or `bf16`), through the CPU kernels of `cpu_kernels` on CPU, MindSpore's MatMul
-  elsewhere or when they cannot be built.
+- `linear`, `linear_add`, `batch_nt`, `batch_nn`, `embedding` (`weight_products`): every product, in the
+  model's arithmetic (`exact` or `bf16`), through the CPU kernels of `cpu_kernels` on CPU, MindSpore's
+  MatMul elsewhere or when they cannot be built; `swiglu`, the one fused elementwise kernel.
 
 (A top-level package named `ops` would collide with other packages in site-packages, hence
 `mindxcomposer.ops`.)
 """
 from .attention import attention, fused_attention_available
 from .weight_products import (BF16, EXACT, PRODUCT_MODES, batch_nn, batch_nt, cast_like, check_products, embedding,
-                              enable_kernels, kernels_enabled, linear)
+                              enable_kernels, kernels_enabled, linear, linear_add, swiglu)
 
 __all__ = ["attention", "fused_attention_available", "BF16", "EXACT", "PRODUCT_MODES", "batch_nn", "batch_nt",
-           "cast_like", "check_products", "embedding", "enable_kernels", "kernels_enabled", "linear"]
+           "cast_like", "check_products", "embedding", "enable_kernels", "kernels_enabled", "linear", "linear_add",
+           "swiglu"]

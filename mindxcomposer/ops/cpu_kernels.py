@@ -164,12 +164,16 @@ def _gemm_ops(lib, suffix):
         dq, dk, dv = attention_grads(q, k, v, None, div, dout)
         return dq, dk, dv, ops.zeros_like(div)
 
+    def linear_add_bprop(x, w, c, out, dout):
+        return nn_(dout, w), tn(dout, x).astype(w.dtype), dout
+
     linear = _custom(lib, "MxcLinearNT" + suffix, lambda x, w: list(x[:-1]) + [w[0]], linear_bprop)
+    linear_add = _custom(lib, "MxcLinearNTAdd" + suffix, lambda x, w, c: list(c), linear_add_bprop)
     bnt = _custom(lib, "MxcBatchNT" + suffix, lambda a, b: list(a[:-1]) + [b[-2]], bnt_bprop)
     bnn = _custom(lib, "MxcBatchNN" + suffix, lambda a, b: list(a[:-1]) + [b[-1]], bnn_bprop)
     attention = _custom(lib, "MxcAttention" + suffix, lambda q, k, v, m, d: list(q), attention_bprop)
     attention_nomask = _custom(lib, "MxcAttention" + suffix, lambda q, k, v, d: list(q), attention_nomask_bprop)
-    return SimpleNamespace(linear=linear, batch_nt=bnt, batch_nn=bnn, attention=attention,
+    return SimpleNamespace(linear=linear, linear_add=linear_add, batch_nt=bnt, batch_nn=bnn, attention=attention,
                            attention_nomask=attention_nomask, linear_bprop=linear_bprop)
 
 
@@ -177,7 +181,8 @@ def custom_ops():
     """The kernels as `ops.Custom` primitives, or None when not `available()`:
     `decode_linear`, `embedding` (bf16 weights, few rows) and `gemm[mode]` for mode "exact" / "bf16"
     with `linear` (x [..., K] x W [N, K]^T), `batch_nt` (a [..., M, K] b [..., N, K]^T) and
-    `batch_nn` (a [..., M, K] b [..., K, N]), `attention` / `attention_nomask`, all differentiable."""
+    `batch_nn` (a [..., M, K] b [..., K, N]), `linear_add` (c + x W^T), `attention` / `attention_nomask`;
+    `swiglu` (silu(g) * u); all differentiable."""
     if not available():
         return None
     with _lock:
@@ -186,7 +191,14 @@ def custom_ops():
 
             lib = _state["path"]
             gemm = {"exact": _gemm_ops(lib, ""), "bf16": _gemm_ops(lib, "Bf16")}
+            from mindspore import ops
+
+            def swiglu_bprop(g, u, out, dout):
+                sig = ops.sigmoid(g)
+                return dout * u * (sig * (1 + g * (1 - sig))), dout * (g * sig)
+
             _state["ops"] = SimpleNamespace(
+                swiglu=_custom(lib, "MxcSwiGLU", lambda g, u: list(g), swiglu_bprop),
                 # Short training samples reach it too: its gradient is the exact GEMM's.
                 decode_linear=_custom(lib, "MxcLinearBf16", lambda x, w: list(x[:-1]) + [w[0]],
                                       gemm["exact"].linear_bprop),

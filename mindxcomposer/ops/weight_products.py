@@ -97,6 +97,22 @@ def linear(x, w, products=EXACT):
     return y.reshape(lead + (w.shape[0],))
 
 
+def linear_add(x, w, c, products=EXACT):
+    """c + x w^T (c [..., N] in x's dtype): a product added onto another result, in one pass on CPU (the
+    kernel starts its sums from c's values: with K <= 256 exactly c + linear(x, w))."""
+    x2 = x.reshape(-1, x.shape[-1])
+    if _gemm_ready(x, w) and x2.shape[0] > KERNEL_MAX_ROWS and c.dtype == x.dtype:
+        return _kernels.gemm[products].linear_add(x2, w, c.reshape(-1, w.shape[0])).reshape(c.shape)
+    return c + linear(x, w, products)
+
+
+def swiglu(g, u):
+    """silu(g) * u, SwiGLU's elementwise part: one pass on CPU (it is not a product: no arithmetic mode)."""
+    if _kernels is not None and g.dtype == ms.float32 and u.dtype == ms.float32:
+        return _kernels.swiglu(g, u)
+    return ops.silu(g) * u
+
+
 def batch_nt(a, b, products=EXACT):
     """a [..., M, K] b [..., N, K]^T -> [..., M, N] (attention's scores), both activations."""
     if a.shape[-2] <= KERNEL_MAX_ROWS:

@@ -225,6 +225,41 @@ void pack_b_bf16(const View &b, int64_t k0, int64_t kc, int64_t n0, int64_t nc, 
       }
       continue;
     }
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+    if (!b.bf16 && cols == NR && (b.rs == 1 || b.cs == 1)) {
+      const float *src = static_cast<const float *>(b.p);
+      uint32_t *p32 = reinterpret_cast<uint32_t *>(panel);
+      if (b.rs == 1) {
+        // fp32 B whose columns run along k (keys as K^T, an fp32 weight): 32 values of a column to 16 pairs
+        // per instruction (RNE), scattered to the column's slot of each pair row.
+        for (int64_t j = 0; j < NR; ++j) {
+          const float *col = src + (n0 + j0 + j) * b.cs + k0;
+          alignas(64) uint32_t pairs[16];
+          int64_t p = 0;
+          for (; 2 * p + 32 <= kc; p += 16) {
+            _mm512_store_si512(pairs, (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(col + 2 * p + 16),
+                                                                  _mm512_loadu_ps(col + 2 * p)));
+            for (int q = 0; q < 16; ++q) p32[(p + q) * NR + j] = pairs[q];
+          }
+          for (; p < kc2; ++p)
+            p32[p * NR + j] = f32_to_bf16(col[2 * p]) | (2 * p + 1 < kc ? uint32_t(f32_to_bf16(col[2 * p + 1])) << 16 : 0u);
+        }
+      } else {
+        // fp32 B with rows along n (values): two rows to bf16, interleaved into pairs, 16 columns at a time.
+        for (int64_t p = 0; p < kc2; ++p) {
+          const float *r0 = src + (k0 + 2 * p) * b.rs + n0 + j0;
+          const bool two = 2 * p + 1 < kc;
+          for (int h = 0; h < NR / 16; ++h) {
+            const __m512i lo = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(r0 + 16 * h)));
+            const __m512i hi = two ? _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(r0 + b.rs + 16 * h)))
+                                   : _mm512_setzero_si512();
+            _mm512_storeu_si512(p32 + p * NR + 16 * h, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+          }
+        }
+      }
+      continue;
+    }
+#endif
     for (int64_t j = 0; j < NR; ++j) {
       if (j >= cols) {
         for (int64_t p = 0; p < kc2; ++p) panel[(p * NR + j) * 2] = panel[(p * NR + j) * 2 + 1] = 0;
@@ -370,7 +405,7 @@ T *scratch(std::vector<T> &v, size_t n) {
 
 // One thread's share: C[m0:m0+m, n0:n0+n] for the whole of K. Buffers are the thread's own.
 void gemm_block(const View &a, const View &b, float *c, int64_t ldc, int64_t m0, int64_t m, int64_t n0, int64_t n,
-                int64_t k, bool bf16) {
+                int64_t k, bool bf16, bool accumulate = false) {
   thread_local std::vector<float> abuf_f, bbuf_f;
   thread_local std::vector<uint32_t> abuf_h;
   thread_local std::vector<uint16_t> bbuf_h;
@@ -380,7 +415,7 @@ void gemm_block(const View &a, const View &b, float *c, int64_t ldc, int64_t m0,
   for (int64_t pc = 0; pc < k; pc += kcb) {
     const int64_t kc = k - pc < kcb ? k - pc : kcb;
     const int64_t kc2 = (kc + 1) / 2;
-    const bool acc = pc > 0;
+    const bool acc = accumulate || pc > 0;
     // All of this thread's rows of A for this k block (packed once, reused for every column block).
     float *ap_f = nullptr;
     uint32_t *ap_h = nullptr;
@@ -426,10 +461,14 @@ void gemm_block(const View &a, const View &b, float *c, int64_t ldc, int64_t m0,
 
 // C[M, N] = A B over the machine's threads. Work is split along N (each thread packs its own columns
 // of B once) unless N is too narrow, then along M. Neither split changes any element's arithmetic.
-void gemm(const View &a, const View &b, float *c, int64_t ldc, int64_t m, int64_t n, int64_t k, bool bf16) {
+// With `accumulate`, C's values are added to (C += A B: the first k block's sum is added to them as the
+// later blocks' are), else overwritten.
+void gemm(const View &a, const View &b, float *c, int64_t ldc, int64_t m, int64_t n, int64_t k, bool bf16,
+          bool accumulate = false) {
   if (m <= 0 || n <= 0) return;
   if (k <= 0) {
-    for (int64_t i = 0; i < m; ++i) std::memset(c + i * ldc, 0, sizeof(float) * n);
+    if (!accumulate)
+      for (int64_t i = 0; i < m; ++i) std::memset(c + i * ldc, 0, sizeof(float) * n);
     return;
   }
   int threads = 1;
@@ -445,10 +484,10 @@ void gemm(const View &a, const View &b, float *c, int64_t ldc, int64_t m, int64_
     const int64_t u0 = units * t / workers, u1 = units * (t + 1) / workers;
     if (split_n) {
       const int64_t n0 = u0 * NR, n1 = u1 * NR < n ? u1 * NR : n;
-      if (n1 > n0) gemm_block(a, b, c, ldc, 0, m, n0, n1 - n0, k, bf16);
+      if (n1 > n0) gemm_block(a, b, c, ldc, 0, m, n0, n1 - n0, k, bf16, accumulate);
     } else {
       const int64_t m0 = u0 * MR, m1 = u1 * MR < m ? u1 * MR : m;
-      if (m1 > m0) gemm_block(a, b, c, ldc, m0, m1 - m0, 0, n, k, bf16);
+      if (m1 > m0) gemm_block(a, b, c, ldc, m0, m1 - m0, 0, n, k, bf16, accumulate);
     }
   }
 }
@@ -475,6 +514,20 @@ int linear_nt(int nparam, void **params, int *ndims, int64_t **shapes, const cha
   View a{params[0], k, 1, false};
   View b{params[1], 1, k, is_bf16(dtypes[1])};  // B(k, n) = W[n, k]
   gemm(a, b, static_cast<float *>(params[2]), n, m, n, k, bf16);
+  return 0;
+}
+
+// y[..., N] = c[..., N] + x[..., K] W^T: a linear whose output is added to another (a LoRA's B onto the
+// layer's output). C's values start the sum, so with one k block (rank <= 256) this is exactly c + x W^T.
+int linear_nt_add(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, bool bf16) {
+  if (nparam != 4) return 1;
+  const int64_t k = shapes[0][ndims[0] - 1], n = shapes[1][0];
+  const int64_t m = numel(ndims[0], shapes[0], ndims[0] - 1);
+  float *out = static_cast<float *>(params[3]);
+  if (out != params[2]) std::memcpy(out, params[2], sizeof(float) * m * n);
+  View a{params[0], k, 1, false};
+  View b{params[1], 1, k, is_bf16(dtypes[1])};
+  gemm(a, b, out, n, m, n, k, bf16, true);
   return 0;
 }
 
@@ -757,6 +810,33 @@ void attention(const float *q, const float *k, const float *v, const float *mask
 
 MXC_AOT(MxcLinearNT) { return linear_nt(nparam, params, ndims, shapes, dtypes, false); }
 MXC_AOT(MxcLinearNTBf16) { return linear_nt(nparam, params, ndims, shapes, dtypes, true); }
+MXC_AOT(MxcLinearNTAdd) { return linear_nt_add(nparam, params, ndims, shapes, dtypes, false); }
+MXC_AOT(MxcLinearNTAddBf16) { return linear_nt_add(nparam, params, ndims, shapes, dtypes, true); }
+
+// SwiGLU's elementwise part: out = silu(g) * u = g / (1 + exp(-g)) * u, g and u of one shape, one pass.
+MXC_AOT(MxcSwiGLU) {
+  if (nparam != 3) return 1;
+  const int64_t count = numel(ndims[0], shapes[0], ndims[0]);
+  const float *g = static_cast<const float *>(params[0]);
+  const float *u = static_cast<const float *>(params[1]);
+  float *out = static_cast<float *>(params[2]);
+#pragma omp parallel for schedule(static)
+  for (int64_t i0 = 0; i0 < count; i0 += 4096) {
+    const int64_t i1 = i0 + 4096 < count ? i0 + 4096 : count;
+    int64_t i = i0;
+#if defined(__AVX512F__)
+    const __m512 one = _mm512_set1_ps(1.0f);
+    for (; i + 16 <= i1; i += 16) {
+      const __m512 x = _mm512_loadu_ps(g + i);
+      const __m512 e = softmax_exp16(_mm512_sub_ps(_mm512_setzero_ps(), x));
+      _mm512_storeu_ps(out + i, _mm512_mul_ps(_mm512_div_ps(x, _mm512_add_ps(one, e)), _mm512_loadu_ps(u + i)));
+    }
+#endif
+    for (; i < i1; ++i) out[i] = g[i] / (1.0f + softmax_exp(-g[i])) * u[i];
+  }
+  return 0;
+}
+
 MXC_AOT(MxcLinearNN) { return linear_nn(nparam, params, ndims, shapes, dtypes, false); }
 MXC_AOT(MxcLinearNNBf16) { return linear_nn(nparam, params, ndims, shapes, dtypes, true); }
 MXC_AOT(MxcLinearTN) { return linear_tn(nparam, params, ndims, shapes, dtypes, false); }
