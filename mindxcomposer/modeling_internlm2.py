@@ -113,18 +113,21 @@ class DecoderMath(nn.Cell):
             o = o + 1
         t = self.num_base + i * 2 * len(tasks)
         for k in range(len(tasks)):
-            res = linear_add(linear(x, w[t + 2 * k], self.products), w[t + 2 * k + 1], res, self.products)
+            res = self.add_lora(res, linear(x, w[t + 2 * k], self.products), w[t + 2 * k + 1], 1)
         if image_lora:
             # The 0/1 mask multiplies the rank-r input of B rather than B's [n, out] output: text rows become
             # exact zeros either way (B 0 = 0), image rows are unchanged, and the elementwise work shrinks
-            # from out to r columns. The scale stays on the output (1 in the release: no multiply, and B's
-            # product is summed onto the result in the same pass).
+            # from out to r columns. The scale stays on the output (1 in the release).
             mid = linear(self.lora_input(x, w, i, 0), w[o + 1], self.products) * im_mask
-            if self.lora_scale == 1:
-                res = linear_add(mid, w[o + 2], res, self.products)
-            else:
-                res = res + linear(mid, w[o + 2], self.products) * self.lora_scale
+            res = self.add_lora(res, mid, w[o + 2], self.lora_scale)
         return self.adapt(res, w, i, x)
+
+    def add_lora(self, res, mid, b, scale):
+        """res + scale * mid B^T, a LoRA's B product onto a linear's output: with a scale of 1 (no multiply)
+        the product is summed onto res in the same pass (`linear_add`)."""
+        if scale == 1:
+            return linear_add(mid, b, res, self.products)
+        return res + linear(mid, b, self.products) * scale
 
     # Hooks for fine-tuning (`mindxcomposer.finetune.layer_grads.TrainingMath`): dropout on the LoRA inputs
     # and a trained adapter added to a linear's output. Inference uses neither.

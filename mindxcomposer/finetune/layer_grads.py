@@ -68,8 +68,7 @@ class TrainingMath(DecoderMath):
         k = self.adapter_slots[i]
         if k < 0:
             return res
-        lora = linear(linear(self.lora_input(x, w, i, 1), w[k], self.products), w[k + 1], self.products)
-        return res + lora * self.scaling
+        return self.add_lora(res, linear(self.lora_input(x, w, i, 1), w[k], self.products), w[k + 1], self.scaling)
 
 
 class _LayerDot(nn.Cell):

@@ -10,9 +10,9 @@
 `mindxcomposer.ops`.)
 """
 from .attention import attention, fused_attention_available
-from .weight_products import (BF16, EXACT, PRODUCT_MODES, batch_nn, batch_nt, cast_like, check_products, embedding,
+from .weight_products import (BF16, EXACT, PRODUCT_MODES, batch_nn, batch_nt, cast_like, embedding,
                               enable_kernels, kernels_enabled, linear, linear_add, swiglu)
 
 __all__ = ["attention", "fused_attention_available", "BF16", "EXACT", "PRODUCT_MODES", "batch_nn", "batch_nt",
-           "cast_like", "check_products", "embedding", "enable_kernels", "kernels_enabled", "linear", "linear_add",
+           "cast_like", "embedding", "enable_kernels", "kernels_enabled", "linear", "linear_add",
            "swiglu"]

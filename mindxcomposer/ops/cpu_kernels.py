@@ -165,7 +165,7 @@ def _gemm_ops(lib, suffix):
         return dq, dk, dv, ops.zeros_like(div)
 
     def linear_add_bprop(x, w, c, out, dout):
-        return nn_(dout, w), tn(dout, x).astype(w.dtype), dout
+        return linear_bprop(x, w, out, dout) + (dout,)
 
     linear = _custom(lib, "MxcLinearNT" + suffix, lambda x, w: list(x[:-1]) + [w[0]], linear_bprop)
     linear_add = _custom(lib, "MxcLinearNTAdd" + suffix, lambda x, w, c: list(c), linear_add_bprop)
@@ -189,9 +189,10 @@ def custom_ops():
         if _state["ops"] is None:
             import mindspore as ms
 
+            from mindspore import ops
+
             lib = _state["path"]
             gemm = {"exact": _gemm_ops(lib, ""), "bf16": _gemm_ops(lib, "Bf16")}
-            from mindspore import ops
 
             def swiglu_bprop(g, u, out, dout):
                 sig = ops.sigmoid(g)

@@ -61,12 +61,6 @@ def kernels():
     return _kernels
 
 
-def check_products(products: str) -> str:
-    if products not in PRODUCT_MODES:
-        raise ValueError(f"products must be one of {PRODUCT_MODES}, got {products!r}")
-    return products
-
-
 def cast_like(p, x):
     """A parameter (norm weight, bias, embedding row...) in the dtype of the activations x."""
     return p if p.dtype == x.dtype else p.astype(x.dtype)
@@ -113,22 +107,25 @@ def swiglu(g, u):
     return ops.silu(g) * u
 
 
+def _batch_product(a, b, products, transpose_b):
+    """Both operands activations, batched: a b^T or a b; decode-sized rows stay exact (as `linear`)."""
+    portable = _bmm_t if transpose_b else _bmm
+    if a.shape[-2] <= KERNEL_MAX_ROWS:
+        return portable(a, b)
+    if _gemm_ready(a, b) and b.dtype == a.dtype:
+        gemm = _kernels.gemm[products]
+        return gemm.batch_nt(a, b) if transpose_b else gemm.batch_nn(a, b)
+    return portable(_rounded(a, products), _rounded(b, products))
+
+
 def batch_nt(a, b, products=EXACT):
     """a [..., M, K] b [..., N, K]^T -> [..., M, N] (attention's scores), both activations."""
-    if a.shape[-2] <= KERNEL_MAX_ROWS:
-        return _bmm_t(a, b)
-    if _gemm_ready(a, b) and b.dtype == a.dtype:
-        return _kernels.gemm[products].batch_nt(a, b)
-    return _bmm_t(_rounded(a, products), _rounded(b, products))
+    return _batch_product(a, b, products, True)
 
 
 def batch_nn(a, b, products=EXACT):
     """a [..., M, K] b [..., K, N] -> [..., M, N] (attention's weighted values), both activations."""
-    if a.shape[-2] <= KERNEL_MAX_ROWS:
-        return _bmm(a, b)
-    if _gemm_ready(a, b) and b.dtype == a.dtype:
-        return _kernels.gemm[products].batch_nn(a, b)
-    return _bmm(_rounded(a, products), _rounded(b, products))
+    return _batch_product(a, b, products, False)
 
 
 def embedding(ids, table, dtype):

@@ -285,10 +285,30 @@ inline void store_tile(const float *tile, float *c, int64_t ldc, int mv, int nv,
 }
 
 #if defined(__AVX512F__)
+// The AVX-512 micro-kernels' accumulators to C: straight into a full tile, through `store_tile` at an edge.
+inline void store_tile512(const __m512 (&r)[MR][2], float *c, int64_t ldc, int mv, int nv, bool acc) {
+  if (mv == MR && nv == NR) {
+    for (int i = 0; i < MR; ++i) {
+      __m512 lo = r[i][0], hi = r[i][1];
+      if (acc) {
+        lo = _mm512_add_ps(_mm512_loadu_ps(c + i * ldc), lo);
+        hi = _mm512_add_ps(_mm512_loadu_ps(c + i * ldc + 16), hi);
+      }
+      _mm512_storeu_ps(c + i * ldc, lo);
+      _mm512_storeu_ps(c + i * ldc + 16, hi);
+    }
+    return;
+  }
+  alignas(64) float tile[MR * NR];
+  for (int i = 0; i < MR; ++i) {
+    _mm512_store_ps(tile + i * NR, r[i][0]);
+    _mm512_store_ps(tile + i * NR + 16, r[i][1]);
+  }
+  store_tile(tile, c, ldc, mv, nv, acc);
+}
+
 void ukr_f32(int64_t kc, const float *a, const float *b, float *c, int64_t ldc, int mv, int nv, bool acc) {
   __m512 r[MR][2];
-  const bool full = mv == MR && nv == NR;
-  alignas(64) float tile[MR * NR];
   for (int i = 0; i < MR; ++i) r[i][0] = r[i][1] = _mm512_setzero_ps();
   for (int64_t k = 0; k < kc; ++k) {
     const __m512 b0 = _mm512_loadu_ps(b + k * NR), b1 = _mm512_loadu_ps(b + k * NR + 16);
@@ -300,22 +320,7 @@ void ukr_f32(int64_t kc, const float *a, const float *b, float *c, int64_t ldc, 
       r[i][1] = _mm512_fmadd_ps(av, b1, r[i][1]);
     }
   }
-  if (full) {
-    for (int i = 0; i < MR; ++i) {
-      if (acc) {
-        r[i][0] = _mm512_add_ps(_mm512_loadu_ps(c + i * ldc), r[i][0]);
-        r[i][1] = _mm512_add_ps(_mm512_loadu_ps(c + i * ldc + 16), r[i][1]);
-      }
-      _mm512_storeu_ps(c + i * ldc, r[i][0]);
-      _mm512_storeu_ps(c + i * ldc + 16, r[i][1]);
-    }
-    return;
-  }
-  for (int i = 0; i < MR; ++i) {
-    _mm512_store_ps(tile + i * NR, r[i][0]);
-    _mm512_store_ps(tile + i * NR + 16, r[i][1]);
-  }
-  store_tile(tile, c, ldc, mv, nv, acc);
+  store_tile512(r, c, ldc, mv, nv, acc);
 }
 #elif defined(__AVX2__) && defined(__FMA__)
 void ukr_f32(int64_t kc, const float *a, const float *b, float *c, int64_t ldc, int mv, int nv, bool acc) {
@@ -364,8 +369,6 @@ void ukr_f32(int64_t kc, const float *a, const float *b, float *c, int64_t ldc, 
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
 void ukr_bf16(int64_t kc2, const uint32_t *a, const uint16_t *b, float *c, int64_t ldc, int mv, int nv, bool acc) {
   __m512 r[MR][2];
-  const bool full = mv == MR && nv == NR;
-  alignas(64) float tile[MR * NR];
   for (int i = 0; i < MR; ++i) r[i][0] = r[i][1] = _mm512_setzero_ps();
   for (int64_t p = 0; p < kc2; ++p) {
     const __m512bh b0 = (__m512bh)_mm512_loadu_si512(b + p * NR * 2);
@@ -378,22 +381,7 @@ void ukr_bf16(int64_t kc2, const uint32_t *a, const uint16_t *b, float *c, int64
       r[i][1] = _mm512_dpbf16_ps(r[i][1], av, b1);
     }
   }
-  if (full) {
-    for (int i = 0; i < MR; ++i) {
-      if (acc) {
-        r[i][0] = _mm512_add_ps(_mm512_loadu_ps(c + i * ldc), r[i][0]);
-        r[i][1] = _mm512_add_ps(_mm512_loadu_ps(c + i * ldc + 16), r[i][1]);
-      }
-      _mm512_storeu_ps(c + i * ldc, r[i][0]);
-      _mm512_storeu_ps(c + i * ldc + 16, r[i][1]);
-    }
-    return;
-  }
-  for (int i = 0; i < MR; ++i) {
-    _mm512_store_ps(tile + i * NR, r[i][0]);
-    _mm512_store_ps(tile + i * NR + 16, r[i][1]);
-  }
-  store_tile(tile, c, ldc, mv, nv, acc);
+  store_tile512(r, c, ldc, mv, nv, acc);
 }
 #endif
 
@@ -404,6 +392,31 @@ T *scratch(std::vector<T> &v, size_t n) {
 }
 
 // One thread's share: C[m0:m0+m, n0:n0+n] for the whole of K. Buffers are the thread's own.
+// C[m, n] (+)= packed A rows x packed B panels for one k block of `kc` (bf16 pairs: (kc + 1) / 2), tile by
+// tile. `stride` is the k of B's panels (panel j starts at j * NR * stride values): `kc`, or more where the
+// panels were packed for a longer k and only a prefix is used.
+void macro_kernel(bool native, int64_t kc, int64_t stride, const float *ap_f, const uint32_t *ap_h, const float *bp_f,
+                  const uint16_t *bp_h, int64_t m, int64_t n, float *c, int64_t ldc, bool acc) {
+#if !(defined(__AVX512BF16__) && defined(__AVX512F__))
+  (void)native, (void)ap_h, (void)bp_h;  // bf16 pair panels exist only with AVX512-BF16
+#endif
+  for (int64_t jr = 0; jr < n; jr += NR) {
+    const int nv = static_cast<int>(n - jr < NR ? n - jr : NR);
+    for (int64_t ir = 0; ir < m; ir += MR) {
+      const int mv = static_cast<int>(m - ir < MR ? m - ir : MR);
+      float *ct = c + ir * ldc + jr;
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+      if (native) {
+        const int64_t kc2 = (kc + 1) / 2, stride2 = (stride + 1) / 2;
+        ukr_bf16(kc2, ap_h + ir * kc2, bp_h + jr * stride2 * 2, ct, ldc, mv, nv, acc);
+        continue;
+      }
+#endif
+      ukr_f32(kc, ap_f + ir * kc, bp_f + jr * stride, ct, ldc, mv, nv, acc);
+    }
+  }
+}
+
 void gemm_block(const View &a, const View &b, float *c, int64_t ldc, int64_t m0, int64_t m, int64_t n0, int64_t n,
                 int64_t k, bool bf16, bool accumulate = false) {
   thread_local std::vector<float> abuf_f, bbuf_f;
@@ -440,20 +453,8 @@ void gemm_block(const View &a, const View &b, float *c, int64_t ldc, int64_t m0,
       }
       for (int64_t ic = 0; ic < m; ic += MC) {
         const int64_t mc = m - ic < MC ? m - ic : MC;
-        for (int64_t jr = 0; jr < nc; jr += NR) {
-          const int nv = static_cast<int>(nc - jr < NR ? nc - jr : NR);
-          for (int64_t ir = 0; ir < mc; ir += MR) {
-            const int mv = static_cast<int>(mc - ir < MR ? mc - ir : MR);
-            float *ct = c + (m0 + ic + ir) * ldc + n0 + jc + jr;
-#if defined(__AVX512BF16__) && defined(__AVX512F__)
-            if (native) {
-              ukr_bf16(kc2, ap_h + (ic + ir) * kc2, bp_h + jr * kc2 * 2, ct, ldc, mv, nv, acc);
-              continue;
-            }
-#endif
-            ukr_f32(kc, ap_f + (ic + ir) * kc, bp_f + jr * kc, ct, ldc, mv, nv, acc);
-          }
-        }
+        macro_kernel(native, kc, kc, ap_f ? ap_f + ic * kc : nullptr, ap_h ? ap_h + ic * kc2 : nullptr, bp_f, bp_h,
+                     mc, nc, c + (m0 + ic) * ldc + n0 + jc, ldc, acc);
       }
     }
   }
@@ -620,32 +621,14 @@ void gemm_packed(const View &a, int64_t m, const PackedB &b, int64_t n, int64_t 
   for (int64_t pc = 0, blk = 0; pc < k; pc += b.kcb, ++blk) {
     const int64_t full = b.k - pc < b.kcb ? b.k - pc : b.kcb;  // the packed block's k (panel stride)
     const int64_t kc = k - pc < b.kcb ? k - pc : b.kcb;
-    const int64_t kc2 = (kc + 1) / 2, full2 = (full + 1) / 2;
-    const bool acc = pc > 0;
     if (b.native) {
-      uint32_t *ap = scratch(abuf_h, mpad * kc2);
+      uint32_t *ap = scratch(abuf_h, mpad * ((kc + 1) / 2));
       pack_a_bf16(a, 0, m, pc, kc, ap);
-#if defined(__AVX512BF16__) && defined(__AVX512F__)
-      const uint16_t *bp = b.h.data() + b.offset[blk];
-      for (int64_t jr = 0; jr < n; jr += NR) {
-        const int nv = static_cast<int>(n - jr < NR ? n - jr : NR);
-        for (int64_t ir = 0; ir < m; ir += MR) {
-          const int mv = static_cast<int>(m - ir < MR ? m - ir : MR);
-          ukr_bf16(kc2, ap + ir * kc2, bp + jr * full2 * 2, c + ir * ldc + jr, ldc, mv, nv, acc);
-        }
-      }
-#endif
+      macro_kernel(true, kc, full, nullptr, ap, nullptr, b.h.data() + b.offset[blk], m, n, c, ldc, pc > 0);
     } else {
       float *ap = scratch(abuf_f, mpad * kc);
       pack_a_f32(a, 0, m, pc, kc, ap, bf16);
-      const float *bp = b.f.data() + b.offset[blk];
-      for (int64_t jr = 0; jr < n; jr += NR) {
-        const int nv = static_cast<int>(n - jr < NR ? n - jr : NR);
-        for (int64_t ir = 0; ir < m; ir += MR) {
-          const int mv = static_cast<int>(m - ir < MR ? m - ir : MR);
-          ukr_f32(kc, ap + ir * kc, bp + jr * full, c + ir * ldc + jr, ldc, mv, nv, acc);
-        }
-      }
+      macro_kernel(false, kc, full, ap, nullptr, b.f.data() + b.offset[blk], nullptr, m, n, c, ldc, pc > 0);
     }
   }
 }
