@@ -60,7 +60,8 @@ def reference_rates(m=512, k=4096, n=14336):
 
 
 def kernel_rates(m=512, k=4096, n=14336):
-    """GFLOP/s of our kernel on the same product with a bf16 weight, per mode (no MindSpore graph)."""
+    """GFLOP/s of our kernel on the same product with a bf16 weight, per mode (no MindSpore graph); where
+    bf16 products go to oneDNN, also the own GEMM's bf16 rate ("bf16_own")."""
     from mindxcomposer.ops import cpu_kernels
     from mindxcomposer.weights import fp32_to_bf16
 
@@ -68,7 +69,15 @@ def kernel_rates(m=512, k=4096, n=14336):
     x = rng.standard_normal((m, k), dtype=np.float32)
     w = fp32_to_bf16(rng.standard_normal((n, k), dtype=np.float32))
     flop = 2.0 * m * k * n
-    return {mode: flop / best_of(lambda: cpu_kernels.gemm_nt(x, w, mode == "bf16")) / 1e9 for mode in ("exact", "bf16")}
+    rates = {mode: flop / best_of(lambda: cpu_kernels.gemm_nt(x, w, mode == "bf16")) / 1e9
+             for mode in ("exact", "bf16")}
+    if cpu_kernels.onednn():
+        cpu_kernels.onednn(False)
+        try:
+            rates["bf16_own"] = flop / best_of(lambda: cpu_kernels.gemm_nt(x, w, True)) / 1e9
+        finally:
+            cpu_kernels.onednn(True)
+    return rates
 
 
 def release_width_config(layers):

@@ -14,6 +14,9 @@ from mindxcomposer.ops import weight_products as wp
 from mindxcomposer.weights import bf16_to_fp32, fp32_to_bf16
 
 ARCHS = ("native", "avx2", "portable")
+# bf16 products: where oneDNN is installed, the native build sends them to it; "native-own" is the same
+# build with oneDNN switched off (the own GEMM that serves without it).
+BF16_PATHS = ARCHS + ("native-own",)
 # (M, K, N): edges of every blocking (12-row and 32-column tiles, k blocks of 256 / 512, column blocks of 1024)
 SHAPES = [(17, 1, 1), (17, 33, 70), (100, 513, 257), (37, 1030, 96), (25, 64, 1100), (130, 300, 40)]
 EPS = 2.0 ** -24
@@ -23,10 +26,24 @@ def round_bf16(a):
     return bf16_to_fp32(fp32_to_bf16(np.asarray(a, np.float32)))
 
 
-def bound(x, w, k):
+def bound(x, w, k, any_order=False):
     """Rounding-error bound of a blocked fp32 sum (FMA chains over blocks of at most 512 k, blocks summed):
-    (512 + k / 256 + 2) eps |x| |w|^T, elementwise."""
-    return (512 + k / 256 + 2) * EPS * (np.abs(x).astype(np.float64) @ np.abs(w).astype(np.float64).T)
+    (512 + k / 256 + 2) eps |x| |w|^T, elementwise. `any_order`: of a sum of k exact products in any order
+    (oneDNN's, whose blocking is its own): (k + 2) eps |x| |w|^T."""
+    terms = max(512 + k / 256, k) if any_order else 512 + k / 256
+    return (terms + 2) * EPS * (np.abs(x).astype(np.float64) @ np.abs(w).astype(np.float64).T)
+
+
+def gemm(x, w, bf16, arch):
+    """x w^T through the library for `arch` (`BF16_PATHS`)."""
+    if arch != "native-own":
+        return cpu_kernels.gemm_nt(x, w, bf16, arch)
+    before = cpu_kernels.onednn()
+    cpu_kernels.onednn(False)
+    try:
+        return cpu_kernels.gemm_nt(x, w, bf16)
+    finally:
+        cpu_kernels.onednn(before)
 
 
 def data(m, k, n, seed=0):
@@ -36,7 +53,7 @@ def data(m, k, n, seed=0):
 
 def test_the_build_matches_the_cpu():
     """One dispatch: the library is built for the CPU it runs on (`-march=native`)."""
-    flags = set(open("/proc/cpuinfo").read().split("flags")[1].split("\n")[0].split())
+    flags = _cpu_flags()
     want = ("AVX-512 + AVX512-BF16" if {"avx512f", "avx512_bf16"} <= flags else "AVX-512" if "avx512f" in flags
             else "AVX2 + FMA" if {"avx2", "fma"} <= flags else "portable C++")
     assert cpu_kernels.isa() == want
@@ -58,28 +75,47 @@ def test_exact_products_are_fp32_products(arch, shape):
                                   cpu_kernels.gemm_nt(x, bf16_to_fp32(wb), False, arch))
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", BF16_PATHS)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_bf16_products_round_both_inputs(arch, shape):
     m, k, n = shape
     x, w = data(m, k, n, seed=1)
     xr, wr = round_bf16(x), round_bf16(w)
     for weight in (w, fp32_to_bf16(w)):
-        y = cpu_kernels.gemm_nt(x, weight, True, arch)
+        y = gemm(x, weight, True, arch)
         ref = xr.astype(np.float64) @ wr.astype(np.float64).T
-        assert (np.abs(y - ref) <= bound(xr, wr, k)).all()
+        assert (np.abs(y - ref) <= bound(xr, wr, k, any_order=arch == "native")).all()
     if k > 1:  # the rounding is real: the result is not the fp32 product
         exact = x.astype(np.float64) @ w.astype(np.float64).T
         assert np.abs(y - exact).max() > 100 * bound(x, w, k).max() / (512 + k / 256 + 2)
 
 
-@pytest.mark.parametrize("bf16", [False, True])
-def test_rows_do_not_depend_on_the_batch(bf16):
+@pytest.mark.parametrize("bf16,arch", [(False, "native"), (True, "native"), (True, "native-own")])
+def test_rows_do_not_depend_on_the_batch(bf16, arch):
     """A row's result is the same alone or among others, at any position (serving batches rows)."""
-    x, w = data(77, 600, 130, seed=2)
-    whole = cpu_kernels.gemm_nt(x, fp32_to_bf16(w), bf16)
-    for rows in (slice(0, 1), slice(5, 6), slice(12, 37), slice(60, 77)):
-        np.testing.assert_array_equal(cpu_kernels.gemm_nt(x[rows], fp32_to_bf16(w), bf16), whole[rows])
+    for k, n in ((600, 130), (4096, 1024)):
+        x, w = data(77, k, n, seed=2)
+        whole = gemm(x, fp32_to_bf16(w), bf16, arch)
+        for rows in (slice(0, 1), slice(5, 6), slice(12, 37), slice(60, 77)):
+            np.testing.assert_array_equal(gemm(x[rows], fp32_to_bf16(w), bf16, arch), whole[rows])
+
+
+def _cpu_flags():
+    return set(open("/proc/cpuinfo").read().split("flags")[1].split("\n")[0].split())
+
+
+def test_onednn_serves_bf16_products_where_the_cpu_multiplies_bf16():
+    """On x86-64 Linux oneDNN is a dependency and the native library links it; after a bf16 product it is
+    in use exactly where the CPU has AMX-BF16 or AVX512-BF16 (elsewhere oneDNN would emulate: the own GEMM
+    serves). Both paths compute the bf16 arithmetic (`test_bf16_products_round_both_inputs`)."""
+    import platform
+
+    if platform.machine() != "x86_64":
+        pytest.skip("oneDNN is a dependency on x86-64 only")
+    assert cpu_kernels.onednn_install() is not None
+    x, w = data(64, 256, 96, seed=3)
+    cpu_kernels.gemm_nt(x, fp32_to_bf16(w), True)
+    assert cpu_kernels.onednn() == bool({"avx512_bf16", "amx_bf16"} & _cpu_flags())
 
 
 def test_nan_and_inf_propagate():

@@ -12,6 +12,11 @@ the compiler flags and the CPU's feature flags: built once per machine and CPU k
 portable code for the CPU it is built on (`isa()` says which). `python -m mindxcomposer.ops.cpu_kernels`
 builds it ahead of time and prints where it is and what it was built for.
 
+Where oneDNN 3 is installed in the environment (the `onednn-cpu-gomp` and `onednn-devel-cpu-gomp` wheels,
+dependencies of the package on x86-64 Linux), the library links it and sends bf16 products of more than a
+few rows to its matmul, which uses AMX or AVX512-BF16 as the CPU has them (`onednn()` says whether;
+`MXC_ONEDNN=0` turns it off). If it cannot be linked, the library is built without it.
+
 Where it cannot be built (no g++), `available()` is False and the portable path (cast the weight to the
 compute dtype, then MindSpore's MatMul) serves instead; `MXC_PORTABLE_KERNELS=1` forces that path.
 """
@@ -21,6 +26,7 @@ import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import threading
 from types import SimpleNamespace
@@ -54,8 +60,29 @@ def cache_dir() -> str:
     return os.path.join(base, "kernels")
 
 
-def _flags(arch: str):
-    return _FLAGS + [ARCH_FLAGS[arch]]
+def onednn_install():
+    """(include directory, library file) of oneDNN 3 installed in this environment, or None. Its wheels put
+    `include/oneapi/dnnl/` and `lib/libdnnl.so.3` under the environment's data prefix."""
+    import site
+
+    for prefix in dict.fromkeys([sysconfig.get_path("data"), sys.prefix, sys.base_prefix, site.USER_BASE]):
+        if not prefix:
+            continue
+        include, lib = os.path.join(prefix, "include"), os.path.join(prefix, "lib", "libdnnl.so.3")
+        if os.path.isfile(os.path.join(include, "oneapi", "dnnl", "dnnl.h")) and os.path.isfile(lib):
+            return include, lib
+    return None
+
+
+def _flags(arch: str, with_onednn: bool = True):
+    """Compiler flags for `arch`. Only the library MindSpore uses ("native") links oneDNN; the variants
+    for older CPUs exist to test this package's own code paths."""
+    flags = _FLAGS + [ARCH_FLAGS[arch]]
+    found = onednn_install() if arch == "native" and with_onednn else None
+    if found is not None:
+        include, lib = found
+        flags += ["-DMXC_WITH_ONEDNN", f"-I{include}", lib, f"-Wl,-rpath,{os.path.dirname(lib)}"]
+    return flags
 
 
 def library_path(arch: str = "native") -> str:
@@ -80,7 +107,11 @@ def build(force: bool = False, arch: str = "native") -> str:
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".so.tmp")
     os.close(fd)
     try:
-        proc = subprocess.run([cxx, *_flags(arch), "-o", tmp, *_SOURCES], capture_output=True, text=True)
+        proc = subprocess.run([cxx, *_SOURCES, "-o", tmp, *_flags(arch)], capture_output=True, text=True)
+        if proc.returncode != 0 and onednn_install() is not None and arch == "native":
+            # An installed oneDNN that does not build or link (another major version): build without it.
+            proc = subprocess.run([cxx, *_SOURCES, "-o", tmp, *_flags(arch, with_onednn=False)],
+                                  capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"building the CPU kernels failed:\n{proc.stderr[-2000:]}")
         os.chmod(tmp, 0o755)
@@ -111,6 +142,15 @@ def isa(arch: str = "native") -> str:
     if arch == "native" and not available():
         return "none: " + (_state["error"] or "portable path forced or not a CPU target")
     return ISA_NAMES.get(ctypes.CDLL(build(arch=arch)).MxcGemmIsa(), "unknown")
+
+
+def onednn(enable=None) -> bool:
+    """Whether bf16 products of more than a few rows go to oneDNN in this process (False where the
+    library was built without it). `enable` True / False switches it, for tests and benchmarks that
+    compare the two paths."""
+    if not available():
+        return False
+    return ctypes.CDLL(_state["path"]).MxcOnednn(-1 if enable is None else int(bool(enable))) == 1
 
 
 def _custom(lib, symbol, out_shape, bprop=None, out_dtype=None):
@@ -236,3 +276,4 @@ if __name__ == "__main__":
         print(e, file=sys.stderr)
         sys.exit(1)
     print(isa())
+    print("oneDNN bf16 products:", "on" if onednn() else ("off" if onednn_install() else "not installed"))

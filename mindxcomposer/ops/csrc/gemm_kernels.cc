@@ -27,6 +27,14 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
+#ifdef MXC_WITH_ONEDNN
+#include <cstdio>
+#include <oneapi/dnnl/dnnl.h>
+#include <oneapi/dnnl/dnnl_version.h>
+#if DNNL_VERSION_MAJOR < 3
+#error "oneDNN 3 or newer is needed (memory descriptors as handles)"
+#endif
+#endif
 
 namespace {
 
@@ -460,6 +468,145 @@ void gemm_block(const View &a, const View &b, float *c, int64_t ldc, int64_t m0,
   }
 }
 
+#ifdef MXC_WITH_ONEDNN
+// ---- bf16 products through oneDNN ------------------------------------------------------------------
+// Where oneDNN is installed (the `onednn-cpu-gomp` wheel, found when the library is built), bf16
+// products of more than `kOnednnMinRows` rows go to its matmul: it picks the CPU's matrix engine at run
+// time (AMX tiles where the CPU and kernel allow them, AVX512-BF16 otherwise), which this file's
+// micro-kernel does not have. The arithmetic is the one defined above: both inputs rounded to bf16 (RNE,
+// here by one conversion pass), products summed in fp32 into an fp32 C; only the order of the sums
+// differs. Any failure (an unsupported shape or stride) returns false and the own GEMM serves.
+constexpr int64_t kOnednnMinRows = 1;
+int g_onednn_enabled = -1;  // -1: not decided yet (MXC_ONEDNN=0 in the environment turns it off)
+
+bool onednn_enabled() {
+  if (g_onednn_enabled < 0) {
+    const char *env = std::getenv("MXC_ONEDNN");
+    g_onednn_enabled = (env != nullptr && env[0] == '0') ? 0 : 1;
+  }
+  return g_onednn_enabled == 1;
+}
+
+dnnl_engine_t onednn_engine() {
+  static dnnl_engine_t engine = [] {
+    dnnl_engine_t e = nullptr;
+    return dnnl_engine_create(&e, dnnl_cpu, 0) == dnnl_success ? e : nullptr;
+  }();
+  return engine;
+}
+
+// The layout of a contiguous bf16 copy of the rows x cols operand `v`: v's own memory order (row-major
+// unless v's rows are its contiguous direction). Returns whether the copy is column-major.
+bool copy_strides(const View &v, int64_t rows, int64_t cols, dnnl_dims_t strides) {
+  const bool transposed = v.cs != 1 && v.rs == 1;
+  strides[0] = transposed ? 1 : cols;
+  strides[1] = transposed ? rows : 1;
+  return transposed;
+}
+
+// rows x cols of `v` rounded to bf16 (RNE) into `dst`, laid out as `copy_strides` says.
+void bf16_copy(const View &v, int64_t rows, int64_t cols, uint16_t *dst) {
+  dnnl_dims_t strides;
+  const bool transposed = copy_strides(v, rows, cols, strides);
+  const View t = transposed ? View{v.p, v.cs, v.rs, v.bf16} : v;
+  const int64_t r_n = transposed ? cols : rows, c_n = transposed ? rows : cols;
+#pragma omp parallel for schedule(static) if (r_n * c_n >= (1 << 16))
+  for (int64_t r = 0; r < r_n; ++r) {
+    uint16_t *d = dst + r * c_n;
+    int64_t c = 0;
+    if (!t.bf16 && t.cs == 1) {
+      const float *s = static_cast<const float *>(t.p) + r * t.rs;
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+      for (; c + 16 <= c_n; c += 16)
+        _mm256_storeu_si256(reinterpret_cast<__m256i *>(d + c), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(s + c)));
+#endif
+      for (; c < c_n; ++c) d[c] = f32_to_bf16(s[c]);
+    } else {
+      for (; c < c_n; ++c) d[c] = t.bits(r, c);
+    }
+  }
+}
+
+// Frees the oneDNN objects of one call, whatever was created.
+struct OnednnCall {
+  dnnl_memory_desc_t ad = nullptr, bd = nullptr, cd = nullptr;
+  dnnl_primitive_attr_t attr = nullptr;
+  dnnl_post_ops_t post = nullptr;
+  dnnl_primitive_desc_t pd = nullptr;
+  dnnl_primitive_t prim = nullptr;
+  dnnl_memory_t am = nullptr, bm = nullptr, cm = nullptr;
+  dnnl_stream_t stream = nullptr;
+  ~OnednnCall() {
+    if (stream) dnnl_stream_destroy(stream);
+    if (am) dnnl_memory_destroy(am);
+    if (bm) dnnl_memory_destroy(bm);
+    if (cm) dnnl_memory_destroy(cm);
+    if (prim) dnnl_primitive_destroy(prim);
+    if (pd) dnnl_primitive_desc_destroy(pd);
+    if (post) dnnl_post_ops_destroy(post);
+    if (attr) dnnl_primitive_attr_destroy(attr);
+    if (ad) dnnl_memory_desc_destroy(ad);
+    if (bd) dnnl_memory_desc_destroy(bd);
+    if (cd) dnnl_memory_desc_destroy(cd);
+  }
+};
+
+bool onednn_gemm_bf16(const View &a, const View &b, float *c, int64_t ldc, int64_t m, int64_t n, int64_t k,
+                      bool accumulate) {
+  dnnl_engine_t engine = onednn_engine();
+  if (engine == nullptr) return false;
+  OnednnCall call;
+  dnnl_dims_t a_dims = {m, k}, b_dims = {k, n}, c_dims = {m, n};
+  dnnl_dims_t a_strides, b_strides, c_strides = {ldc, 1};
+  copy_strides(a, m, k, a_strides);
+  if (b.bf16) {  // a stored bf16 weight is read in place
+    b_strides[0] = b.rs;
+    b_strides[1] = b.cs;
+  } else {
+    copy_strides(b, k, n, b_strides);
+  }
+  bool ok = dnnl_memory_desc_create_with_strides(&call.ad, 2, a_dims, dnnl_bf16, a_strides) == dnnl_success &&
+            dnnl_memory_desc_create_with_strides(&call.bd, 2, b_dims, dnnl_bf16, b_strides) == dnnl_success &&
+            dnnl_memory_desc_create_with_strides(&call.cd, 2, c_dims, dnnl_f32, c_strides) == dnnl_success &&
+            dnnl_primitive_attr_create(&call.attr) == dnnl_success;
+  if (ok && accumulate)
+    ok = dnnl_post_ops_create(&call.post) == dnnl_success &&
+         dnnl_post_ops_append_sum(call.post, 1.0f, 0, dnnl_data_type_undef) == dnnl_success &&
+         dnnl_primitive_attr_set_post_ops(call.attr, call.post) == dnnl_success;
+  ok = ok && dnnl_matmul_primitive_desc_create(&call.pd, engine, call.ad, call.bd, nullptr, call.cd, call.attr) == dnnl_success;
+  if (!ok) return false;
+  const char *impl = nullptr;
+  if (dnnl_primitive_desc_query(call.pd, dnnl_query_impl_info_str, 0, &impl) != dnnl_success || impl == nullptr ||
+      (std::strstr(impl, "amx") == nullptr && std::strstr(impl, "bf16") == nullptr)) {
+    // oneDNN would emulate bf16 on this CPU (no AMX, no AVX512-BF16): the own GEMM serves from now on.
+    g_onednn_enabled = 0;
+    return false;
+  }
+  thread_local std::vector<uint16_t> a16, b16;
+  bf16_copy(a, m, k, scratch(a16, size_t(m * k)));
+  const void *b_data = b.p;
+  if (!b.bf16) {
+    bf16_copy(b, k, n, scratch(b16, size_t(k * n)));
+    b_data = b16.data();
+  }
+  ok = dnnl_primitive_create(&call.prim, call.pd) == dnnl_success &&
+       dnnl_memory_create(&call.am, call.ad, engine, a16.data()) == dnnl_success &&
+       dnnl_memory_create(&call.bm, call.bd, engine, const_cast<void *>(b_data)) == dnnl_success &&
+       dnnl_memory_create(&call.cm, call.cd, engine, c) == dnnl_success &&
+       dnnl_stream_create(&call.stream, engine, dnnl_stream_default_flags) == dnnl_success;
+  if (!ok) return false;
+  dnnl_exec_arg_t args[3] = {{DNNL_ARG_SRC, call.am}, {DNNL_ARG_WEIGHTS, call.bm}, {DNNL_ARG_DST, call.cm}};
+  if (dnnl_primitive_execute(call.prim, call.stream, 3, args) != dnnl_success ||
+      dnnl_stream_wait(call.stream) != dnnl_success) {
+    // C may be partly written (and C += A B cannot be redone): stop rather than return a wrong result.
+    std::fprintf(stderr, "mindxcomposer: oneDNN matmul failed (%lld x %lld x %lld)\n", (long long)m, (long long)k,
+                 (long long)n);
+    std::abort();
+  }
+  return true;
+}
+#endif  // MXC_WITH_ONEDNN
+
 // C[M, N] = A B over the machine's threads. Work is split along N (each thread packs its own columns
 // of B once) unless N is too narrow, then along M. Neither split changes any element's arithmetic.
 // With `accumulate`, C's values are added to (C += A B: the first k block's sum is added to them as the
@@ -472,6 +619,9 @@ void gemm(const View &a, const View &b, float *c, int64_t ldc, int64_t m, int64_
       for (int64_t i = 0; i < m; ++i) std::memset(c + i * ldc, 0, sizeof(float) * n);
     return;
   }
+#ifdef MXC_WITH_ONEDNN
+  if (bf16 && m >= kOnednnMinRows && onednn_enabled() && onednn_gemm_bf16(a, b, c, ldc, m, n, k, accumulate)) return;
+#endif
   int threads = 1;
 #ifdef _OPENMP
   threads = omp_get_max_threads();
@@ -855,6 +1005,18 @@ extern "C" int MxcGemmNT(const float *a, const void *w, int w_bf16, float *c, in
   View bv{w, 1, k, w_bf16 != 0};
   gemm(av, bv, c, n, m, n, k, bf16_products != 0);
   return 0;
+}
+
+// Whether bf16 products of more than a few rows go to oneDNN: -1 = not built with it; 0 / 1 = built
+// with it and off / on. `enable` >= 0 sets it (tests compare both paths on the same inputs).
+extern "C" int MxcOnednn(int enable) {
+#ifdef MXC_WITH_ONEDNN
+  if (enable >= 0) g_onednn_enabled = enable ? 1 : 0;
+  return onednn_enabled() ? 1 : 0;
+#else
+  (void)enable;
+  return -1;
+#endif
 }
 
 // What the library was built with: 2 = AVX-512 with native bf16 products, 1 = AVX-512, 3 = AVX2, 0 = portable.
