@@ -15,7 +15,10 @@ Per mode it reports:
   that prefill time minus products time is what the layer spends on everything else (norms, RoPE,
   softmax, masks, cache writes, residuals, host work and graph launches): the "other" share;
 - the machine's rates in the same run: the one product `[512 x 4096] x [4096 x 14336]` through our
-  kernel, numpy (BLAS) fp32 and, if torch is installed, torch fp32 and bf16 (`linear`).
+  kernel, numpy (BLAS) fp32 and, if torch is installed, torch fp32 and bf16 (`linear`);
+- our kernel's rate per arithmetic at the prefill's other shapes (`--gemm-shapes`, M x K x N), with the
+  bf16 products through oneDNN and through the own GEMM where oneDNN is in use. `--modes ""` prints the
+  rates alone.
 """
 import argparse
 import json
@@ -196,12 +199,16 @@ def main(argv=None):
     ap.add_argument("--image-tokens", type=int, default=800)
     ap.add_argument("--new-tokens", type=int, default=8)
     ap.add_argument("--modes", default="exact,bf16")
+    ap.add_argument("--gemm-shapes", default="512x4096x14336,64x4096x14336,512x14336x4096,512x4096x256",
+                    help="comma-separated M x K x N products to rate our kernel on")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     from mindxcomposer.ops import cpu_kernels
 
-    results = {"isa": cpu_kernels.isa(), "reference_gflops": reference_rates(), "kernel_gflops": kernel_rates(),
-               "modes": [profile_mode(args, m) for m in args.modes.split(",")]}
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.gemm_shapes.split(",") if s]
+    results = {"isa": cpu_kernels.isa(), "onednn": cpu_kernels.onednn(), "reference_gflops": reference_rates(),
+               "kernel_gflops": kernel_rates(), "shape_gflops": {"x".join(map(str, sh)): kernel_rates(*sh) for sh in shapes},
+               "modes": [profile_mode(args, m) for m in args.modes.split(",") if m]}
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
@@ -210,6 +217,15 @@ def main(argv=None):
     print("one product [512 x 4096] x [4096 x 14336], GFLOP/s: "
           + ", ".join(f"{k} {v:.0f}" for k, v in {**{f'ours_{m}': v for m, v in results['kernel_gflops'].items()},
                                                   **ref}.items()))
+    print("\nour kernel, GFLOP/s (M x K x N; bf16 through " + ("oneDNN, bf16_own: the own GEMM)" if results["onednn"]
+                                                             else "the own GEMM)") + "\n")
+    cols = sorted({k for r in results["shape_gflops"].values() for k in r}, key=["exact", "bf16", "bf16_own"].index)
+    print("| product | " + " | ".join(cols) + " |")
+    print("|---|" + "---|" * len(cols))
+    for shape, r in results["shape_gflops"].items():
+        print(f"| {shape} | " + " | ".join(f"{r[c]:.0f}" for c in cols) + " |")
+    if not results["modes"]:
+        return
     print(f"\nprefill of {args.tokens} tokens ({args.image_tokens} image), release width, {args.layers} layers, "
           f"GRAPH_MODE\n")
     print("| mode | s / layer | tokens/s (32 layers) | decoder GFLOP/s | products alone s | other share |")

@@ -311,3 +311,96 @@ def test_linear_add_and_swiglu(mode, products):
     for ours, ref in zip(grads, (tx, tw, tc, tu)):
         r = ref.grad.numpy()
         assert np.abs(ours.asnumpy() - r).max() <= tol * np.abs(r).max()
+
+
+class _BiasDot(nn.Cell):
+    """sum(linear_bias(x, w, b, act, residual) * dy)."""
+
+    def __init__(self, products, act, residual):
+        super().__init__()
+        self.products, self.act, self.residual = products, act, residual
+
+    def construct(self, x, w, b, r, dy):
+        return (wp.linear_bias(x, w, b, self.products, self.act, r if self.residual else None) * dy).sum()
+
+
+@pytest.mark.parametrize("products", wp.PRODUCT_MODES)
+def test_linear_bias_activation_and_residual(mode, products):
+    """linear_bias (the ViT's projections): x w^T + b, CLIP's quick_gelu of it, or a residual plus it, in one
+    kernel; against float64 and through the portable path (MindSpore ops), forward and gradients."""
+    import torch
+
+    assert wp.enable_kernels()
+    rng = np.random.default_rng(14)
+    x, w = data(40, 96, 70, seed=15)
+    x *= 3  # quick_gelu's both tails
+    b, = (rng.standard_normal(70, dtype=np.float32) for _ in range(1))
+    r, dy = (rng.standard_normal((40, 70), dtype=np.float32) for _ in range(2))
+    rnd = round_bf16 if products == "bf16" else (lambda a: a)
+    for bias in (Tensor(b), Tensor(b).astype(ms.bfloat16)):
+        bf = b if bias.dtype == ms.float32 else round_bf16(b)
+        z = rnd(x).astype(np.float64) @ rnd(w).astype(np.float64).T + bf
+        tol = 1.2 * bound(rnd(x), rnd(w), 96) + 1e-6 * np.abs(z) + 1e-6
+        for act, res, ref in ((None, None, z), (wp.QUICK_GELU, None, z / (1 + np.exp(-1.702 * z))), (None, r, r + z)):
+            args = (Tensor(x), Tensor(w), bias, products, act, None if res is None else Tensor(res))
+            got = wp.linear_bias(*args).asnumpy()
+            assert (np.abs(got - ref) <= tol).all()
+            before = wp._kernels
+            wp._kernels = None
+            try:
+                portable = wp.linear_bias(*args).asnumpy()
+            finally:
+                wp._kernels = before
+            assert (np.abs(portable - ref) <= tol).all()
+        # The epilogue's own arithmetic, tightly: the bias and the residual are one fp32 addition each after
+        # the product; quick_gelu is float64's within a few ulps plus the fp32 rounding of its exponent's
+        # argument (|1.702 z| eps relative: the conditioning of exp, whoever computes it in fp32); far in the
+        # negative tail (z < -52) the exponent saturates and the result is below 1e-36 instead of ~0.
+        plain = cpu_kernels.gemm_nt(x, w, products == "bf16") + bf
+        linear = wp.linear_bias(Tensor(x), Tensor(w), bias, products).asnumpy()
+        np.testing.assert_array_equal(linear, plain)
+        res = wp.linear_bias(Tensor(x), Tensor(w), bias, products, residual=Tensor(r)).asnumpy()
+        np.testing.assert_array_equal(res, r + plain)
+        gelu = wp.linear_bias(Tensor(x), Tensor(w), bias, products, wp.QUICK_GELU).asnumpy()
+        p64 = plain.astype(np.float64)
+        ref = p64 / (1 + np.exp(-1.702 * p64))
+        assert (np.abs(gelu - ref) <= (8 + 2 * 1.702 * np.abs(p64)) * EPS * np.abs(ref) + 1e-36).all()
+    tol = 1e-5 if products == "exact" else 2e-2
+    for act, residual in ((None, True), (wp.QUICK_GELU, False)):
+        grads = ms.grad(_BiasDot(products, act, residual), grad_position=(0, 1, 2, 3))(
+            Tensor(x), Tensor(w), Tensor(b), Tensor(r), Tensor(dy))
+        tx, tw, tb, tr = (torch.tensor(a, dtype=torch.float64, requires_grad=True) for a in (rnd(x), rnd(w), b, r))
+        tz = tx @ tw.T + tb
+        ty = tz * torch.sigmoid(1.702 * tz) if act else tr + tz
+        (ty * torch.tensor(dy, dtype=torch.float64)).sum().backward()
+        for ours, ref in zip(grads[:3] + ((grads[3],) if residual else ()), (tx, tw, tb, tr)):
+            g = ref.grad.numpy()
+            assert np.abs(ours.asnumpy() - g).max() <= tol * np.abs(g).max()
+
+
+@pytest.mark.parametrize("products", wp.PRODUCT_MODES)
+def test_attention_reads_rows_before_heads(mode, products):
+    """BSND attention ([B, S, H, D], the ViT's projections as they come) is the BNSD kernel's arithmetic read
+    with other strides: the same result bit for bit, and the same gradients."""
+    from mindxcomposer.ops.attention import BSND, attention
+
+    assert wp.enable_kernels()
+    rng = np.random.default_rng(16)
+    q, k, v, do = (rng.standard_normal((2, 37, 3, 16), dtype=np.float32) for _ in range(4))
+    first = [Tensor(a.transpose(0, 2, 1, 3).copy()) for a in (q, k, v)]
+    want = attention(*first, None, 4.0, products=products).asnumpy().transpose(0, 2, 1, 3)
+    got = attention(Tensor(q), Tensor(k), Tensor(v), None, 4.0, products=products, layout=BSND).asnumpy()
+    np.testing.assert_array_equal(got, want)
+
+    class Dot(nn.Cell):
+        def construct(self, q, k, v, do, layout):
+            return (attention(q, k, v, None, 4.0, products=products, layout=layout) * do).sum()
+
+    class DotFirst(nn.Cell):
+        def construct(self, q, k, v, do):
+            return (attention(q, k, v, None, 4.0, products=products) * do).sum()
+
+    g_tokens = ms.grad(Dot(), grad_position=(0, 1, 2))(Tensor(q), Tensor(k), Tensor(v), Tensor(do), BSND)
+    g_first = ms.grad(DotFirst(), grad_position=(0, 1, 2))(*first, Tensor(do.transpose(0, 2, 1, 3).copy()))
+    for a, b in zip(g_tokens, g_first):
+        np.testing.assert_allclose(a.asnumpy(), b.asnumpy().transpose(0, 2, 1, 3), rtol=1e-5, atol=1e-6)

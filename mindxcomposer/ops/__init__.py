@@ -2,7 +2,7 @@
 
 - `attention`: Ascend's fused kernel only on Ascend, the portable path (two products + fp32 softmax)
   elsewhere.
-- `linear`, `linear_add`, `batch_nt`, `batch_nn`, `embedding` (`weight_products`): every product, in the
+- `linear`, `linear_add`, `linear_bias`, `batch_nt`, `batch_nn`, `embedding` (`weight_products`): every product, in the
   model's arithmetic (`exact` or `bf16`), through the CPU kernels of `cpu_kernels` on CPU, MindSpore's
   MatMul elsewhere or when they cannot be built; `swiglu`, the one fused elementwise kernel.
 
@@ -10,9 +10,9 @@
 `mindxcomposer.ops`.)
 """
 from .attention import attention, fused_attention_available
-from .weight_products import (BF16, EXACT, PRODUCT_MODES, batch_nn, batch_nt, cast_like, embedding,
-                              enable_kernels, kernels_enabled, linear, linear_add, swiglu)
+from .weight_products import (BF16, EXACT, PRODUCT_MODES, QUICK_GELU, batch_nn, batch_nt, cast_like, embedding,
+                              enable_kernels, kernels_enabled, linear, linear_add, linear_bias, quick_gelu, swiglu)
 
 __all__ = ["attention", "fused_attention_available", "BF16", "EXACT", "PRODUCT_MODES", "batch_nn", "batch_nt",
-           "cast_like", "embedding", "enable_kernels", "kernels_enabled", "linear", "linear_add",
-           "swiglu"]
+           "cast_like", "embedding", "enable_kernels", "kernels_enabled", "linear", "linear_add", "linear_bias",
+           "QUICK_GELU", "quick_gelu", "swiglu"]

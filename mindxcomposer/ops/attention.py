@@ -15,18 +15,32 @@ def fused_attention_available() -> bool:
     return ms.get_context("device_target") == "Ascend"
 
 
-def portable_attention(q, k, v, mask, scale_divisor, products=EXACT):
+BNSD, BSND = "BNSD", "BSND"  # heads before rows (the decoder, its cache) or rows before heads (the ViT)
+
+
+def _heads_first(t):
+    return t.transpose(0, 2, 1, 3)
+
+
+def portable_attention(q, k, v, mask, scale_divisor, products=EXACT, layout=BNSD):
     """q [B,H,L,D], k/v [B,KV,S,D] with H a multiple of KV (grouped-query), mask additive [B,1,L,S] or
-    None. Returns [B,H,L,D].
+    None. Returns [B,H,L,D]. With `layout` BSND, q / k / v and the result are [B,L,H,D] / [B,S,KV,D]
+    (the projections' own layout: the CPU kernel reads it with strides, no transposes).
 
     The query heads of a group are stacked against their shared key head instead of repeating the
     keys, which would copy the whole KV cache at every decode step. Scores are divided by
     `scale_divisor` (sqrt(head_dim) as upstream; 1 where the query is scaled before, as CLIP does), and
     the softmax runs in fp32 whatever the compute dtype."""
+    cpu = kernels()
+    if layout == BSND:
+        if (cpu is not None and q.dtype == ms.float32 and mask is None and q.shape[2] == k.shape[2]
+                and q.shape[1] > KERNEL_MAX_ROWS):
+            return cpu.gemm[products].attention_tokens(q, k, v, ops.full((1,), scale_divisor, dtype=ms.float32))
+        out = portable_attention(_heads_first(q), _heads_first(k), _heads_first(v), mask, scale_divisor, products)
+        return _heads_first(out)
     b, h, n, d = q.shape
     kv, s = k.shape[1], k.shape[2]
     g = h // kv
-    cpu = kernels()
     if cpu is not None and q.dtype == ms.float32 and g * n > KERNEL_MAX_ROWS:
         # Prompt-sized rows on CPU: one kernel (products, scale, mask, softmax) that skips the keys no row of
         # a block sees and never holds [heads, n, S] scores; the same arithmetic up to rounding.
@@ -48,19 +62,20 @@ def portable_attention(q, k, v, mask, scale_divisor, products=EXACT):
     return out.reshape(b, h, n, d)
 
 
-def _fused_attention(q, k, v, mask, scale_divisor):
+def _fused_attention(q, k, v, mask, scale_divisor, layout):
     from mindspore.ops import flash_attention_score  # Ascend only
 
     # The fused kernel takes a boolean "masked out" tensor instead of an additive one.
     keep_out = None if mask is None else (mask < 0).astype(ms.uint8)
     # Grouped k/v heads are native to the kernel: k and v keep their KV heads.
-    return flash_attention_score(q, k, v, head_num=q.shape[1], attn_mask=keep_out,
-                                 scalar_value=1.0 / float(scale_divisor), input_layout="BNSD")
+    return flash_attention_score(q, k, v, head_num=q.shape[1 if layout == BNSD else 2], attn_mask=keep_out,
+                                 scalar_value=1.0 / float(scale_divisor), input_layout=layout)
 
 
-def attention(q, k, v, mask, scale_divisor, use_fused=False, products=EXACT):
+def attention(q, k, v, mask, scale_divisor, use_fused=False, products=EXACT, layout=BNSD):
     """The single dispatch point. `use_fused` is decided once, at model build time, from the device;
-    `products` is the model's arithmetic (`weight_products.PRODUCT_MODES`)."""
+    `products` is the model's arithmetic (`weight_products.PRODUCT_MODES`); `layout` BNSD ([B, H, S, D])
+    or BSND ([B, S, H, D])."""
     if use_fused:
-        return _fused_attention(q, k, v, mask, scale_divisor)
-    return portable_attention(q, k, v, mask, scale_divisor, products)
+        return _fused_attention(q, k, v, mask, scale_divisor, layout)
+    return portable_attention(q, k, v, mask, scale_divisor, products, layout)

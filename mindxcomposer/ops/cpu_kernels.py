@@ -207,21 +207,50 @@ def _gemm_ops(lib, suffix):
     def linear_add_bprop(x, w, c, out, dout):
         return linear_bprop(x, w, out, dout) + (dout,)
 
+    def linear_bias_bprop(x, w, b, out, dout):
+        return linear_bprop(x, w, out, dout) + (dout.sum(0).astype(b.dtype),)
+
+    def linear_bias_residual_bprop(x, w, b, r, out, dout):
+        return linear_bias_bprop(x, w, b, out, dout) + (dout,)
+
+    def linear_bias_gelu_bprop(x, w, b, out, dout):
+        # d/dz z sigmoid(a z) = s + a z s (1 - s), s = sigmoid(a z), z the pre-activation (recomputed)
+        z = linear_bias(x, w, b)
+        s = ops.sigmoid(1.702 * z)
+        return linear_bias_bprop(x, w, b, out, dout * (s + 1.702 * z * s * (1 - s)))
+
+    def attention_tokens_bprop(q, k, v, div, out, dout):
+        def heads_first(t):  # [B, S, H, D] -> [B, H, S, D]
+            return t.transpose(0, 2, 1, 3)
+
+        grads = attention_grads(heads_first(q), heads_first(k), heads_first(v), None, div, heads_first(dout))
+        return tuple(heads_first(g) for g in grads) + (ops.zeros_like(div),)
+
     linear = _custom(lib, "MxcLinearNT" + suffix, lambda x, w: list(x[:-1]) + [w[0]], linear_bprop)
     linear_add = _custom(lib, "MxcLinearNTAdd" + suffix, lambda x, w, c: list(c), linear_add_bprop)
     bnt = _custom(lib, "MxcBatchNT" + suffix, lambda a, b: list(a[:-1]) + [b[-2]], bnt_bprop)
     bnn = _custom(lib, "MxcBatchNN" + suffix, lambda a, b: list(a[:-1]) + [b[-1]], bnn_bprop)
     attention = _custom(lib, "MxcAttention" + suffix, lambda q, k, v, m, d: list(q), attention_bprop)
     attention_nomask = _custom(lib, "MxcAttention" + suffix, lambda q, k, v, d: list(q), attention_nomask_bprop)
-    return SimpleNamespace(linear=linear, linear_add=linear_add, batch_nt=bnt, batch_nn=bnn, attention=attention,
-                           attention_nomask=attention_nomask, linear_bprop=linear_bprop)
+    attention_tokens = _custom(lib, "MxcAttentionTokens" + suffix, lambda q, k, v, d: list(q), attention_tokens_bprop)
+    linear_bias = _custom(lib, "MxcLinearNTBias" + suffix, lambda x, w, b: list(x[:-1]) + [w[0]], linear_bias_bprop)
+    linear_bias_residual = _custom(lib, "MxcLinearNTBiasResidual" + suffix, lambda x, w, b, r: list(x[:-1]) + [w[0]],
+                                   linear_bias_residual_bprop)
+    linear_bias_gelu = _custom(lib, "MxcLinearNTBiasQuickGelu" + suffix, lambda x, w, b: list(x[:-1]) + [w[0]],
+                               linear_bias_gelu_bprop)
+    return SimpleNamespace(linear=linear, linear_add=linear_add, linear_bias=linear_bias,
+                           linear_bias_residual=linear_bias_residual, linear_bias_quick_gelu=linear_bias_gelu, batch_nt=bnt, batch_nn=bnn, attention=attention,
+                           attention_nomask=attention_nomask, attention_tokens=attention_tokens,
+                           linear_bprop=linear_bprop)
 
 
 def custom_ops():
     """The kernels as `ops.Custom` primitives, or None when not `available()`:
     `decode_linear`, `embedding` (bf16 weights, few rows) and `gemm[mode]` for mode "exact" / "bf16"
     with `linear` (x [..., K] x W [N, K]^T), `batch_nt` (a [..., M, K] b [..., N, K]^T) and
-    `batch_nn` (a [..., M, K] b [..., K, N]), `linear_add` (c + x W^T), `attention` / `attention_nomask`;
+    `batch_nn` (a [..., M, K] b [..., K, N]), `linear_add` (c + x W^T), `linear_bias` (x W^T + b),
+    `linear_bias_residual` (r + x W^T + b) and `linear_bias_quick_gelu`, `attention` / `attention_nomask` ([B, H, S, D]) / `attention_tokens`
+    ([B, S, H, D], no mask);
     `swiglu` (silu(g) * u); all differentiable."""
     if not available():
         return None

@@ -100,6 +100,34 @@ def linear_add(x, w, c, products=EXACT):
     return c + linear(x, w, products)
 
 
+QUICK_GELU = "quick_gelu"  # CLIP's MLP activation, the one `linear_bias` can apply
+
+
+def quick_gelu(x):
+    """CLIP's activation: x sigmoid(1.702 x)."""
+    return x * ops.sigmoid(1.702 * x)
+
+
+def linear_bias(x, w, b, products=EXACT, act=None, residual=None):
+    """act(x w^T + b), plus `residual` [..., N] when given (then without activation), b [N] a stored bias
+    and `act` None or `QUICK_GELU`: on CPU the bias, the activation and the residual are applied in one
+    pass over the product's output (the ViT's layers)."""
+    if act is not None and residual is not None:
+        raise ValueError("linear_bias applies an activation or adds a residual, not both")
+    x2 = x.reshape(-1, x.shape[-1])
+    shape = x.shape[:-1] + (w.shape[0],)
+    if (_gemm_ready(x, w) and x2.shape[0] > KERNEL_MAX_ROWS and b.dtype in (ms.float32, ms.bfloat16)
+            and (residual is None or residual.dtype == ms.float32)):
+        gemm = _kernels.gemm[products]
+        if residual is not None:
+            return gemm.linear_bias_residual(x2, w, b, residual.reshape(-1, w.shape[0])).reshape(shape)
+        return (gemm.linear_bias_quick_gelu if act == QUICK_GELU else gemm.linear_bias)(x2, w, b).reshape(shape)
+    y = linear(x, w, products) + cast_like(b, x)
+    if act == QUICK_GELU:
+        y = quick_gelu(y)
+    return y if residual is None else residual + y
+
+
 def swiglu(g, u):
     """silu(g) * u, SwiGLU's elementwise part: one pass on CPU (it is not a product: no arithmetic mode)."""
     if _kernels is not None and g.dtype == ms.float32 and u.dtype == ms.float32:

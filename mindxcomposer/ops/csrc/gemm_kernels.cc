@@ -881,8 +881,16 @@ bool softmax_row(float *row, const float *mask, int64_t len, float divisor) {
 // pay for the empty slots after it, and the scores are never [R, S] at once. The hidden keys it skips
 // have probability exactly 0. A row that sees no key (a padding query) gets what the plain softmax gives
 // it: the mask swamps every score equally, so its weights are uniform over all slots.
+// Where an attention operand's rows are: element (batch b, head h, row r, c) at b * batch + h * head + r * row + c.
+// [B, H, S, D] ("BNSD", the decoder's and its cache's layout) or [B, S, H, D] ("BSND", the projections'
+// own output, so the ViT needs no transposes).
+struct Layout {
+  int64_t batch, head, row;
+};
+
 void attention(const float *q, const float *k, const float *v, const float *mask, float divisor, float *out,
-               int64_t batch, int64_t heads, int64_t rows, int64_t n, int64_t slots, int64_t d, bool bf16) {
+               int64_t batch, int64_t heads, int64_t rows, int64_t n, int64_t slots, int64_t d, bool bf16,
+               const Layout &ql, const Layout &kl) {
   constexpr int64_t RB = 8 * MR;  // query rows per block
   const int64_t items = batch * heads;
   // One past the last slot each query sees (0: none), shared by the heads.
@@ -900,40 +908,87 @@ void attention(const float *q, const float *k, const float *v, const float *mask
     thread_local PackedB kt, vp;
     thread_local std::vector<float> sbuf;
     const int64_t b = it / heads, h = it % heads;
-    const float *qh = q + it * rows * d;
-    const float *kh = k + it * slots * d;
-    const float *vh = v + it * slots * d;
+    const float *qh = q + b * ql.batch + h * ql.head;
+    const float *kh = k + b * kl.batch + h * kl.head;
+    const float *vh = v + b * kl.batch + h * kl.head;
     const float *mb = mask ? mask + b * n * slots : nullptr;
-    float *oh = out + it * rows * d;
-    (void)h;
+    float *oh = out + b * ql.batch + h * ql.head;
     int64_t head_limit = 0;
     for (int64_t i = 0; i < (rows < n ? rows : n); ++i) head_limit = std::max(head_limit, last[b * n + i]);
     if (head_limit > 0) {
-      pack_b_all(View{kh, 1, d, false}, head_limit, d, bf16, kt);  // B(c, j) = k[j][c]
-      pack_b_all(View{vh, d, 1, false}, d, head_limit, bf16, vp);  // B(j, c) = v[j][c]
+      pack_b_all(View{kh, 1, kl.row, false}, head_limit, d, bf16, kt);  // B(c, j) = k[j][c]
+      pack_b_all(View{vh, kl.row, 1, false}, d, head_limit, bf16, vp);  // B(j, c) = v[j][c]
     }
     for (int64_t r0 = 0; r0 < rows; r0 += RB) {
       const int64_t rn = rows - r0 < RB ? rows - r0 : RB;
       int64_t limit = 0;
       for (int64_t r = 0; r < rn; ++r) limit = std::max(limit, last[b * n + (r0 + r) % n]);
-      float *o = oh + r0 * d;
+      float *o = oh + r0 * ql.row;
       if (limit > 0) {
         float *sc = scratch(sbuf, rn * limit);
-        gemm_packed(View{qh + r0 * d, d, 1, false}, rn, kt, limit, d, sc, limit, bf16);
+        gemm_packed(View{qh + r0 * ql.row, ql.row, 1, false}, rn, kt, limit, d, sc, limit, bf16);
         for (int64_t r = 0; r < rn; ++r)
           softmax_row(sc + r * limit, mb ? mb + ((r0 + r) % n) * slots : nullptr, limit, divisor);
-        gemm_packed(View{sc, limit, 1, false}, rn, vp, d, limit, o, d, bf16);
+        gemm_packed(View{sc, limit, 1, false}, rn, vp, d, limit, o, ql.row, bf16);
       }
       for (int64_t r = 0; r < rn; ++r) {
         if (last[b * n + (r0 + r) % n] > 0) continue;
         for (int64_t c = 0; c < d; ++c) {
           float acc = 0.0f;
-          for (int64_t j = 0; j < slots; ++j) acc += vh[j * d + c];
-          o[r * d + c] = acc / static_cast<float>(slots);
+          for (int64_t j = 0; j < slots; ++j) acc += vh[j * kl.row + c];
+          o[r * ql.row + c] = acc / static_cast<float>(slots);
         }
       }
     }
   }
+}
+
+// CLIP's activation, x sigmoid(1.702 x), as x / (1 + exp(-1.702 x)) with the softmax's exp.
+inline float quick_gelu(float x) { return x / (1.0f + softmax_exp(-1.702f * x)); }
+
+// c[m, n] = act(c + bias) (+ residual) row by row, bias [n] in fp32 or bf16, residual [m, n] or null: a
+// linear's bias, activation and residual connection in one pass.
+void bias_act(float *c, int64_t m, int64_t n, const void *bias, bool bias_bf16, bool gelu, const float *residual) {
+  const float *bf = static_cast<const float *>(bias);
+  const uint16_t *bh = static_cast<const uint16_t *>(bias);
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < m; ++r) {
+    float *row = c + r * n;
+    int64_t j = 0;
+#if defined(__AVX512F__)
+    const __m512 one = _mm512_set1_ps(1.0f), k = _mm512_set1_ps(-1.702f);
+    for (; j + 16 <= n; j += 16) {
+      const __m512 b = bias_bf16 ? _mm512_castsi512_ps(_mm512_slli_epi32(
+                                       _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i *>(bh + j))), 16))
+                                 : _mm512_loadu_ps(bf + j);
+      __m512 z = _mm512_add_ps(_mm512_loadu_ps(row + j), b);
+      if (gelu) z = _mm512_div_ps(z, _mm512_add_ps(one, softmax_exp16(_mm512_mul_ps(z, k))));
+      if (residual) z = _mm512_add_ps(_mm512_loadu_ps(residual + r * n + j), z);
+      _mm512_storeu_ps(row + j, z);
+    }
+#endif
+    for (; j < n; ++j) {
+      float z = row[j] + (bias_bf16 ? bf16_to_f32(bh[j]) : bf[j]);
+      if (gelu) z = quick_gelu(z);
+      row[j] = residual ? residual[r * n + j] + z : z;
+    }
+  }
+}
+
+// y[..., N] = act(x[..., K] W^T + b) (+ r[..., N]): a linear with its bias (CLIP's layers), with `gelu`
+// CLIP's MLP activation, with a fourth input the residual it is added to, applied in one pass over the
+// product's output in the order r + act(x W^T + b) computes them.
+int linear_nt_bias(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, bool bf16,
+                   bool gelu) {
+  const bool residual = nparam == 5;
+  if ((nparam != 4 && nparam != 5) || ndims[2] != 1 || shapes[2][0] != shapes[1][0]) return 1;
+  const int64_t k = shapes[0][ndims[0] - 1], n = shapes[1][0];
+  const int64_t m = numel(ndims[0], shapes[0], ndims[0] - 1);
+  if (residual && numel(ndims[3], shapes[3], ndims[3]) != m * n) return 1;
+  float *out = static_cast<float *>(params[nparam - 1]);
+  gemm(View{params[0], k, 1, false}, View{params[1], 1, k, is_bf16(dtypes[1])}, out, n, m, n, k, bf16);
+  bias_act(out, m, n, params[2], is_bf16(dtypes[2]), gelu, residual ? static_cast<const float *>(params[3]) : nullptr);
+  return 0;
 }
 
 }  // namespace
@@ -970,6 +1025,12 @@ MXC_AOT(MxcSwiGLU) {
   return 0;
 }
 
+MXC_AOT(MxcLinearNTBias) { return linear_nt_bias(nparam, params, ndims, shapes, dtypes, false, false); }
+MXC_AOT(MxcLinearNTBiasBf16) { return linear_nt_bias(nparam, params, ndims, shapes, dtypes, true, false); }
+MXC_AOT(MxcLinearNTBiasResidual) { return linear_nt_bias(nparam, params, ndims, shapes, dtypes, false, false); }
+MXC_AOT(MxcLinearNTBiasResidualBf16) { return linear_nt_bias(nparam, params, ndims, shapes, dtypes, true, false); }
+MXC_AOT(MxcLinearNTBiasQuickGelu) { return linear_nt_bias(nparam, params, ndims, shapes, dtypes, false, true); }
+MXC_AOT(MxcLinearNTBiasQuickGeluBf16) { return linear_nt_bias(nparam, params, ndims, shapes, dtypes, true, true); }
 MXC_AOT(MxcLinearNN) { return linear_nn(nparam, params, ndims, shapes, dtypes, false); }
 MXC_AOT(MxcLinearNNBf16) { return linear_nn(nparam, params, ndims, shapes, dtypes, true); }
 MXC_AOT(MxcLinearTN) { return linear_tn(nparam, params, ndims, shapes, dtypes, false); }
@@ -982,21 +1043,28 @@ MXC_AOT(MxcBatchTN) { return batched(nparam, params, ndims, shapes, Batched::TN,
 MXC_AOT(MxcBatchTNBf16) { return batched(nparam, params, ndims, shapes, Batched::TN, true); }
 
 // q, k, v, [mask,] divisor[1] -> out (see `attention`).
-int attention_op(int nparam, void **params, int *ndims, int64_t **shapes, bool bf16) {
+// q [B, H, R, D], k / v [B, H, S, D], optional mask [B, 1, N, S], divisor [1] -> [B, H, R, D]; or, with
+// `tokens` ("BSND", no mask), q / out [B, R, H, D] and k / v [B, S, H, D].
+int attention_op(int nparam, void **params, int *ndims, int64_t **shapes, bool bf16, bool tokens = false) {
   const bool masked = nparam == 6;
-  if ((nparam != 5 && nparam != 6) || ndims[0] != 4 || ndims[1] != 4) return 1;
-  const int64_t batch = shapes[0][0], heads = shapes[0][1], rows = shapes[0][2], d = shapes[0][3];
-  const int64_t slots = shapes[1][2];
+  if ((nparam != 5 && nparam != 6) || ndims[0] != 4 || ndims[1] != 4 || (tokens && masked)) return 1;
+  const int64_t batch = shapes[0][0], d = shapes[0][3];
+  const int64_t heads = shapes[0][tokens ? 2 : 1], rows = shapes[0][tokens ? 1 : 2];
+  const int64_t slots = shapes[1][tokens ? 1 : 2];
   const int64_t n = masked ? shapes[3][2] : rows;
   const float divisor = *static_cast<const float *>(params[masked ? 4 : 3]);
+  const Layout ql = tokens ? Layout{rows * heads * d, d, heads * d} : Layout{heads * rows * d, rows * d, d};
+  const Layout kl = tokens ? Layout{slots * heads * d, d, heads * d} : Layout{heads * slots * d, slots * d, d};
   attention(static_cast<const float *>(params[0]), static_cast<const float *>(params[1]),
             static_cast<const float *>(params[2]), masked ? static_cast<const float *>(params[3]) : nullptr, divisor,
-            static_cast<float *>(params[nparam - 1]), batch, heads, rows, n, slots, d, bf16);
+            static_cast<float *>(params[nparam - 1]), batch, heads, rows, n, slots, d, bf16, ql, kl);
   return 0;
 }
 
 MXC_AOT(MxcAttention) { return attention_op(nparam, params, ndims, shapes, false); }
 MXC_AOT(MxcAttentionBf16) { return attention_op(nparam, params, ndims, shapes, true); }
+MXC_AOT(MxcAttentionTokens) { return attention_op(nparam, params, ndims, shapes, false, true); }
+MXC_AOT(MxcAttentionTokensBf16) { return attention_op(nparam, params, ndims, shapes, true, true); }
 
 // For tests and benchmarks without MindSpore: C[M, N] = A[M, K] W[N, K]^T with W fp32 or bf16.
 extern "C" int MxcGemmNT(const float *a, const void *w, int w_bf16, float *c, int64_t m, int64_t n, int64_t k,
