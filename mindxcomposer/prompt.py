@@ -14,13 +14,11 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from .constants import BEGIN_TURN, END_TURN, IMAGE_MARKER
 from .errors import ImageCountMismatchError
 
 logger = logging.getLogger(__name__)
 
-IMAGE_MARKER = "<ImageHere>"
-BEGIN_TURN = "[UNUSED_TOKEN_146]"
-END_TURN = "[UNUSED_TOKEN_145]"
 DEFAULT_MAX_LENGTH = 16384
 SINGLE_IMAGE_HD_NUM = 24
 MULTI_IMAGE_HD_NUM = 6
