@@ -32,9 +32,13 @@ TILE = 560
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp"})
 VIDEO_EXTENSIONS = frozenset({".mp4", ".avi", ".mkv", ".mov", ".wmv"})
 
+# Upstream's hd_num (most 560-px tiles of an image) for one image, and for each of several images.
+SINGLE_IMAGE_HD_NUM = 24
+MULTI_IMAGE_HD_NUM = 6
+
 # `model.chat`'s defaults (upstream's): the server's absent parameters mean the same.
 CHAT_DEFAULTS = dict(max_new_tokens=1024, temperature=1.0, top_p=0.8, top_k=50, repetition_penalty=1.005,
-                     hd_num=24, num_beams=1, infer_mode="base")
+                     hd_num=SINGLE_IMAGE_HD_NUM, num_beams=1, infer_mode="base")
 
 
 def default_context(config) -> int:

@@ -14,7 +14,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 from PIL import Image
 
-from .constants import IMAGE_EXTENSIONS, TILE, VIDEO_EXTENSIONS
+from .constants import IMAGE_EXTENSIONS, SINGLE_IMAGE_HD_NUM, TILE, VIDEO_EXTENSIONS
 from .errors import EmptyImageError, ImageTooLargeError, InputError, InputFileNotFoundError, UnreadableImageError
 from .pixels import pad_to_tile, to_rgb8
 from .validation import check_int, check_media_path
@@ -23,7 +23,7 @@ from .video import load_video
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
-DEFAULT_HD_NUM = 24  # what upstream `chat` passes for one image; several images use 6
+DEFAULT_HD_NUM = SINGLE_IMAGE_HD_NUM  # what upstream `chat` passes for one image
 
 ImageInput = Union[str, os.PathLike, Image.Image]
 
