@@ -4,7 +4,7 @@ The batching engine allocates its shared cache (`max_batch` rows x `context` slo
 arrives, and a newcomer's prompt is prefilled in a session of its own (one row per beam, up to `context`
 slots) before its keys and values are copied into the shared rows. Beside those caches a request needs
 room for one prefill chunk's or one vision call's activations and for the host side. So of the memory
-available after loading, `RESERVE_FRACTION` (at least `MIN_RESERVE` bytes) is kept free and the rest holds
+available after loading, `RESERVE_FRACTION` (at least `MIN_RESERVE` bytes) is kept free, and the rest holds
 `rows + 1` rows of `context` slots. The release's default (4 rows x (max_length + 1024) fp32 slots, 17 GiB)
 fits a machine with room for it; on a smaller one the context shrinks first, down to `MIN_CONTEXT` slots,
 then the rows. Limits given on the command line are kept.
@@ -18,7 +18,10 @@ from ..session import CACHE_BUCKET
 
 DEFAULT_MAX_BATCH = 4
 RESERVE_FRACTION = 0.25
-MIN_RESERVE = 2 * 1024 ** 3
+# An image request at release size (858 prompt tokens) peaked 1.4 GiB above the weights and the caches it
+# held (a prefill chunk's and the vision tower's activations, MindSpore's pool); 3.5 GiB leaves a margin
+# for the machine's other processes.
+MIN_RESERVE = int(3.5 * 1024 ** 3)
 MIN_CONTEXT = 4096
 
 
@@ -36,7 +39,7 @@ class CacheChoice:
 
     def describe(self) -> str:
         what = (f"KV cache {self.rows} row(s) x {self.context} slots = {self.cache_bytes / 1024 ** 3:.1f} GiB "
-                f"({self.slot_bytes // 1024} KiB a slot)")
+                f"({self.slot_bytes // 1024} KiB a slot{'; one request at a time' if self.rows == 1 else ''})")
         if self.available is None:
             return what
         how = "chosen for" if self.sized else "given; "
