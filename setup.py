@@ -31,7 +31,7 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "mxc-convert=mindxcomposer.cli_support:convert_main",
+            "mxc-convert=mindxcomposer.convert_cli:main",
             "mxc-chat=mindxcomposer.cli:main",
             "mxc-serve=mindxcomposer.serve.cli:main",
             "mxc-finetune=mindxcomposer.finetune.cli:main",

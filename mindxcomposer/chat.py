@@ -6,21 +6,22 @@ upstream model. Decoding follows transformers 4.33 (`mindxcomposer.generation`),
 """
 import os
 import re
-import tempfile
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from .atomic import write_file
+from .constants import BEGIN_TURN, CHAT_DEFAULTS as _CHAT, END_TURN
 from .errors import ArgumentTypeError, InvalidArgumentError, InvalidTextError
 from .generation import StopWordsCriteria, generate
+from .generation.config import check_generation_settings
 from .prompt import META_INSTRUCTION
 from .session import ModelSession
-from .validation import (check_cache_size, check_chat_inputs, check_decode_options,
-                         check_generation_settings, check_int, check_output_dir, check_text, check_token_ids,
-                         check_tokenizer, describe, require_tokenizer)
+from .validation import (check_cache_size, check_chat_inputs, check_decode_options, check_int, check_output_dir,
+                         check_text, check_token_ids, check_tokenizer, describe, require_tokenizer)
 
-EOA = "[UNUSED_TOKEN_145]"  # end of an assistant turn
-BOT = "[UNUSED_TOKEN_146]"
+EOA = END_TURN  # end of an assistant turn
+BOT = BEGIN_TURN
 WRITE_META_INSTRUCTION = (
     "You are an AI assistant whose name is InternLM-XComposer (浦语·灵笔).\n"
     "- InternLM-XComposer (浦语·灵笔) is a conversational language model that is developed by Shanghai AI "
@@ -46,22 +47,6 @@ def _seed(seed):
 # `generate` keywords that are not GenerationConfig fields
 _DECODE_OPTIONS = ("streamer", "stopping_criteria", "logits_processor", "seed", "compiled", "infer_mode",
                    "session_factory")
-
-
-def write_text_atomically(path: str, text: str) -> str:
-    """Write `text` to `path` through a temporary file in the same directory, so that a failure never
-    leaves a half-written file."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".html")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return path
 
 
 def _check_rows(value, name, n, accepted):
@@ -110,7 +95,16 @@ class _BeamReadySession:
 
 
 class ChatMixin:
-    """Mixed into `InternLMXComposer2ForCausalLM`."""
+    """Mixed into `InternLMXComposer2ForCausalLM`, which sets `thread_state = threading.local()`: what a call
+    records for its caller is per thread, so the server's request threads, which share one model, never
+    write to it."""
+
+    @property
+    def last_session(self):
+        """The session (a `ModelSession`, or what `session_factory` made) of the last `generate` (`chat`,
+        `batch_chat`, `write_*`) this thread ran on this model: its `compile_count` tells how many graphs
+        that call compiled. None before the first."""
+        return getattr(self.thread_state, "last_session", None)
 
     def generate(self, inputs_embeds=None, input_ids=None, im_mask=None, attention_mask=None, infer_mode="base",
                  streamer=None, stopping_criteria=(), seed=None, compiled=None, session_factory=None,
@@ -135,7 +129,7 @@ class ChatMixin:
         check_cache_size(self.config, rows * beams, length, max_new, self.compute_dtype.itemsize)
         session = (session_factory or ModelSession)(self, rows * beams, length + max_new, infer_mode=infer_mode,
                                                     compiled=compiled)
-        self.last_session = session  # its `compile_count` tells how many graphs the call compiled
+        self.thread_state.last_session = session
         return generate(_BeamReadySession(session, beams), embeds, attention_mask, prompt_ids=prompt_ids,
                         model_inputs={"im_mask": im}, generation_config=config, stopping_criteria=stopping_criteria,
                         streamer=streamer, rng=_seed(seed), logits_processor=settings.get("logits_processor", ()))
@@ -188,14 +182,16 @@ class ChatMixin:
             im = im.astype(bool).reshape(rows, length)
         return prompt_ids, embeds, attention_mask, im
 
-    def _eos_ids(self, tokenizer) -> List[int]:
+    def eos_token_ids(self, tokenizer) -> List[int]:
         # also the end-of-assistant token, as upstream's chat does, to stop at the end of the turn
         return [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids([EOA])[0]]
 
-    def chat(self, tokenizer, query: str, image: Optional[Sequence] = [], hd_num: int = 24,
-             history: List[Tuple[str, str]] = [], streamer=None, max_new_tokens: int = 1024, do_sample: bool = True,
-             num_beams: int = 1, temperature: float = 1.0, top_p: float = 0.8, repetition_penalty: float = 1.005,
-             infer_mode: str = "base", use_meta: bool = False, meta_instruction: str = META_INSTRUCTION, **kwargs):
+    def chat(self, tokenizer, query: str, image: Optional[Sequence] = [], hd_num: int = _CHAT["hd_num"],
+             history: List[Tuple[str, str]] = [], streamer=None, max_new_tokens: int = _CHAT["max_new_tokens"],
+             do_sample: bool = True, num_beams: int = _CHAT["num_beams"], temperature: float = _CHAT["temperature"],
+             top_p: float = _CHAT["top_p"], repetition_penalty: float = _CHAT["repetition_penalty"],
+             infer_mode: str = _CHAT["infer_mode"], use_meta: bool = False, meta_instruction: str = META_INSTRUCTION,
+             **kwargs):
         """Upstream's `chat`: returns (response, history + [(query, response)])."""
         check_tokenizer(tokenizer, self)
         query, images, history, hd_num = check_chat_inputs(query, image, history, hd_num, meta_instruction, use_meta)
@@ -205,7 +201,7 @@ class ChatMixin:
             meta_instruction = ""
         gen = dict(streamer=streamer, max_new_tokens=max_new_tokens, do_sample=do_sample, num_beams=num_beams,
                    temperature=temperature, top_p=top_p, repetition_penalty=repetition_penalty,
-                   eos_token_id=self._eos_ids(tokenizer), infer_mode=infer_mode, **kwargs)
+                   eos_token_id=self.eos_token_ids(tokenizer), infer_mode=infer_mode, **kwargs)
         self._check_decoding(gen)  # before the vision tower runs
         if image is None:
             ids = self.build_inputs(tokenizer, query, history, meta_instruction)["input_ids"]
@@ -237,7 +233,7 @@ class ChatMixin:
         queries, images, histories = ([c[k] for c in checked] for k in range(3))
         self._check_decoding(dict(max_new_tokens=max_new_tokens, do_sample=do_sample, num_beams=num_beams,
                                   temperature=temperature, top_p=top_p, repetition_penalty=repetition_penalty,
-                                  eos_token_id=self._eos_ids(tokenizer), infer_mode=infer_mode, **kwargs))
+                                  eos_token_id=self.eos_token_ids(tokenizer), infer_mode=infer_mode, **kwargs))
         meta = meta_instruction if use_meta else ""
         prompts = [self.interleav_wrap_chat(q, im, history=h, meta_instruction=meta, hd_num=hd_num)
                    for q, im, h in zip(queries, images, histories)]
@@ -253,7 +249,7 @@ class ChatMixin:
         out = self.generate(inputs_embeds=embeds, im_mask=im_mask, attention_mask=attention_mask,
                             max_new_tokens=max_new_tokens, do_sample=do_sample, num_beams=num_beams,
                             temperature=temperature, top_p=top_p, repetition_penalty=repetition_penalty,
-                            eos_token_id=self._eos_ids(tokenizer), infer_mode=infer_mode, **kwargs)
+                            eos_token_id=self.eos_token_ids(tokenizer), infer_mode=infer_mode, **kwargs)
         return [tokenizer.decode(row.tolist(), skip_special_tokens=True).split(EOA)[0] for row in out]
 
     def write_artical(self, inst: str, image: Sequence = [], hd_num: int = 25, history=[], streamer=None,
@@ -306,7 +302,7 @@ class ChatMixin:
 
     def _save_page(self, html, task, output_dir):
         if output_dir is not None:
-            write_text_atomically(os.path.join(output_dir, task.replace(" ", "_") + ".html"), html)
+            write_file(os.path.join(output_dir, task.replace(" ", "_") + ".html"), html)
         return html
 
     def write_webpage(self, inst: str, image: Sequence = [], max_new_tokens: int = 4800, do_sample: bool = True,

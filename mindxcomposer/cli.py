@@ -47,10 +47,11 @@ def main(argv=None):
 
 def _check_arguments(args) -> dict:
     """The `chat` keywords from the command line, checked by the same code `chat` checks them with."""
-    from .image_processing import IMAGE_EXTENSIONS, load_image
+    from .constants import IMAGE_EXTENSIONS
+    from .generation.config import check_generation_settings
+    from .image_processing import load_image
     from .prompt import split_prompt
-    from .validation import (check_generation_settings, check_images, check_int, check_model_dir, check_seed,
-                             check_text)
+    from .validation import check_images, check_int, check_model_dir, check_seed, check_text
 
     gen = dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, num_beams=args.num_beams,
                temperature=args.temperature, top_p=args.top_p)

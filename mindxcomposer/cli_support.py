@@ -3,8 +3,8 @@
 - An error is one line on stderr, `<prog>: error: <message>`, and exit status 1; `--debug` adds the traceback.
   Errors that are not the user's (anything but ValueError / TypeError / OSError and their subclasses, which
   the project's own exceptions are) say "internal error" instead.
-- Ctrl-C at any moment once the command's code runs (for mxc-convert, `convert_main`, from before its
-  imports) exits with status 130, after the command's own cleanup (its `finally` blocks) ran; cleanup runs
+- Ctrl-C at any moment once the command's code runs (for mxc-convert, `convert_cli.main`, from before
+  its imports) exits with status 130, after the command's own cleanup (its `finally` blocks) ran; cleanup runs
   under `shielded()`, so a second Ctrl-C cannot cut it short.
 - A closed stdout (`mxc-chat ... | head`) ends the command quietly with status 1.
 - MindSpore, while a compiled graph runs, replaces the SIGINT handler with its own, which answers Ctrl-C by
@@ -129,13 +129,3 @@ def run_command(prog: str, body: Callable[[], Optional[int]], debug: bool = Fals
               + ("" if debug else " (run with --debug for the traceback)"), file=sys.stderr)
         return 1
 
-
-def convert_main(argv=None) -> int:
-    """The `mxc-convert` console script. The converter's imports (numpy and the rest, a few hundred
-    milliseconds) run here, where Ctrl-C is already answered with status 130 instead of a traceback."""
-    try:
-        from .convert import main
-    except KeyboardInterrupt:
-        print("\nmxc-convert: interrupted; nothing was written", file=sys.stderr)
-        return 130
-    return main(argv)

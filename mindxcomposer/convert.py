@@ -26,30 +26,29 @@ import re
 import shutil
 import sys
 import time
-import uuid
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
 from . import __version__
+from .atomic import make_sibling_dir, missing_parents, publish, readable_as_umask, remove_partial
 from .cli_support import deferred_interrupts, import_mindspore, run_command, shielded
 from .configuration import InternLMXComposer2Config
-from .demo import TOKENIZER_FILE
-from .weights import (PLORA_LINEARS, TASK_LORAS, Checkpoint, CheckpointError, SafetensorsFile, bf16_to_fp32,
+from .constants import BUNDLED_TOKENIZER, LINEARS, MERGE_TASKS, TASK_LORAS
+from .weights import (Checkpoint, CheckpointError, SafetensorsFile, bf16_to_fp32,
                       check_names_and_shapes, fp32_to_bf16, iter_shards, parameter_shapes, sizes_from_weights,
                       to_ours)
 
 CONVERTER_VERSION = "1"
 DTYPES = {"bf16": "BF16", "fp16": "F16", "fp32": "F32"}  # --dtype -> safetensors dtype code
 _ITEMSIZE = {"BF16": 2, "F16": 2, "F32": 4}
-MERGE_TASKS = {"web": ("lora_web",), "write": ("lora_sft", "lora_dpo")}
 ARCHITECTURE = "InternLMXComposer2ForCausalLM"
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
 TORCH_HINT = 'pip install "mindxcomposer[convert]"'
 DEFAULT_SHARD_SIZE = "5GB"
 _TASK_LORA_KEY = re.compile(r".*\.(?:%s)_[AB]\.weight" % "|".join(TASK_LORAS))
-_PLORA_WEIGHT = re.compile(r"model\.layers\.\d+\.(?:%s)\.weight" % "|".join(re.escape(p) for p in PLORA_LINEARS))
+_PLORA_WEIGHT = re.compile(r"model\.layers\.\d+\.(?:%s)\.weight" % "|".join(re.escape(p) for p in LINEARS))
 _SIZE = re.compile(r"\s*(\d+(?:\.\d*)?)\s*([kmgt]?)(i?)b?\s*", re.IGNORECASE)
 _MADV_DONTNEED = 4  # Linux
 
@@ -476,10 +475,12 @@ def _save_shard(path: str, arrays: Dict[str, np.ndarray], dtypes: Dict[str, str]
     MindSpore passes their pointers on to safetensors, so the shard is not copied again on the way."""
     ms = import_mindspore()  # here, so that argument and source errors come without MindSpore's start-up
 
-    bf16 = ms.dtype_to_nptype(ms.bfloat16)
+    from mindspore.common.np_dtype import bfloat16 as bf16  # (ms.dtype_to_nptype is deprecated since 2.7)
+
     items = [{"name": n, "data": ms.Tensor.from_numpy(a.view(bf16) if dtypes[n] == "BF16" else a)}
              for n, a in arrays.items()]
     ms.save_checkpoint(items, path, format="safetensors")
+    readable_as_umask(path)  # MindSpore writes its checkpoints 0400
 
 
 # ----------------------------------------------------------------------------------------------
@@ -576,13 +577,13 @@ def convert(src: str, dst: str, dtype: Optional[str] = None, merge_task: Optiona
         notes.append("no vision config beside config.json: wrote the release's CLIP ViT-L/14-560 config")
     progress = _Progress(progress_stream)
 
-    created = _missing_parents(dst)  # removed again on failure: an interrupted run leaves nothing behind
+    created = missing_parents(dst)  # removed again on failure: an interrupted run leaves nothing behind
     tmp = None
     try:
         with deferred_interrupts():  # the folders and the record of them, or neither
             for folder in created:
                 os.mkdir(folder)
-            tmp = _make_sibling_dir(dst, "partial")
+            tmp = make_sibling_dir(dst, "partial")
         manifest, read, written, overflow = _write(tmp, plan, source, progress)
         if overflow:
             notes.append(f"{overflow} values are +-inf in the fp16 output (inf in the source, or beyond fp16's "
@@ -594,29 +595,13 @@ def convert(src: str, dst: str, dtype: Optional[str] = None, merge_task: Optiona
         if verify:
             _verify(tmp, plan, source, manifest, progress)
         with deferred_interrupts():  # renames that must not stop half-way
-            _publish(tmp, dst, src, force)
+            publish(tmp, dst, lambda: _check_destination(src, dst, force))
     except BaseException:
         with shielded():  # a second Ctrl-C must not cut the cleanup short
-            if tmp is not None:
-                shutil.rmtree(tmp, ignore_errors=True)
-            for folder in reversed(created):
-                try:
-                    os.rmdir(folder)  # only if still empty
-                except OSError:
-                    pass
+            remove_partial(tmp, created)
         raise
     return ConversionSummary(dst, len(plan.names), len(plan.shards), read, written, time.monotonic() - t0,
                              dtype or "source", merge_task, verify, notes)
-
-
-def _missing_parents(dst: str) -> List[str]:
-    """The folders above dst that do not exist yet, outermost first."""
-    missing = []
-    parent = os.path.dirname(dst)
-    while not os.path.lexists(parent):
-        missing.append(parent)
-        parent = os.path.dirname(parent)
-    return missing[::-1]
 
 
 def _check_destination(src: str, dst: str, force: bool) -> None:
@@ -636,35 +621,6 @@ def _check_destination(src: str, dst: str, force: bool) -> None:
     real_src, real_dst = os.path.realpath(src), os.path.realpath(dst)
     if real_src == real_dst or real_src.startswith(real_dst.rstrip(os.sep) + os.sep):
         raise ConvertError(f"destination {dst} holds the source {src}: replacing it would delete the source")
-
-
-def _make_sibling_dir(dst: str, what: str) -> str:
-    """A new hidden directory beside dst. Not `tempfile.mkdtemp`: its 0700 mode would become dst's mode,
-    while `os.mkdir` applies the user's umask like any directory they create."""
-    while True:
-        path = os.path.join(os.path.dirname(dst), f".{os.path.basename(dst)}.{what}-{uuid.uuid4().hex[:12]}")
-        try:
-            os.mkdir(path)
-            return path
-        except FileExistsError:
-            continue
-
-
-def _publish(tmp: str, dst: str, src: str, force: bool) -> None:
-    """Rename the finished directory onto dst; an existing dst (with force) is swapped out, then removed."""
-    if not os.path.lexists(dst):
-        os.rename(tmp, dst)
-        return
-    _check_destination(src, dst, force)
-    old_parent = _make_sibling_dir(dst, "old")
-    old = os.path.join(old_parent, "old")
-    os.rename(dst, old)
-    try:
-        os.rename(tmp, dst)
-    except BaseException:
-        os.rename(old, dst)
-        raise
-    shutil.rmtree(old_parent, ignore_errors=True)
 
 
 def _hash_file(path: str, progress: _Progress) -> str:
@@ -754,9 +710,9 @@ def _copy_tokenizer(root: str, tmp: str, manifest: dict) -> List[str]:
     manifest["tokenizer_files"] = copied
     if "tokenizer.model" in copied:
         return []
-    shutil.copyfile(TOKENIZER_FILE, os.path.join(tmp, "tokenizer.model"))
+    shutil.copyfile(BUNDLED_TOKENIZER, os.path.join(tmp, "tokenizer.model"))
     manifest["tokenizer_files"].append("tokenizer.model (bundled)")
-    return [f"{root} has no tokenizer.model: copied the bundled InternLM2 tokenizer ({TOKENIZER_FILE})"]
+    return [f"{root} has no tokenizer.model: copied the bundled InternLM2 tokenizer ({BUNDLED_TOKENIZER})"]
 
 
 def _verify(tmp: str, plan: _Plan, source: _Source, manifest: dict, progress: _Progress) -> None:

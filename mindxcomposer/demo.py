@@ -12,6 +12,7 @@ from typing import Dict, Optional
 import numpy as np
 
 from .configuration import InternLMXComposer2Config
+from .constants import BUNDLED_TOKENIZER
 from .weights import parameter_shapes, write_safetensors
 
 TINY_CONFIG = dict(
@@ -22,7 +23,7 @@ TINY_CONFIG = dict(
     vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2),
 )
 
-TOKENIZER_FILE = os.path.join(os.path.dirname(__file__), "assets", "internlm2_tokenizer.model")
+TOKENIZER_FILE = BUNDLED_TOKENIZER  # the name scripts and tests use
 
 
 def tiny_config(**overrides) -> InternLMXComposer2Config:

@@ -21,7 +21,7 @@ from .configuration import CLIPVisionConfig
 from .layers import LayerNorm, Linear, lazy_param
 from .ops import EXACT, QUICK_GELU, attention, cast_like, linear_bias
 from .ops.attention import BSND
-from .vision_pauses import vision_call_done
+from .vision_pauses import VIT, vision_call_done
 
 # Order in which a layer's weights are passed to `CLIPLayerMath` (upstream names under the layer).
 LAYER_WEIGHTS = (
@@ -211,6 +211,6 @@ class CLIPVisionTower(nn.Cell):
             x = self._stem(Tensor(chunk).astype(self.compute_dtype))
             for w in layers:
                 x = self._math(x, *w)
-                vision_call_done()  # a pause point (vision_pauses: the server steps decodes there)
+                vision_call_done(VIT)  # a pause point (vision_pauses: the server steps decodes there)
             out.append(x[:min(mb, n - start), 1:])
         return out[0] if len(out) == 1 else ops.concat(out, 0)

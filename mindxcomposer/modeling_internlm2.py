@@ -19,11 +19,10 @@ import mindspore as ms
 from mindspore import Tensor, nn, ops
 
 from .configuration import InternLMXComposer2Config
+from .constants import LINEARS
 from .layers import Embedding, RMSNorm, rms_norm
 from .ops import EXACT, attention, embedding, linear, linear_add, swiglu
 from .plora import PLoRA
-
-LINEARS = ("attention.wqkv", "attention.wo", "feed_forward.w1", "feed_forward.w3", "feed_forward.w2")
 
 
 def _plora(config, in_f, out_f, bias, dtype):

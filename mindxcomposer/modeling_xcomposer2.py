@@ -5,34 +5,35 @@ the host-side preparation (RoPE angles, attention mask) and runs the decoder lay
 output head; MindSpore compiles each (one graph for all layers) when the caller's context is GRAPH_MODE. The vision path (`img2emb`)
 likewise runs its cells in whatever mode the caller chose; loading never touches the global context.
 """
+import threading
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import numpy as np
 import mindspore as ms
 from mindspore import Tensor, nn
+from mindspore.common.np_dtype import bfloat16 as _BF16_NP  # numpy's bf16 (ms.dtype_to_nptype is deprecated)
 
 from .chat import ChatMixin
 from .configuration import InternLMXComposer2Config
+from .constants import INFER_MODES, LINEARS, TASK_LORAS, TASKS_OF_MODE
 from .errors import InvalidArgumentError
 from .image_processing import global_view, pixel_values
 from .layers import Linear, lazy_param
 from .modeling_clip import CLIPVisionTower
-from .modeling_internlm2 import LINEARS, InternLM2Model
+from .modeling_internlm2 import InternLM2Model
 from .ops import BF16, EXACT, enable_kernels, fused_attention_available
-from .plora import INFER_MODES, TASKS_OF_MODE
 from .prompt import build_inputs, interleave_chat
 from .rope import packed_rope
-from .validation import (check_chat_inputs, check_image, check_int, check_model_dir, check_token_ids,
-                         load_model_tokenizer, require_tokenizer)
+from .tokenization_internlm2 import load_model_tokenizer
+from .validation import check_chat_inputs, check_image, check_int, check_model_dir, check_token_ids, require_tokenizer
 from .vision import HDMerge, VisionProjector
-from .weights import (TASK_LORAS, Checkpoint, CheckpointError, bf16_to_fp32, check_names_and_shapes, fp32_to_bf16,
+from .weights import (Checkpoint, CheckpointError, bf16_to_fp32, check_names_and_shapes, fp32_to_bf16,
                       parameter_shapes, sizes_from_weights)
 
 _DTYPE_NAMES = {"bf16": ms.bfloat16, "bfloat16": ms.bfloat16, "fp16": ms.float16, "float16": ms.float16,
                 "fp32": ms.float32, "float32": ms.float32}
 _ST_TO_MS = {"BF16": ms.bfloat16, "F16": ms.float16, "F32": ms.float32}
-_BF16_NP = ms.dtype_to_nptype(ms.bfloat16)
 
 
 def resolve_dtype(dtype, what="dtype"):
@@ -120,6 +121,7 @@ class InternLMXComposer2ForCausalLM(ChatMixin, nn.Cell):
         dtype = resolve_dtype(dtype)
         self.config = config
         self.dtype = dtype
+        self.thread_state = threading.local()  # `last_session` (chat.py), per calling thread
         self.compute_dtype, self.products = arithmetic(dtype, compute_dtype)
         if self.compute_dtype == ms.float32:
             enable_kernels()  # the CPU product kernels; the portable MatMul path serves if they cannot be built

@@ -8,16 +8,15 @@ rows that is the same arithmetic as upstream, for text rows it adds exactly zero
 
 Task LoRAs (`lora_web_*`, `lora_sft_*`, `lora_dpo_*`) apply to all tokens, unscaled, as the release
 does: infer_mode "web" adds the web LoRA, "write" adds sft then dpo. They are resident only while a
-mode that needs them runs (`InternLMXComposer2ForCausalLM.use_task_loras`): `set_task` creates or
-drops their cells.
+mode that needs them runs (`InternLMXComposer2ForCausalLM.use_task_loras`): `add_task` creates
+and `drop_task` drops their cells.
 """
 import mindspore as ms
 from mindspore import nn
 
+from .constants import TASK_LORAS
 from .layers import Linear, lazy_param
 
-INFER_MODES = ("base", "web", "write")
-TASKS_OF_MODE = {"base": (), "web": ("lora_web",), "write": ("lora_sft", "lora_dpo")}
 
 
 class PLoRA(nn.Cell):
@@ -31,7 +30,7 @@ class PLoRA(nn.Cell):
         self.lora_scale = lora_scale
         self.Plora_A = Linear(in_features, lora_rank, bias=False, dtype=dtype)
         self.Plora_B = Linear(lora_rank, out_features, bias=False, dtype=dtype)
-        for task in ("lora_web", "lora_sft", "lora_dpo"):
+        for task in TASK_LORAS:
             setattr(self, f"{task}_A", None)
             setattr(self, f"{task}_B", None)
 

@@ -14,16 +14,12 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from .constants import BEGIN_TURN, END_TURN, IMAGE_MARKER, MULTI_IMAGE_HD_NUM, SINGLE_IMAGE_HD_NUM
 from .errors import ImageCountMismatchError
 
 logger = logging.getLogger(__name__)
 
-IMAGE_MARKER = "<ImageHere>"
-BEGIN_TURN = "[UNUSED_TOKEN_146]"
-END_TURN = "[UNUSED_TOKEN_145]"
 DEFAULT_MAX_LENGTH = 16384
-SINGLE_IMAGE_HD_NUM = 24
-MULTI_IMAGE_HD_NUM = 6
 
 META_INSTRUCTION = (
     "You are an AI assistant whose name is InternLM-XComposer (浦语·灵笔).\n"

@@ -9,8 +9,15 @@ no cache slots. The prefill graph thus compiles once per chunk size and the step
 (batch, cache size). Positions and the dynamic-NTK RoPE base are computed per row from that row's real
 tokens, so a row decodes exactly as it would alone. For beam search (`prefill(..., copies=num_beams)`)
 each prompt row runs through the layers once and its keys and values are copied to its beams' rows.
+
+The cache API, for a server that runs several requests in one session (`serve/batching.py`): the write
+slot (`write_slot`, `move_write_slot`), the slots a row holds tokens in (`row_slots`, `tokens_held`),
+`copy_rows_from` (a prompt prefilled in another session into some rows of this one), `compact_rows` (a
+row's slots packed to the front of the cache), and two hooks: `after_prefill_chunk` (run after each
+prefill chunk) and `after_vision_calls` (run after each call of the vision encoder in this thread).
 """
-from typing import Optional
+import contextlib
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 import mindspore as ms
@@ -19,6 +26,7 @@ from mindspore import Tensor, ops
 from .modeling_internlm2 import CachedDecoder
 from .ops import kernels_enabled
 from .rope import packed_rope
+from .vision_pauses import between_vision_calls
 
 _MASK_MIN = np.finfo(np.float32).min
 PREFILL_BUCKET = 64
@@ -31,6 +39,10 @@ def round_up(n: int, m: int) -> int:
 
 
 class ModelSession:
+    # Called (no arguments) after each prefill chunk has run through every layer; with beams (layer by layer)
+    # after each chunk's worth of layer calls. Runs between compiled calls: the computation is unchanged.
+    after_prefill_chunk: Optional[Callable[[], None]] = None
+
     def __init__(self, model, batch_size: int, max_len: int, infer_mode: str = "base",
                  compiled: Optional[bool] = None, prefill_bucket: int = PREFILL_BUCKET):
         self.model = model
@@ -133,6 +145,7 @@ class ModelSession:
                     Tensor(slots[rows]), self._tensor(keep[:, :, rows]))
 
         starts = range(0, n + pad, chunk)
+        hook = self.after_prefill_chunk
         if copies == 1:  # chunk by chunk, each through every layer, straight into the session's caches
             d.reset()
             k_caches = [Tensor(c) for c in d.k_cache]
@@ -142,6 +155,8 @@ class ModelSession:
                 x = self._tensor(embeds[:, start:start + chunk])
                 for i in range(d.num_layers):
                     x = self._prefill_layer(x, *args, k_caches[i], v_caches[i], self.tasks, has_image[c], *weights[i])
+                if hook is not None:
+                    hook()
             last = x[:, (n - 1) - start]
         else:
             # Layer by layer, each over every chunk (the same calls as above, in another order): one layer's
@@ -152,11 +167,15 @@ class ModelSession:
             xs = [self._tensor(embeds[:, start:start + chunk]) for start in starts]
             beams = Tensor(np.repeat(np.arange(b), copies).astype(np.int32))
             shape = (b,) + tuple(d.k_cache[0].shape[1:])
+            calls = 0
             for i in range(d.num_layers):
                 k_cache, v_cache = ops.zeros(shape, d.k_cache[i].dtype), ops.zeros(shape, d.v_cache[i].dtype)
                 for c in range(len(xs)):
                     xs[c] = self._prefill_layer(xs[c], *args[c], k_cache, v_cache, self.tasks, has_image[c],
                                                 *weights[i])
+                    calls += 1
+                    if hook is not None and calls % d.num_layers == 0:  # a chunk's worth of work
+                        hook()
                 d.broadcast_rows(i, k_cache, v_cache, beams)
                 del k_cache, v_cache
             last = ops.gather(xs[-1][:, (n - 1) - starts[-1]], beams, 0)
@@ -184,3 +203,76 @@ class ModelSession:
         idx = np.asarray(beam_idx, np.int32)
         self.decoder.reorder(Tensor(idx))
         self.slot_mask = self.slot_mask[idx]
+
+    # ------------------------------------------------------------------ the cache API
+    @property
+    def write_slot(self) -> int:
+        """The cache slot the next `step` writes (every row's)."""
+        return self.next_slot
+
+    def move_write_slot(self, slot: int) -> None:
+        """The next `step` writes `slot`: the rows' tokens may lie anywhere before or after it, as long as
+        the slots the coming steps write are free (positions come from each row's own slots)."""
+        if not 0 <= slot <= self.cache_len:
+            raise ValueError(f"slot {slot} is outside the cache of {self.cache_len} slots")
+        self.next_slot = int(slot)
+
+    def row_slots(self, row: int) -> np.ndarray:
+        """The slots row `row` holds tokens in, in their order."""
+        return np.nonzero(self.slot_mask[row])[0]
+
+    def tokens_held(self, rows) -> np.ndarray:
+        """How many slots each of `rows` holds tokens in."""
+        return self.slot_mask[np.asarray(rows, np.int64)].sum(1)
+
+    def copy_rows_from(self, source: "ModelSession", rows, slots) -> None:
+        """Put the keys and values of `source`'s first `len(slots)` positions (each of its rows, in order)
+        into rows `rows` of this session's cache at `slots`; each such row holds tokens exactly where the
+        source row did among those positions (left padding stays empty). The rows' other slots are
+        cleared. `source` is typically a session a prompt was prefilled in alone, shaped as `chat` shapes
+        it, so that the first logits are chat's."""
+        rows, slots = np.asarray(rows, np.int64), np.asarray(slots, np.int64)
+        length = len(slots)
+        if len(rows) != source.batch_size:
+            raise ValueError(f"{len(rows)} rows given for the {source.batch_size} rows of the source session")
+        if length > source.cache_len or (length and (slots.min() < 0 or slots.max() >= self.cache_len)):
+            raise ValueError(f"{length} slots do not fit the source's {source.cache_len} or this session's "
+                             f"{self.cache_len} slots")
+        row_index = Tensor(rows.astype(np.int32))
+        for src, dst in zip(tuple(source.decoder.k_cache) + tuple(source.decoder.v_cache),
+                            tuple(self.decoder.k_cache) + tuple(self.decoder.v_cache)):
+            block = np.zeros((len(rows),) + tuple(dst.shape[1:]), np.float32)
+            block[:, :, slots] = src.asnumpy().astype(np.float32)[:, :, :length]
+            ops.scatter_update(dst, row_index, Tensor(block).astype(dst.dtype))
+        self.slot_mask[rows] = 0
+        self.slot_mask[rows[:, None], slots[None, :]] = source.slot_mask[:, :length]
+
+    def compact_rows(self, rows) -> int:
+        """Pack each of `rows`' slots (in their order) to the front of its cache row and move the write slot
+        back to just after the longest of them; returns the new write slot. Rows that finished leave holes
+        behind the write slot; this lets it move back. Attention does not depend on where a row's slots
+        lie, only their order is kept (for the order of its sums). Rows not given must hold nothing."""
+        rows = np.asarray(rows, np.int64)
+        order = [self.row_slots(r) for r in rows]
+        index = Tensor(rows.astype(np.int32))
+        for cache in tuple(self.decoder.k_cache) + tuple(self.decoder.v_cache):
+            arr = cache.astype(ms.float32).asnumpy()
+            block = np.zeros((len(rows),) + arr.shape[1:], np.float32)
+            for i, r in enumerate(rows):
+                block[i, :, :len(order[i])] = arr[r][:, order[i]]
+            ops.scatter_update(cache, index, Tensor(block).astype(cache.dtype))
+        for i, r in enumerate(rows):
+            self.slot_mask[r] = 0
+            self.slot_mask[r, :len(order[i])] = 1
+        self.next_slot = max((len(o) for o in order), default=0)
+        return self.next_slot
+
+    @staticmethod
+    @contextlib.contextmanager
+    def after_vision_calls(callback: Callable[[str], None]) -> Iterator[None]:
+        """Run `callback(kind)` after each call of the vision encoder that this thread makes inside the block
+        (`kind`: "vit" for a ViT layer on a micro-batch of crops, "projector" for a projector chunk); the
+        encoder is reached through upstream's signatures (`chat` -> `encode_img` -> `img2emb`), hence a
+        per-thread hook rather than an argument."""
+        with between_vision_calls(callback):
+            yield

@@ -11,17 +11,20 @@ What transformers adds on top of sentencepiece, reproduced here:
 `[UNUSED_TOKEN_145]` / `[UNUSED_TOKEN_146]` are user-defined pieces of the sentencepiece model itself.
 """
 import json
+import logging
 import os
 from typing import Dict, Iterable, List, Optional, Sequence, Union
 
 import numpy as np
 import sentencepiece as spm
 
+from .constants import BUNDLED_TOKENIZER, TOKENIZER_FILE
 from .errors import TokenizerLoadError, TokenizerNotFoundError
 from .validation import check_text
 
-BUNDLED_MODEL = os.path.join(os.path.dirname(__file__), "assets", "internlm2_tokenizer.model")
-VOCAB_FILE_NAME = "tokenizer.model"
+logger = logging.getLogger(__name__)
+BUNDLED_MODEL = BUNDLED_TOKENIZER  # the name tests and scripts know
+VOCAB_FILE_NAME = TOKENIZER_FILE
 CONFIG_FILE_NAME = "tokenizer_config.json"
 
 
@@ -257,3 +260,14 @@ class InternLM2Tokenizer:
 
     def batch_decode(self, sequences, skip_special_tokens: bool = False) -> List[str]:
         return [self.decode(s, skip_special_tokens) for s in sequences]
+
+
+def load_model_tokenizer(path: str) -> Optional[InternLM2Tokenizer]:
+    """`model.tokenizer` of a model directory: its tokenizer.model, or None with a warning when there is none
+    (upstream's model also starts without one; `chat` then says what is missing). A tokenizer.model that is
+    not a SentencePiece model is a `TokenizerLoadError`."""
+    if not os.path.isfile(os.path.join(path, TOKENIZER_FILE)):
+        logger.warning("%s has no tokenizer.model: model.tokenizer is None, so chat and the write_* methods will "
+                       "refuse to run until one is assigned", path)
+        return None
+    return InternLM2Tokenizer.from_pretrained(path)

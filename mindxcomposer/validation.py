@@ -9,25 +9,23 @@ Only cheap checks live here (types, ranges, existence of files); decoding an ima
 code that uses it (`image_processing`), so each check has one implementation.
 """
 import json
-import logging
 import math
 import numbers
 import os
 import re
-from typing import Any, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Iterable, List, Optional, Tuple, Union
 
 import numpy as np
+from PIL import Image
 
-from .errors import (ArgumentTypeError, ConfigError, InvalidArgumentError, InvalidTextError, MissingTokenizerError,
-                     ModelNotFoundError, TokenizerNotFoundError)
-
-logger = logging.getLogger(__name__)
+from .constants import IMAGE_EXTENSIONS, TILE, TOKENIZER_FILE, VIDEO_EXTENSIONS
+from .errors import (ArgumentTypeError, ConfigError, InputFileNotFoundError, InvalidArgumentError, InvalidTextError,
+                     MissingTokenizerError, ModelNotFoundError, TokenizerNotFoundError, UnsupportedFormatError)
 
 # Upstream's config.json always carries these; they fix every weight's shape, so a missing one would
 # otherwise show up only as dozens of shape mismatches against the release defaults.
 REQUIRED_CONFIG_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                         "num_attention_heads", "num_key_value_heads")
-TOKENIZER_FILE = "tokenizer.model"
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
@@ -86,12 +84,6 @@ def _range(minimum, maximum, min_exclusive=False) -> str:
     return low or (f"<= {maximum}" if maximum is not None else "")
 
 
-def check_choice(value, name: str, choices: Sequence) -> Any:
-    if value not in choices:
-        raise InvalidArgumentError(f"{name} must be one of {list(choices)}, got {describe(value)}")
-    return value
-
-
 def check_seed(seed, name: str = "seed") -> Optional[int]:
     """None or -1 (upstream's "no seed"), or a non-negative integer."""
     if seed is None:
@@ -147,13 +139,23 @@ def check_token_ids(ids, vocab_size: int, name: str = "input_ids") -> np.ndarray
 
 
 # ---------------------------------------------------------------------------------------------- images
+def check_media_path(path: Union[str, os.PathLike], extensions: Iterable[str]) -> Tuple[str, str]:
+    """Return (path, lower-case extension) after checking that the file exists and has an accepted extension."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise InputFileNotFoundError(f"{path!r} is a directory, not an image or video file")
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in extensions:
+        raise UnsupportedFormatError(
+            f"unsupported file extension {ext or '(none)'!r} for {path!r}; accepted: {', '.join(sorted(extensions))}")
+    if not os.path.isfile(path):
+        raise InputFileNotFoundError(f"no such file: {path!r}")
+    return path, ext
+
+
 def check_image(value, name: str = "image"):
     """One image: a path (image or video file), a PIL image, or pixel values [1, 3, H, W]. Only the type and,
     for paths, the existence and extension are checked here; decoding is `image_processing`'s."""
-    from PIL import Image
-
-    from .image_processing import IMAGE_EXTENSIONS, TILE, VIDEO_EXTENSIONS, check_media_path
-
     if isinstance(value, (str, os.PathLike)):
         check_media_path(value, IMAGE_EXTENSIONS | VIDEO_EXTENSIONS)
         return value
@@ -195,15 +197,6 @@ def check_streamer(streamer, name: str = "streamer"):
         raise ArgumentTypeError(f"{name} must have put() and end() methods (e.g. generation.TextStreamer), got "
                                 f"{describe(streamer)} ({_type_name(streamer)})")
     return streamer
-
-
-def check_generation_settings(settings: Mapping[str, Any]):
-    """The decoding settings of `generate` (GenerationConfig fields) as a validated `GenerationConfig`;
-    numpy scalars become Python numbers."""
-    from .generation.config import GenerationConfig
-
-    clean = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in settings.items()}
-    return GenerationConfig().update(**clean)
 
 
 def check_decode_options(streamer=None, compiled=None, seed=None, stopping_criteria=(), logits_processor=()) -> None:
@@ -340,16 +333,3 @@ def read_config_json(cfg_file: str) -> dict:
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ConfigError(f"{cfg_file}: {k} must be a positive integer, got {describe(v)}")
     return d
-
-
-def load_model_tokenizer(path: str):
-    """`model.tokenizer` of a model directory: its tokenizer.model, or None with a warning when there is none
-    (upstream's model also starts without one; `chat` then says what is missing). A tokenizer.model that is
-    not a SentencePiece model is a `TokenizerLoadError`."""
-    from .tokenization_internlm2 import InternLM2Tokenizer
-
-    if not os.path.isfile(os.path.join(path, TOKENIZER_FILE)):
-        logger.warning("%s has no tokenizer.model: model.tokenizer is None, so chat and the write_* methods will "
-                       "refuse to run until one is assigned", path)
-        return None
-    return InternLM2Tokenizer.from_pretrained(path)

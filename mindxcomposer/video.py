@@ -16,7 +16,9 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from .errors import EmptyVideoError, UnreadableVideoError
-from .image_processing import TILE, VIDEO_EXTENSIONS, check_media_path, pad_to_tile, to_rgb8
+from .constants import TILE, VIDEO_EXTENSIONS
+from .pixels import pad_to_tile, to_rgb8
+from .validation import check_media_path
 
 NUM_FRAMES = 32
 FONT_SIZE = 40

@@ -13,7 +13,7 @@ from mindspore import Tensor, nn
 
 from .layers import Linear
 from .ops import EXACT
-from .vision_pauses import vision_call_done
+from .vision_pauses import PROJECTOR, vision_call_done
 
 PROJECTOR_CHUNK = 1024
 
@@ -83,5 +83,5 @@ class VisionProjector(nn.SequentialCell):
                 part = np.concatenate([part, np.zeros((chunk - part.shape[0], c), np.float32)])
             y = super().__call__(Tensor(part).astype(self.compute_dtype))[:min(chunk, n - start)]
             out.append(_host(y))
-            vision_call_done()  # a pause point (see vision_pauses)
+            vision_call_done(PROJECTOR)  # a pause point (see vision_pauses)
         return Tensor(np.concatenate(out).reshape(lead + (-1,)))

@@ -13,6 +13,8 @@ from typing import Dict, Iterable, Iterator, List, Optional, Tuple
 
 import numpy as np
 
+from .constants import TASK_LORAS
+
 # Upstream names that carry no parameter of ours: dropped on load and on conversion.
 IGNORED_UPSTREAM = (
     re.compile(r".*\.embeddings\.position_ids$"),  # CLIP buffer, persistent in some transformers versions
@@ -21,9 +23,6 @@ IGNORED_UPSTREAM = (
 
 # Upstream name -> our name. Identity today; kept as a table so that a renamed cell changes one line.
 RENAMES: Tuple[Tuple[re.Pattern, str], ...] = ()
-
-TASK_LORAS = ("lora_web", "lora_sft", "lora_dpo")
-PLORA_LINEARS = ("attention.wqkv", "attention.wo", "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")
 
 
 def to_ours(upstream_name: str) -> Optional[str]:

@@ -27,6 +27,7 @@ from mindxcomposer.errors import (ArgumentTypeError, ConfigError, EmptyImageErro
                                   UnreadableVideoError, UnsupportedFormatError)
 from mindxcomposer.image_processing import hd_transform, load_image, to_rgb8
 from mindxcomposer.video import frame_indices, read_frames
+from mindxcomposer.validation import check_images
 
 COFFEE = os.path.join(ASSETS, "coffee.png")
 CAT = os.path.join(ASSETS, "chelsea_tiny.png")
@@ -472,10 +473,15 @@ def test_missing_file(processor, tmp_path):
         with pytest.raises(InputFileNotFoundError, match="no such file") as info:
             processor(str(tmp_path / name))
         assert isinstance(info.value, FileNotFoundError) and isinstance(info.value, ValueError)
-    folder = tmp_path / "folder.png"
-    folder.mkdir()
-    with pytest.raises(InputFileNotFoundError):
-        processor(str(folder))
+    for name in ("folder.png", "folder.mp4", "folder"):  # a directory is named as one, whatever its name
+        folder = tmp_path / name
+        folder.mkdir()
+        with pytest.raises(InputFileNotFoundError, match="is a directory"):
+            processor(str(folder))
+        with pytest.raises(InputFileNotFoundError, match="is a directory"):
+            check_images([str(folder)])
+    with pytest.raises(InputFileNotFoundError, match="is a directory"):
+        read_frames(str(tmp_path / "folder.mp4"))
 
 
 def test_unsupported_extension(processor, tmp_path):

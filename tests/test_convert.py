@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 
@@ -523,7 +524,7 @@ def test_ctrl_c_during_a_framework_import_exits_130_and_leaves_nothing(sources, 
         "        return None\n"
         "sys.meta_path.insert(0, SendCtrlC())\n"
         f"atexit.register(lambda: print('imported', {extension!r} in sys.modules, file=sys.stderr))\n"
-        "from mindxcomposer.cli_support import convert_main\n"
+        "from mindxcomposer.convert_cli import main as convert_main\n"
         f"sys.exit(convert_main([{src!r}, {dst!r}]))\n")
     env = dict(os.environ, PYTHONPATH=os.path.dirname(HERE) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300,
@@ -532,6 +533,37 @@ def test_ctrl_c_during_a_framework_import_exits_130_and_leaves_nothing(sources, 
     assert "mxc-convert: interrupted" in r.stderr and "Traceback" not in r.stderr
     assert "imported True" in r.stderr  # the import was not cut short
     assert os.listdir(tmp_path) == []
+
+
+def test_a_converted_directory_is_readable_as_the_umask_allows(sources, tmp_path):
+    """Every file (MindSpore writes its shards 0400) and folder has the mode the umask gives: 0644 / 0755
+    by default, so a teammate can read the model on a shared disk."""
+    src, _ = sources("st_sharded")
+    for mask in (0o022, 0o027):
+        dst = str(tmp_path / f"out{mask:o}" / "model")
+        old = os.umask(mask)
+        try:
+            convert(src, dst, shard_size="20MB", **quiet())
+        finally:
+            os.umask(old)
+        shards = [f for f in os.listdir(dst) if f.endswith(".safetensors")]
+        assert len(shards) > 1
+        for folder in (dst, os.path.dirname(dst)):
+            assert stat.S_IMODE(os.stat(folder).st_mode) == 0o777 & ~mask, folder
+        for f in os.listdir(dst):
+            assert stat.S_IMODE(os.stat(os.path.join(dst, f)).st_mode) == 0o666 & ~mask, f
+
+
+def test_a_conversion_prints_no_deprecation_warning(sources, tmp_path):
+    """mxc-convert as a user runs it (its own process: MindSpore's logger writes to the stderr it started
+    with), a bf16 source written as bf16: nothing on stderr says deprecated."""
+    src, _ = sources("st")
+    dst = str(tmp_path / "out")
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(HERE) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    r = subprocess.run([sys.executable, "-m", "mindxcomposer.convert_cli", src,
+                        dst, "--dtype", "bf16", "--verify"], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "deprecated" not in (r.stdout + r.stderr).lower(), r.stderr
 
 
 def test_verify_catches_a_corrupted_write(sources, tmp_path, monkeypatch):

@@ -9,7 +9,7 @@ import mindspore as ms
 import numpy as np
 import pytest
 
-from mindxcomposer.finetune.atomic import atomic_dir
+from mindxcomposer.atomic import atomic_dir
 from mindxcomposer.finetune.checkpoints import checkpoint_dirs
 from mindxcomposer.finetune.lora import load_adapter
 from mindxcomposer.finetune.merge import merge

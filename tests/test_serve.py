@@ -194,6 +194,13 @@ def test_video_path_as_a_part(client, demo_model, allowed_dir):
                                                     max_new_tokens=8, do_sample=False)
 
 
+def test_a_directory_as_a_part_is_named(client, allowed_dir):
+    folder = allowed_dir / "photos.png"
+    folder.mkdir(exist_ok=True)
+    with pytest.raises(openai.BadRequestError, match="is a directory"):
+        ask(client, [{"role": "user", "content": [image_part(str(folder)), text_part("x")]}], **GREEDY)
+
+
 class _ImageHandler(http.server.SimpleHTTPRequestHandler):
     def log_message(self, *args):
         pass

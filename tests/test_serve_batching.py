@@ -43,19 +43,17 @@ def _chat_logits(model, query, num_beams=1):
 def _served(model, engine, queries, num_beams=1):
     """Runs the queries through `engine` at once; returns (texts, logits each row received)."""
     seen = {q: [] for q in queries}
-    ask = engine._ask
 
-    def recording_ask(group, item):
-        out = ask(group, item)
-        seen[group.job.request.query].append(out)
-        return out
+    def recording(event, job, data):
+        if event == "logits":
+            seen[job.request.query].append(data)
 
-    engine._ask = recording_ask
+    engine.observer = recording
     jobs = []
     for q in queries:
         req = parse_chat_request({"model": "m", "messages": [{"role": "user", "content": q}], "max_tokens": N,
                                   "temperature": 0, "num_beams": num_beams}, "m", engine.max_beams)
-        jobs.append(Job(req, [], 0, AnswerText(model.tokenizer, model._eos_ids(model.tokenizer))))
+        jobs.append(Job(req, [], 0, AnswerText(model.tokenizer, model.eos_token_ids(model.tokenizer))))
         engine.submit(jobs[-1])
     for job in jobs:
         assert job.done.wait(300) and job.error is None
@@ -111,7 +109,7 @@ def test_rows_of_a_shared_batch(demo_model):
 def _submit(model, engine, query, max_tokens):
     req = parse_chat_request({"model": "m", "messages": [{"role": "user", "content": query}],
                               "max_tokens": max_tokens, "temperature": 0}, "m", engine.max_beams)
-    job = Job(req, [], 0, AnswerText(model.tokenizer, model._eos_ids(model.tokenizer)))
+    job = Job(req, [], 0, AnswerText(model.tokenizer, model.eos_token_ids(model.tokenizer)))
     engine.submit(job)
     return job
 
@@ -161,7 +159,7 @@ def _image_job(model, engine, query, max_tokens, hd_num):
         {"type": "text", "text": query}]}], "max_tokens": max_tokens, "temperature": 0, "hd_num": hd_num},
         "m", engine.max_beams)
     pixels, n_prompt = prepare(req, [COFFEE], model.tokenizer, model.config, engine.cache_len)
-    return Job(req, pixels, n_prompt, AnswerText(model.tokenizer, model._eos_ids(model.tokenizer)))
+    return Job(req, pixels, n_prompt, AnswerText(model.tokenizer, model.eos_token_ids(model.tokenizer)))
 
 
 def test_running_decodes_step_between_a_newcomers_vision_calls(demo_model):
@@ -178,19 +176,12 @@ def test_running_decodes_step_between_a_newcomers_vision_calls(demo_model):
     assert chunks >= 2
 
     events = []  # in the order they happen: "vit" after each ViT layer call, "step" after each batched step
-    vit, layer_math, step = demo_model.vit, demo_model.vit._math, engine._step
 
-    def recording_math(*args):
-        out = layer_math(*args)
-        events.append("vit")
-        return out
+    def recording(event, job, data):
+        if event in ("vit", "step"):
+            events.append(event)
 
-    def recording_step():
-        step()
-        events.append("step")
-
-    object.__setattr__(vit, "_math", recording_math)
-    engine._step = recording_step
+    engine.observer = recording
     engine.start()
     try:
         a = _submit(demo_model, engine, qa, ka)
@@ -201,7 +192,6 @@ def test_running_decodes_step_between_a_newcomers_vision_calls(demo_model):
         assert a.done.wait(300) and a.error is None
     finally:
         engine.stop()
-        object.__setattr__(vit, "_math", layer_math)
     first = events.index("vit")
     last = len(events) - 1 - events[::-1].index("vit")
     assert events[first:last + 1] == ["vit", "step"] * (vit_calls - 1) + ["vit"]
@@ -215,20 +205,18 @@ def test_a_request_cancelled_during_its_vision_encoding_stops_at_the_next_call(d
     engine = BatchEngine(demo_model, max_batch=2, max_queue=4)
     job = _image_job(demo_model, engine, "<ImageHere>Describe it.", 4, 4)
     calls = []
-    vit, layer_math = demo_model.vit, demo_model.vit._math
 
-    def cancelling_math(*args):
-        calls.append(1)
-        job.cancel()  # the client goes away during the first ViT layer call
-        return layer_math(*args)
+    def cancelling(event, job_seen, data):
+        if event == "vit":
+            calls.append(1)
+            job.cancel()  # the client goes away during the first ViT layer call
 
-    object.__setattr__(vit, "_math", cancelling_math)
+    engine.observer = cancelling
     engine.start()
     try:
         engine.submit(job)
         assert job.done.wait(300)
     finally:
         engine.stop()
-        object.__setattr__(vit, "_math", layer_math)
     assert job.error is not None and job.error.status == 408
     assert len(calls) == 1 and engine.steps == 0

@@ -45,3 +45,5 @@ def test_mxc_serve_process_answers_the_openai_client():
         proc.terminate()
         out, _ = proc.communicate(timeout=60)
     assert "demo model" in out and "RANDOM" in out  # it says that it serves the demo model
+    # and the cache it holds: --max-batch kept, the demo's default context (max_length 4096 + 1024) fits
+    assert "KV cache 2 row(s) x 5120 slots" in out, out

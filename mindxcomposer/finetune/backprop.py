@@ -20,7 +20,8 @@ import mindspore as ms
 from mindspore import Tensor, nn, ops
 
 from ..modeling_clip import LAYER_WEIGHTS
-from ..modeling_internlm2 import LINEARS, _UncachedLayer
+from ..constants import LINEARS
+from ..modeling_internlm2 import _UncachedLayer
 from ..modeling_xcomposer2 import causal_mask
 from ..layers import rms_norm
 from ..ops import embedding, kernels_enabled, linear

@@ -14,8 +14,8 @@ from typing import Dict, Optional
 
 import numpy as np
 
+from ..atomic import atomic_dir, write_json
 from ..weights import SafetensorsFile, write_safetensors
-from .atomic import atomic_dir, write_json
 from .lora import LoraSettings, load_adapter, write_adapter
 
 PREFIX = "checkpoint-"

@@ -16,9 +16,9 @@ from typing import Dict, List, Sequence, Tuple
 import numpy as np
 
 from ..errors import InputError
-from ..modeling_internlm2 import LINEARS
+from ..constants import LINEARS
+from ..atomic import atomic_dir
 from ..weights import SafetensorsFile, write_safetensors
-from .atomic import atomic_dir
 
 DEFAULT_TARGETS = ["attention.wqkv", "attention.wo", "feed_forward.w1", "feed_forward.w2", "feed_forward.w3"]
 CONFIG_FILE = "adapter_config.json"

@@ -10,8 +10,8 @@ from typing import Dict
 
 import numpy as np
 
+from ..atomic import atomic_dir
 from ..weights import Checkpoint, fp32_to_bf16, iter_shards, write_safetensors
-from .atomic import atomic_dir
 
 MAX_SHARD_BYTES = 5 * 1024 ** 3  # transformers' default max_shard_size
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json")

@@ -22,7 +22,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import Parameter, Tensor, ops
 
-from ..modeling_internlm2 import LINEARS
+from ..constants import LINEARS, TASK_LORAS
 from .lora import SEPARATORS, LoraSettings, adapter_name
 
 _LAYERNORM_PARTS = (".layer_norm1.", ".layer_norm2.", ".pre_layrnorm.", ".post_layernorm.")
@@ -75,7 +75,7 @@ def full_trainables(model, fix_vit: bool, fix_sampler: bool) -> Trainables:
                 continue
         elif name.startswith("vision_proj.") and fix_sampler:
             continue
-        elif any(f".{t}_" in name for t in ("lora_web", "lora_sft", "lora_dpo")):
+        elif any(f".{t}_" in name for t in TASK_LORAS):
             continue
         if p.dtype != ms.float32:
             raise ValueError(f"full fine-tuning trains fp32 master weights; {name} is {p.dtype}: load the model "

@@ -26,8 +26,8 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor
 
+from ..atomic import write_json
 from ..ops import kernels_enabled
-from .atomic import write_json
 from .backprop import MicroBatchGradients
 from .checkpoints import STATE_FILE, load_checkpoint, save_checkpoint
 from .data import DataArguments, FinetuneData

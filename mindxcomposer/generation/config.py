@@ -1,7 +1,9 @@
 """Decoding settings, with the defaults and precedence rules of transformers 4.33 `GenerationConfig`."""
 import dataclasses
 from dataclasses import dataclass
-from typing import List, Optional, Union
+from typing import Any, List, Mapping, Optional, Union
+
+import numpy as np
 
 from ..errors import ArgumentTypeError, InvalidArgumentError
 from ..validation import check_bool, check_float, check_int
@@ -103,3 +105,10 @@ class GenerationConfig:
                     check_int(v, f"eos_token_id[{i}]", minimum=0)
             else:
                 check_int(eos, "eos_token_id", minimum=0)
+
+
+def check_generation_settings(settings: Mapping[str, Any]) -> GenerationConfig:
+    """The decoding settings of `generate` (GenerationConfig fields) as a validated `GenerationConfig`;
+    numpy scalars become Python numbers."""
+    clean = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in settings.items()}
+    return GenerationConfig().update(**clean)

@@ -20,6 +20,7 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..constants import default_context
 from .errors import APIError, bad_request
 from .jobs import Job
 from .media import MediaPolicy, resolve
@@ -40,8 +41,8 @@ def create_app(model, engine, served_model: str, media_policy: Optional[MediaPol
     `max_body_bytes` bounds a request body (base64 images included)."""
     policy = media_policy or MediaPolicy()
     created = int(time.time())
-    eos_ids = model._eos_ids(model.tokenizer)
-    context = cache_len or getattr(engine, "cache_len", None) or model.config.max_length + 1024
+    eos_ids = model.eos_token_ids(model.tokenizer)
+    context = cache_len or getattr(engine, "cache_len", None) or default_context(model.config)
     state = {"http": None}
 
     @contextlib.asynccontextmanager

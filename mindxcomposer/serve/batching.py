@@ -10,7 +10,7 @@ How a row decodes exactly as it would alone:
 - its prompt is prefilled in a session shaped as `chat` alone shapes it (same rows, same cache length,
   with beams each prompt row prefilled once and copied to its beams' rows), so the first logits are the
   same; the prompt's keys and values are then copied into the request's rows;
-- rows share the step's write slot (`ModelSession.next_slot`), but positions, the dynamic-NTK base and
+- rows share the step's write slot (`ModelSession.write_slot`), but positions, the dynamic-NTK base and
   the attention mask come from each row's own slot mask, so where a row's slots lie does not change
   the computation: a newcomer reserves the slots the batch will write during its `max_new_tokens` steps
   and puts its prompt right before them (or, early in the cache, in the first free ones);
@@ -20,28 +20,27 @@ a step's logits differ from chat's in the last bits (about 2e-6 on the demo mode
 product over several rows accumulates in another order than over one, so only a near-tie between two
 candidate tokens could decode differently. A request alone in a one-row batch decodes bit for bit.
 When the batch is empty the write slot goes back to the start; when a newcomer's reserved slots do not
-fit after the write slot, the running rows' slots are packed to the front of the cache (`_compact`),
+fit after the write slot, the running rows' slots are packed to the front of the cache
+(`ModelSession.compact_rows`),
 and if they still do not fit it waits for rows to finish. Only one `infer_mode` runs at a time.
 
 Work that is not a step happens between two steps, alternating with them: one request's prompt building,
 or one prefill. Neither holds running decodes up for long: the prompt is built in the request's thread,
 and after each call of its vision encoder (a ViT layer on a micro-batch of crops, a projector chunk) the
-batch takes a step (`_lend`, through `vision_pauses`); a prefill steps the batch after each prefill chunk
-(`_prefill_between_steps`). Such a step waits for the running requests to hand in their ids (each is at
+batch takes a step (`_lend`, through `ModelSession.after_vision_calls`); a prefill steps the batch after each
+prefill chunk (`_prefill_between_steps`, through `ModelSession.after_prefill_chunk`). Such a step waits for the running requests to hand in their ids (each is at
 most one host iteration of its decoding loop away), so between two steps a running request waits for
 one of those calls (or one prefill chunk) and the host work around it, not more.
 """
 import collections
 import logging
 import threading
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 import numpy as np
-import mindspore as ms
-from mindspore import Tensor, ops
 
+from ..constants import default_context
 from ..session import CACHE_BUCKET, ModelSession, round_up
-from ..vision_pauses import between_vision_calls
 from .engine import finish_with, run_chat
 from .errors import APIError
 from .jobs import Job
@@ -65,9 +64,11 @@ class _Turn:
             self.released.set()
             self.engine.cv.notify_all()
 
-    def pause(self):
-        """Called in the request's thread after each call of its vision encoder: the model thread steps the
-        running batch meanwhile (`BatchEngine._lend`). A cancelled request stops encoding here."""
+    def pause(self, kind: str):
+        """Called in the request's thread after each call of its vision encoder (`kind`: "vit" or
+        "projector"): the model thread steps the running batch meanwhile (`BatchEngine._lend`). A cancelled
+        request stops encoding here."""
+        self.engine.notify(kind, self.job)
         self.job.check()
         cv = self.engine.cv
         with cv:
@@ -120,7 +121,7 @@ class BatchEngine:
         self.max_batch = max_batch
         self.max_beams = max_batch  # a request's beams are rows of the batch
         self.max_queue = max_queue
-        self.cache_len = cache_len or model.config.max_length + 1024
+        self.cache_len = cache_len or default_context(model.config)
         self.compiled = compiled
         self.cv = threading.Condition()
         self.turns = collections.deque()
@@ -138,6 +139,9 @@ class BatchEngine:
         self.compactions = 0
         self.prefilled_rows = 0  # prompt rows the prefills ran through the layers (once per prompt, beams or not)
         self.shared: Optional[ModelSession] = None
+        # observer(event, job, data), for tests and benchmarks: "logits" (job, the logits a row group
+        # received), "step" after each batched step, "vit" / "projector" after each of a newcomer's vision calls
+        self.observer: Optional[Callable] = None
         self._sessions: "collections.OrderedDict" = collections.OrderedDict()  # prefill sessions, LRU
         self.keep_sessions = keep_sessions
         self.thread = threading.Thread(target=self._loop, name="mxc-model", daemon=True)
@@ -185,7 +189,7 @@ class BatchEngine:
                         if turn in self.turns:
                             self.turns.remove(turn)
                             job.check()
-            with between_vision_calls(turn.pause):
+            with ModelSession.after_vision_calls(turn.pause):
                 run_chat(self.model, job, session_factory=factory)
         except BaseException as e:  # noqa: BLE001 - one request's failure must not reach the others
             exc = e
@@ -197,6 +201,10 @@ class BatchEngine:
                     self._close(g)
                 self.cv.notify_all()
         finish_with(job, exc)
+
+    def notify(self, event: str, job: Optional[Job] = None, data=None):
+        if self.observer is not None:
+            self.observer(event, job, data)
 
     def _ask(self, group: RowGroup, item):
         """Hands `item` to the model thread and waits for its result."""
@@ -215,6 +223,7 @@ class BatchEngine:
                         group.job.check()
         if group.error is not None:
             raise group.error
+        self.notify("logits", group.job, group.result)
         return group.result
 
     def _close(self, group: RowGroup):
@@ -232,7 +241,7 @@ class BatchEngine:
         s = self.shared
         for g in self.prefills:
             embeds = g.pending[1][0]
-            need = self.cache_len - (0 if not self.active else s.next_slot)
+            need = self.cache_len - (0 if not self.active else s.write_slot)
             fits_mode = not self.active or g.infer_mode == s.infer_mode
             if g.batch_size <= len(self.free_rows) and fits_mode and g.max_len - embeds.shape[1] <= need:
                 return g
@@ -247,34 +256,21 @@ class BatchEngine:
         if not self.active:
             return False
         s = self.shared
-        packed = int(s.slot_mask[self._active_rows()].sum(1).max())
+        packed = int(s.tokens_held(self._active_rows()).max())
         for g in self.prefills:
             reserved = g.max_len - g.pending[1][0].shape[1]
             if (g.batch_size <= len(self.free_rows) and g.infer_mode == s.infer_mode
-                    and s.next_slot + reserved > self.cache_len >= packed + reserved):
+                    and s.write_slot + reserved > self.cache_len >= packed + reserved):
                 return True
         return False
 
     def _compact(self):
-        """Packs each running row's slots (in their order) to the front of its cache row, so that the
-        write slot can move back: rows that finished leave holes behind the write slot, and without
-        this a newcomer would wait for the batch to drain. Attention does not depend on where a row's
-        slots lie, only their order is kept for the order of its sums."""
-        s = self.shared
+        """Packs the running rows' slots to the front of the cache, so that the write slot can move back:
+        rows that finished leave holes behind it, and without this a newcomer would wait for the batch to
+        drain."""
         with self.cv:
             rows = self._active_rows()
-        order = [np.nonzero(s.slot_mask[r])[0] for r in rows]
-        index = Tensor(rows.astype(np.int32))
-        for cache in tuple(s.decoder.k_cache) + tuple(s.decoder.v_cache):
-            arr = cache.astype(ms.float32).asnumpy()
-            block = np.zeros((len(rows),) + arr.shape[1:], np.float32)
-            for i, r in enumerate(rows):
-                block[i, :, :len(order[i])] = arr[r][:, order[i]]
-            ops.scatter_update(cache, index, Tensor(block).astype(cache.dtype))
-        for i, r in enumerate(rows):
-            s.slot_mask[r] = 0
-            s.slot_mask[r, :len(order[i])] = 1
-        s.next_slot = max(len(o) for o in order)
+        self.shared.compact_rows(rows)
         self.compactions += 1
 
     def _steps_ready(self) -> bool:
@@ -370,12 +366,11 @@ class BatchEngine:
     def _prefill(self, g: RowGroup):
         s = self.shared
         embeds, im_mask, attention_mask, copies = g.pending[1]
-        length = embeds.shape[1]
         k = g.batch_size  # prompt rows times copies
         am = np.ones(embeds.shape[:2], np.int64) if attention_mask is None else np.asarray(attention_mask, np.int64)
         with self.cv:
             if not self.active:
-                s.next_slot = 0
+                s.move_write_slot(0)
                 s.set_infer_mode(g.infer_mode)
             else:
                 self.joins += 1
@@ -425,48 +420,33 @@ class BatchEngine:
         # layout keeps attention's sums in the same order (a request alone in a one-row batch then
         # decodes bit for bit as chat); otherwise into the first slots the batch will not write.
         if not self.active:
-            s.next_slot = length
-        start = s.next_slot  # the batch may have stepped meanwhile
+            s.move_write_slot(length)
+        start = s.write_slot  # the batch may have stepped meanwhile
         if start >= length:
             slots = np.arange(start - length, start)
         else:
             free = np.array([i for i in range(self.cache_len) if not start <= i < start + reserved])
             slots = free[:length]
-        row_index = Tensor(rows.astype(np.int32))
-        for src, dst in zip(tuple(alone.decoder.k_cache) + tuple(alone.decoder.v_cache),
-                            tuple(s.decoder.k_cache) + tuple(s.decoder.v_cache)):
-            block = np.zeros((k,) + tuple(dst.shape[1:]), np.float32)
-            block[:, :, slots] = src.asnumpy().astype(np.float32)[:, :, :length]
-            ops.scatter_update(dst, row_index, Tensor(block).astype(dst.dtype))
-        s.slot_mask[rows] = 0
-        s.slot_mask[rows[:, None], slots[None, :]] = np.repeat(am, copies, 0)
+        s.copy_rows_from(alone, rows, slots)
         return logits, slots
 
     def _prefill_between_steps(self, alone: ModelSession, reserved: int, embeds, im_mask, am, copies):
         """`alone.prefill`, with a step of the running batch after each prefill chunk (`_step_when_ready`):
-        a long prompt delays running decodes by one chunk at a time. The prefill session
-        calls its layer function once per layer and chunk (chunk by chunk, or with beams layer by layer);
-        that call is wrapped (the session's computation is untouched, so its logits are the same) and the
-        batch steps after every `num_layers` calls, one chunk's worth of work. Steps stop while the
+        a long prompt delays running decodes by one chunk at a time (`ModelSession.after_prefill_chunk`,
+        which runs between the session's compiled calls: its logits are the same). Steps stop while the
         batch's next write slot would leave the newcomer less than `reserved` slots."""
-        inner = getattr(alone, "_prefill_layer", None)
-        if inner is None or not self.active:
+        if not self.active:
             return alone.prefill(embeds, im_mask, am, copies=copies)
-        layers, calls = alone.decoder.num_layers, [0]
 
-        def layer(*args):
-            out = inner(*args)
-            calls[0] += 1
-            if calls[0] % layers == 0 and self.shared.next_slot + 1 + reserved <= self.cache_len:
-                if self._step_when_ready():
-                    self.steps_in_prefill += 1
-            return out
+        def between_chunks():
+            if self.shared.write_slot + 1 + reserved <= self.cache_len and self._step_when_ready():
+                self.steps_in_prefill += 1
 
-        alone._prefill_layer = layer
+        alone.after_prefill_chunk = between_chunks
         try:
             return alone.prefill(embeds, im_mask, am, copies=copies)
         finally:
-            alone._prefill_layer = inner
+            alone.after_prefill_chunk = None
 
     def _step(self):
         s = self.shared
@@ -490,3 +470,4 @@ class BatchEngine:
             for g in groups:
                 g.result, g.pending = logits[g.rows], None
                 g.ready.set()
+        self.notify("step")

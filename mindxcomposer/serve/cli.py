@@ -17,12 +17,15 @@ def _parser():
     p.add_argument("--served-model-name", help="the model id clients send (default: the directory's name)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--max-batch", type=int, default=4, help="rows decoded together (continuous batching)")
+    p.add_argument("--max-batch", type=int, default=None,
+                   help="rows decoded together (continuous batching; default: 4, fewer if the memory left after "
+                        "loading the model does not hold 4 rows of at least 4096 slots)")
     p.add_argument("--max-queue", type=int, default=16, help="requests waiting for a row; more get 429")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds a request may take in all")
     p.add_argument("--context-len", type=int, default=None,
                    help="most prompt + max_tokens per request, the KV cache's length per row "
-                        "(default: the model's max_length + 1024)")
+                        "(default: the model's max_length + 1024, or what the memory left after loading the "
+                        "model holds)")
     p.add_argument("--allow-dir", action="append", default=[],
                    help="directory whose images and videos requests may name by path or file:// (repeatable)")
     p.add_argument("--no-http-images", action="store_true", help="refuse http(s) image URLs")
@@ -44,7 +47,8 @@ def build(args):
     from ..demo import save_demo_model
     from ..modeling_xcomposer2 import InternLMXComposer2ForCausalLM
     from .app import create_app
-    from .engine import make_engine
+    from .cache_size import available_memory, choose_cache
+    from .engines import make_engine
     from .media import MediaPolicy
 
     if args.device:
@@ -66,9 +70,12 @@ def build(args):
     for d in args.allow_dir:
         if not os.path.isdir(d):
             sys.exit(f"mxc-serve: --allow-dir {d!r} is not a directory")
-    context = args.context_len or model.config.max_length + 1024
+    cache = choose_cache(model.config, model.compute_dtype.itemsize, available_memory(), args.max_batch,
+                         args.context_len)  # the cache holds the arithmetic's dtype
+    logging.getLogger("mindxcomposer.serve").info("%s", cache.describe())
+    context = cache.context
     compiled = None if args.mode is None else args.mode == "graph"
-    engine = make_engine(model, max_batch=args.max_batch, max_queue=args.max_queue, cache_len=context,
+    engine = make_engine(model, max_batch=cache.rows, max_queue=args.max_queue, cache_len=context,
                          compiled=compiled).start()
     policy = MediaPolicy(args.allow_dir, not args.no_http_images, args.max_image_bytes, args.fetch_timeout)
     app = create_app(model, engine, name, policy, timeout=args.timeout, cache_len=context,
@@ -84,8 +91,10 @@ def build(args):
 
 def main(argv=None):
     args = _parser().parse_args(argv)
-    if args.max_batch < 1 or args.max_queue < 1:
+    if (args.max_batch is not None and args.max_batch < 1) or args.max_queue < 1:
         sys.exit("mxc-serve: --max-batch and --max-queue must be >= 1")
+    if args.context_len is not None and args.context_len < 1:
+        sys.exit("mxc-serve: --context-len must be >= 1")
     import uvicorn
 
     logging.basicConfig(level=logging.INFO)

@@ -73,13 +73,3 @@ class SerialEngine:
                 exc = e
             finish_with(job, exc)
 
-
-def make_engine(model, max_batch: int = 4, max_queue: int = 16, cache_len: Optional[int] = None,
-                compiled: Optional[bool] = None):
-    """The engine for these limits (not started): continuous batching, or one request at a time when
-    `max_batch` is 1."""
-    if max_batch == 1:
-        return SerialEngine(model, max_queue=max_queue, compiled=compiled)
-    from .batching import BatchEngine
-
-    return BatchEngine(model, max_batch=max_batch, max_queue=max_queue, cache_len=cache_len, compiled=compiled)

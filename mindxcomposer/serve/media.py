@@ -17,8 +17,9 @@ from urllib.parse import unquote, urlparse
 
 from PIL import Image
 
+from ..constants import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
 from ..errors import InputError
-from ..image_processing import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, load_image
+from ..image_processing import load_image
 from .errors import bad_request
 
 DEFAULT_MAX_IMAGE_BYTES = 20 * 1024 * 1024
@@ -79,6 +80,8 @@ def _local_path(url: str, where: str, policy: MediaPolicy) -> str:
     real = os.path.realpath(path)
     if not any(os.path.commonpath([real, d]) == d for d in policy.allow_dirs):
         raise bad_request(f"{where}: {path!r} is outside the allowed directories", code="invalid_image_url")
+    if os.path.isdir(real):
+        raise bad_request(f"{where}: {path!r} is a directory, not an image or video file", code="invalid_image_url")
     ext = os.path.splitext(real)[1].lower()
     if ext not in IMAGE_EXTENSIONS | VIDEO_EXTENSIONS:
         raise bad_request(f"{where}: unsupported file extension {ext or '(none)'!r}; accepted: "

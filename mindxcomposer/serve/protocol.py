@@ -13,16 +13,13 @@
   What is absent takes `model.chat`'s default, so the same request means the same call.
 """
 import math
-from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
 
-from ..plora import INFER_MODES
+from ..constants import CHAT_DEFAULTS, INFER_MODES
 from ..prompt import IMAGE_MARKER, META_INSTRUCTION
 from .errors import APIError, bad_request
 
-# model.chat's defaults: an absent parameter means what it means there.
-CHAT_DEFAULTS = dict(max_new_tokens=1024, temperature=1.0, top_p=0.8, top_k=50, repetition_penalty=1.005,
-                     hd_num=24, num_beams=1, infer_mode="base")
 MAX_STOP = 4
 
 # Known OpenAI fields this server cannot honour: a value other than "unset" is an error, never ignored.
@@ -36,7 +33,6 @@ _UNSUPPORTED = {"logprobs": (None, False), "top_logprobs": (None, 0), "tools": (
 class ImagePart:
     url: str
     where: str  # e.g. "messages[1].content[0]", for error messages
-    kind: str = "image"  # or "video"
 
 
 @dataclass
@@ -60,7 +56,6 @@ class ChatRequest:
     hd_num: int
     num_beams: int
     infer_mode: str
-    extra: Dict[str, Any] = field(default_factory=dict)
 
     def chat_kwargs(self) -> dict:
         """Keyword arguments of `model.chat` (besides tokenizer, query, image, history, streamer) that
@@ -128,7 +123,7 @@ def _content(msg, i: int, markers_mode: bool, images: List[ImagePart], allow_ima
             url = ref.get("url") if isinstance(ref, dict) else ref
             if not isinstance(url, str) or not url:
                 raise bad_request(f"{pw}.{kind}.url must be a non-empty string", param=pw)
-            images.append(ImagePart(url, pw, "video" if kind == "video_url" else "image"))
+            images.append(ImagePart(url, pw))  # the file's extension decides image or video
             if not markers_mode:
                 text += IMAGE_MARKER
         else:

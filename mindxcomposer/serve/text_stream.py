@@ -12,7 +12,7 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 
-from ..chat import EOA
+from ..constants import END_TURN
 
 
 class AnswerText:
@@ -71,7 +71,7 @@ class AnswerText:
         return out
 
     def _update(self, final: bool):
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True).split(EOA)[0]
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True).split(END_TURN)[0]
         cut = min((i for i in (text.find(s) for s in self.stop) if i >= 0), default=-1)
         if cut >= 0:
             text, self.stopped, final = text[:cut], True, True
