@@ -11,8 +11,8 @@
 """
 from .attention import attention, fused_attention_available
 from .weight_products import (BF16, EXACT, PRODUCT_MODES, batch_nn, batch_nt, cast_like, embedding,
-                              enable_kernels, kernels_enabled, linear, linear_add, swiglu)
+                              enable_kernels, kernels_enabled, linear, linear_add, linear_int4, linear_int8, swiglu)
 
 __all__ = ["attention", "fused_attention_available", "BF16", "EXACT", "PRODUCT_MODES", "batch_nn", "batch_nt",
            "cast_like", "embedding", "enable_kernels", "kernels_enabled", "linear", "linear_add",
-           "swiglu"]
+           "linear_int4", "linear_int8", "swiglu"]
