@@ -170,11 +170,31 @@ def _dequantized_product(x, w, products):
     return y.reshape(lead + (w.shape[0],))
 
 
+def _quant_kernel_ready(x):
+    return _kernels is not None and x.dtype == ms.float32
+
+
 def linear_int8(x, q, scales, products=EXACT):
-    """x [..., K] times an int8 weight (q int8 [N, K], scales fp32 [N]) -> [..., N] in x's dtype."""
+    """x [..., K] times an int8 weight (q int8 [N, K], scales fp32 [N]) -> [..., N] in x's dtype. CPU kernels:
+    decode-sized rows read q in place; more rows go through the GEMM, which dequantizes while it packs."""
+    if _quant_kernel_ready(x):
+        x2 = x.reshape(-1, x.shape[-1])
+        if x2.shape[0] <= KERNEL_MAX_ROWS:
+            y = _kernels.decode_int8(x2, q, scales)
+        else:
+            y = _kernels.gemm[products].linear_int8(x2, q, scales)
+        return y.reshape(x.shape[:-1] + (q.shape[0],))
     return _dequantized_product(x, dequantize_int8(q, scales), products)
 
 
 def linear_int4(x, q, scales, zeros, group_size, products=EXACT):
-    """x [..., K] times an int4 weight (`dequantize_int4`) -> [..., N] in x's dtype."""
+    """x [..., K] times an int4 weight (`dequantize_int4`) -> [..., N] in x's dtype; paths as `linear_int8`."""
+    if _quant_kernel_ready(x):
+        x2 = x.reshape(-1, x.shape[-1])
+        gs = ms.Tensor([group_size], ms.int32)
+        if x2.shape[0] <= KERNEL_MAX_ROWS:
+            y = _kernels.decode_int4(x2, q, scales, zeros, gs)
+        else:
+            y = _kernels.gemm[products].linear_int4(x2, q, scales, zeros, gs)
+        return y.reshape(x.shape[:-1] + (q.shape[0],))
     return _dequantized_product(x, dequantize_int4(q, scales, zeros, x.shape[-1], group_size), products)
