@@ -113,12 +113,15 @@ class InternLMXComposer2Config:
         return cls(**{k: copy.deepcopy(v) for k, v in d.items() if k in known})
 
     @classmethod
-    def from_pretrained(cls, path: str) -> "InternLMXComposer2Config":
-        """Read `config.json` (upstream or ours) and the CLIP config beside it, if any."""
+    def from_pretrained(cls, path: str, ignore_quantization: bool = False) -> "InternLMXComposer2Config":
+        """Read `config.json` (upstream or ours) and the CLIP config beside it, if any. `ignore_quantization`
+        leaves out its `quantization_config` (the converter reads another library's layout itself)."""
         cfg_file = os.path.join(path, "config.json") if os.path.isdir(path) else path
         if not os.path.isfile(cfg_file):
             raise ModelNotFoundError(f"no config.json in {path!r}: not an IXC2.5 model directory")
         d = read_config_json(cfg_file)
+        if ignore_quantization:
+            d.pop("quantization_config", None)
         model_type = d.get("model_type")
         if model_type not in (None, "internlm2", "internlmxcomposer2"):
             raise ConfigError(f"{cfg_file}: model_type {model_type!r} is not an InternLM-XComposer2 model")

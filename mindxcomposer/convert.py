@@ -32,7 +32,7 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-from . import __version__
+from . import __version__, awq
 from .cli_support import deferred_interrupts, import_mindspore, run_command, shielded
 from .configuration import InternLMXComposer2Config
 from .demo import TOKENIZER_FILE
@@ -43,7 +43,7 @@ from .weights import (PLORA_LINEARS, TASK_LORAS, Checkpoint, CheckpointError, Sa
 
 CONVERTER_VERSION = "1"
 DTYPES = {"bf16": "BF16", "fp16": "F16", "fp32": "F32"}  # --dtype -> safetensors dtype code
-_ITEMSIZE = {"BF16": 2, "F16": 2, "F32": 4, "I8": 1, "U8": 1}
+_ITEMSIZE = {"BF16": 2, "F16": 2, "F32": 4, "I8": 1, "U8": 1, "I32": 4}
 _SOURCE_DTYPES = ("BF16", "F16", "F32")
 MERGE_TASKS = {"web": ("lora_web",), "write": ("lora_sft", "lora_dpo")}
 ARCHITECTURE = "InternLMXComposer2ForCausalLM"
@@ -243,8 +243,9 @@ class _Source:
     """The tensors of an upstream checkpoint by our names. Offers the parts of `weights.Checkpoint` that
     `sizes_from_weights` and `check_names_and_shapes` use."""
 
-    def __init__(self, layout: _Layout):
+    def __init__(self, layout: _Layout, awq_group: Optional[int] = None):
         self.layout = layout
+        self.awq_group = awq_group  # an lmdeploy AWQ source: its packed int32 tensors are read too
         self._open_shard = _SafetensorsShard if layout.format == "safetensors" else _TorchShard
         self.entries: Dict[str, _Entry] = {}
         self.ignored: List[str] = []
@@ -267,7 +268,8 @@ class _Source:
                 if ours in self.entries:
                     raise ConvertError(f"{path}: key {key!r} and {self.entries[ours].key!r} in "
                                        f"{self.entries[ours].file} are both parameter {ours!r}")
-                if dtype not in _SOURCE_DTYPES:
+                if dtype not in _SOURCE_DTYPES and not (awq_group and dtype == "I32" and ours.endswith(
+                        (".qweight", ".qzeros"))):
                     raise ConvertError(f"{path}: tensor {key!r} has dtype {dtype}; only bf16, fp16 and fp32 "
                                        f"tensors can be converted")
                 self.entries[ours] = _Entry(key, path, tuple(shape), dtype)
@@ -376,7 +378,9 @@ class _Plan:
     quant_cache: Optional[Tuple[str, Dict[str, np.ndarray]]] = None  # the last weight quantized, with its parts
 
 
-def _load_config(root: str) -> Tuple[InternLMXComposer2Config, bool]:
+def _load_config(root: str) -> Tuple[InternLMXComposer2Config, bool, Optional[int]]:
+    """The source's config, whether it has a vision config, and the group size of an lmdeploy AWQ source (None:
+    not one)."""
     cfg_file = os.path.join(root, "config.json")
     if not os.path.isfile(cfg_file):
         raise ConvertError(f"no config.json in {root}: the upstream config must sit beside the weights")
@@ -392,12 +396,19 @@ def _load_config(root: str) -> Tuple[InternLMXComposer2Config, bool]:
         raise ConvertError(f"{cfg_file}: architectures {archs!r} is not {ARCHITECTURE}; this converter "
                            f"handles InternLM-XComposer-2.5 checkpoints only")
     has_vision = "vision_config" in raw or os.path.isfile(os.path.join(root, "vision_config.json"))
+    qc = raw.get("quantization_config")
+    awq_group = None
+    if isinstance(qc, dict) and qc.get("quant_method") == "awq":
+        try:
+            awq_group = awq.check_config(qc)
+        except awq.AwqLayoutError as e:
+            raise ConvertError(f"{cfg_file}: {e}") from None
     try:
-        config = InternLMXComposer2Config.from_pretrained(root)
+        config = InternLMXComposer2Config.from_pretrained(root, ignore_quantization=awq_group is not None)
     except (ValueError, TypeError, AttributeError) as e:
         raise ConvertError(f"{cfg_file} (with vision_config.json, if any) is not a usable IXC2.5 config: "
                            f"{e}") from None
-    return config, has_vision
+    return config, has_vision, awq_group
 
 
 def _plan(source: _Source, config: InternLMXComposer2Config, has_vision: bool, dtype: Optional[str],
@@ -405,6 +416,16 @@ def _plan(source: _Source, config: InternLMXComposer2Config, has_vision: bool, d
     for k, v in sizes_from_weights(source).items():
         setattr(config, k, v)
     expected = parameter_shapes(config)
+    if source.awq_group:  # lmdeploy's AWQ parts instead of each base linear's weight
+        for n in [n for n in expected if _PLORA_WEIGHT.fullmatch(n)]:
+            out_f, in_f = expected.pop(n)
+            try:
+                parts = awq.shapes(out_f, in_f, source.awq_group)
+            except awq.AwqLayoutError as e:
+                raise ConvertError(f"{source.describe()}: {n[: -len('.weight')]}: {e}") from None
+            for part, shape in parts.items():
+                expected[n[: -len("weight")] + part] = shape
+        quantization_config = make_config("int4", source.awq_group)
     try:
         check_names_and_shapes(expected, source, source.describe())
     except CheckpointError as e:
@@ -434,6 +455,10 @@ def _plan(source: _Source, config: InternLMXComposer2Config, has_vision: bool, d
     names, sources, parts, dtypes = [], {}, {}, {}
     for n in source.entries:
         if n in dropped_set:
+            continue
+        if source.awq_group and n.endswith(awq.PARTS):  # an AWQ part: our part of the same name
+            names.append(n)
+            sources[n], parts[n], dtypes[n] = n, n.rsplit(".", 1)[1], PART_DTYPES[4][n.rsplit(".", 1)[1]]
             continue
         if quant is not None and _PLORA_WEIGHT.fullmatch(n):  # a base linear: its quantized parts instead
             for part, code in PART_DTYPES[quant[0]].items():
@@ -472,6 +497,8 @@ def _where_and_why(source: _Source, expected: Dict[str, Tuple[int, ...]], has_vi
 def _output(name: str, plan: _Plan, readers: _Readers, source: _Source) -> Tuple[np.ndarray, bool]:
     """The tensor to write for `name`, and whether it still views the source's memory."""
     part = plan.quant_parts.get(name)
+    if part is not None and source.awq_group:  # lmdeploy's layout, repacked into ours
+        return awq.to_ours(part, readers.get(name), source.entries[name].dtype), False
     if part is not None:  # the parts of one weight are consecutive: it is quantized once, for the first
         src = plan.sources[name]
         if plan.quant_cache is None or plan.quant_cache[0] != src:
@@ -614,11 +641,14 @@ def convert(src: str, dst: str, dtype: Optional[str] = None, merge_task: Optiona
     dst = os.path.abspath(dst)
     _check_destination(src, dst, force)
     layout = _locate(src)
-    config, has_vision = _load_config(layout.root)
-    if config.quantization_config is not None:
-        raise ConvertError(f"{layout.root} is already quantized ({config.quantization_config}): convert the "
-                           f"unquantized checkpoint")
-    source = _Source(layout)
+    config, has_vision, awq_group = _load_config(layout.root)
+    if config.quantization_config is not None or (awq_group and quantization_config):
+        raise ConvertError(f"{layout.root} is already quantized: convert the unquantized checkpoint to quantize "
+                           f"it (an lmdeploy AWQ checkpoint converts without --quantize)")
+    if awq_group and merge_task:
+        raise ConvertError(f"{layout.root} is quantized (lmdeploy AWQ): task LoRAs cannot be merged into its "
+                           f"4-bit weights")
+    source = _Source(layout, awq_group)
     plan = _plan(source, config, has_vision, dtype, merge_task, shard_size, quantization_config)
     notes = []
     if not has_vision:
@@ -762,7 +792,7 @@ def _write(tmp: str, plan: _Plan, source: _Source, progress: _Progress) -> Tuple
                 if n in plan.quant_parts:
                     tensors[n]["quantized"] = plan.quant_parts[n]
                 weight_map[n] = fname
-                if plan.quant_parts.get(n, "qweight") == "qweight":  # a quantized weight's source counts once
+                if src == n or plan.quant_parts[n] == "qweight":  # a quantized weight's source counts once
                     read += int(np.prod(e.shape, dtype=np.int64)) * _ITEMSIZE[e.dtype]
                 written += out.nbytes
                 if plan.dtypes[n] == "F16" and e.dtype != "F16":
