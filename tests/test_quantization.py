@@ -231,3 +231,60 @@ def test_quantization_error_is_there_and_int8_is_closer(dirs, models):
         err[name] = float(np.abs(got - ref).max() / np.abs(ref).max())
     assert 1e-4 < err["int8"] < 0.05, err
     assert 3 * err["int8"] < min(err["int4-g128"], err["int4-g32"]) < 0.5, err
+
+
+def test_write_tasks_equal_the_twin(models, graph_mode, tmp_path):
+    """write_webpage (task LoRA web, 2 beams) and write_artical (sft + dpo) over quantized base linears."""
+    q, twin = models("int4-g128")
+    a = q.write_webpage("A page about cats.", max_new_tokens=6, do_sample=False, output_dir=None)
+    b = twin.write_webpage("A page about cats.", max_new_tokens=6, do_sample=False, output_dir=None)
+    assert a == b
+    a = q.write_artical("An essay on cats.", do_sample=False, max_length=80)
+    b = twin.write_artical("An essay on cats.", do_sample=False, max_length=80)
+    assert a == b
+
+
+def _cli_env():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return root, dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+
+
+def test_mxc_chat_and_mxc_serve_with_a_quantized_dir(dirs):
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    qdir = dirs["int4-g128"][0]
+    root, env = _cli_env()
+    r = subprocess.run([sys.executable, "-m", "mindxcomposer.cli", "--model", qdir, "--image", DEMO_IMAGE,
+                        "--max-new-tokens", "4", "What is this?"], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip()
+    httpx = pytest.importorskip("httpx")
+    pytest.importorskip("fastapi")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "mindxcomposer.serve.cli", "--model", qdir, "--port", str(port),
+                             "--max-batch", "2"], cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "mxc-serve did not come up"
+            time.sleep(0.5)
+        model_id = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=10).json()["data"][0]["id"]
+        reply = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=120, json={
+            "model": model_id, "messages": [{"role": "user", "content": "Hi"}], "temperature": 0, "max_tokens": 4})
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["usage"]["completion_tokens"] == 4
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=60)
