@@ -115,7 +115,7 @@ def dirs(tmp_path_factory):
     built = {"src": src}
     for (scheme, gs), name in zip(SCHEMES, IDS):
         q = str(root / name)
-        convert(src, q, **quiet(quantize=scheme, group_size=gs))
+        convert(src, q, **quiet(quantize=scheme, group_size=gs, verify=gs is not None))  # --verify re-reads
         built[name] = (q, dequantized_twin(q, str(root / f"{name}-twin")))
     return built
 
@@ -288,3 +288,16 @@ def test_mxc_chat_and_mxc_serve_with_a_quantized_dir(dirs):
     finally:
         proc.terminate()
         proc.communicate(timeout=60)
+
+
+def test_bf16_products_and_fp32_storage_equal_the_twin(dirs):
+    """compute_dtype='bf16' (both inputs of a product rounded to bf16: the dequantized weight too) and
+    dtype='fp32' (the unquantized tensors widened; the quantized parts stay as stored)."""
+    from mindxcomposer import InternLMXComposer2ForCausalLM as M
+
+    qdir, tdir = dirs["int4-g32"]
+    emb, im = _prompt(M.from_pretrained(tdir), 40, 12, 3)
+    for kw in (dict(compute_dtype="bf16"), dict(dtype="fp32")):
+        q, t = M.from_pretrained(qdir, **kw), M.from_pretrained(tdir, **kw)
+        assert_close(q(inputs_embeds=emb, im_mask=im).logits.asnumpy(),
+                     t(inputs_embeds=emb, im_mask=im).logits.asnumpy(), 1e-5, f"int4 {kw}")
