@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Dict, Optional
 
 from .errors import ConfigError, ModelNotFoundError
+from .quantization import parse_config
 from .validation import read_config_json
 
 
@@ -67,6 +68,8 @@ class InternLMXComposer2Config:
     # Set by `mxc-convert --merge-task`: that task's LoRAs are folded into the base weights and the task
     # LoRA tensors dropped, so infer_mode 'base' computes what the unmerged model does in that mode.
     merged_task_lora: Optional[str] = None  # None, 'web' or 'write'
+    # Set by `mxc-convert --quantize`: how the decoder's base linears are stored (`quantization.make_config`).
+    quantization_config: Optional[dict] = None
 
     def __post_init__(self):
         if isinstance(self.vision_config, dict):
@@ -88,6 +91,12 @@ class InternLMXComposer2Config:
             raise ValueError(f"merged_task_lora must be None, 'web' or 'write', got {self.merged_task_lora!r}")
         if self.projector_hidden_size is None:
             self.projector_hidden_size = self.hidden_size
+        parse_config(self.quantization_config)  # a clear error now rather than at the first product
+
+    @property
+    def quantization(self):
+        """(bits, group_size) of the decoder's base linears, or None when they are stored as floats."""
+        return parse_config(self.quantization_config)
 
     @property
     def head_dim(self) -> int:
@@ -104,12 +113,15 @@ class InternLMXComposer2Config:
         return cls(**{k: copy.deepcopy(v) for k, v in d.items() if k in known})
 
     @classmethod
-    def from_pretrained(cls, path: str) -> "InternLMXComposer2Config":
-        """Read `config.json` (upstream or ours) and the CLIP config beside it, if any."""
+    def from_pretrained(cls, path: str, ignore_quantization: bool = False) -> "InternLMXComposer2Config":
+        """Read `config.json` (upstream or ours) and the CLIP config beside it, if any. `ignore_quantization`
+        leaves out its `quantization_config` (the converter reads another library's layout itself)."""
         cfg_file = os.path.join(path, "config.json") if os.path.isdir(path) else path
         if not os.path.isfile(cfg_file):
             raise ModelNotFoundError(f"no config.json in {path!r}: not an IXC2.5 model directory")
         d = read_config_json(cfg_file)
+        if ignore_quantization:
+            d.pop("quantization_config", None)
         model_type = d.get("model_type")
         if model_type not in (None, "internlm2", "internlmxcomposer2"):
             raise ConfigError(f"{cfg_file}: model_type {model_type!r} is not an InternLM-XComposer2 model")

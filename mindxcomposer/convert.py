@@ -31,18 +31,20 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-from . import __version__
+from . import __version__, awq
 from .atomic import make_sibling_dir, missing_parents, publish, readable_as_umask, remove_partial
 from .cli_support import deferred_interrupts, import_mindspore, run_command, shielded
 from .configuration import InternLMXComposer2Config
 from .constants import BUNDLED_TOKENIZER, LINEARS, MERGE_TASKS, TASK_LORAS
+from .quantization import PART_DTYPES, QuantizationConfigError, make_config, quantize as quantize_weight
 from .weights import (Checkpoint, CheckpointError, SafetensorsFile, bf16_to_fp32,
                       check_names_and_shapes, fp32_to_bf16, iter_shards, parameter_shapes, sizes_from_weights,
                       to_ours)
 
 CONVERTER_VERSION = "1"
 DTYPES = {"bf16": "BF16", "fp16": "F16", "fp32": "F32"}  # --dtype -> safetensors dtype code
-_ITEMSIZE = {"BF16": 2, "F16": 2, "F32": 4}
+_ITEMSIZE = {"BF16": 2, "F16": 2, "F32": 4, "I8": 1, "U8": 1, "I32": 4}
+_SOURCE_DTYPES = ("BF16", "F16", "F32")
 ARCHITECTURE = "InternLMXComposer2ForCausalLM"
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
 TORCH_HINT = 'pip install "mindxcomposer[convert]"'
@@ -240,8 +242,9 @@ class _Source:
     """The tensors of an upstream checkpoint by our names. Offers the parts of `weights.Checkpoint` that
     `sizes_from_weights` and `check_names_and_shapes` use."""
 
-    def __init__(self, layout: _Layout):
+    def __init__(self, layout: _Layout, awq_group: Optional[int] = None):
         self.layout = layout
+        self.awq_group = awq_group  # an lmdeploy AWQ source: its packed int32 tensors are read too
         self._open_shard = _SafetensorsShard if layout.format == "safetensors" else _TorchShard
         self.entries: Dict[str, _Entry] = {}
         self.ignored: List[str] = []
@@ -264,7 +267,8 @@ class _Source:
                 if ours in self.entries:
                     raise ConvertError(f"{path}: key {key!r} and {self.entries[ours].key!r} in "
                                        f"{self.entries[ours].file} are both parameter {ours!r}")
-                if dtype not in _ITEMSIZE:
+                if dtype not in _SOURCE_DTYPES and not (awq_group and dtype == "I32" and ours.endswith(
+                        (".qweight", ".qzeros"))):
                     raise ConvertError(f"{path}: tensor {key!r} has dtype {dtype}; only bf16, fp16 and fp32 "
                                        f"tensors can be converted")
                 self.entries[ours] = _Entry(key, path, tuple(shape), dtype)
@@ -367,9 +371,15 @@ class _Plan:
     sizes: Dict[str, int]  # output bytes
     dtype_arg: Optional[str]
     merge_task: Optional[str]
+    sources: Dict[str, str]  # output tensor -> the source tensor it comes from (a quantized weight: 2-3 parts)
+    quant_parts: Dict[str, str]  # output tensor -> its part ('qweight', 'scales', 'qzeros') of a quantized weight
+    quantization: Optional[Tuple[int, int]]  # (bits, group_size)
+    quant_cache: Optional[Tuple[str, Dict[str, np.ndarray]]] = None  # the last weight quantized, with its parts
 
 
-def _load_config(root: str) -> Tuple[InternLMXComposer2Config, bool]:
+def _load_config(root: str) -> Tuple[InternLMXComposer2Config, bool, Optional[int]]:
+    """The source's config, whether it has a vision config, and the group size of an lmdeploy AWQ source (None:
+    not one)."""
     cfg_file = os.path.join(root, "config.json")
     if not os.path.isfile(cfg_file):
         raise ConvertError(f"no config.json in {root}: the upstream config must sit beside the weights")
@@ -385,19 +395,36 @@ def _load_config(root: str) -> Tuple[InternLMXComposer2Config, bool]:
         raise ConvertError(f"{cfg_file}: architectures {archs!r} is not {ARCHITECTURE}; this converter "
                            f"handles InternLM-XComposer-2.5 checkpoints only")
     has_vision = "vision_config" in raw or os.path.isfile(os.path.join(root, "vision_config.json"))
+    qc = raw.get("quantization_config")
+    awq_group = None
+    if isinstance(qc, dict) and qc.get("quant_method") == "awq":
+        try:
+            awq_group = awq.check_config(qc)
+        except awq.AwqLayoutError as e:
+            raise ConvertError(f"{cfg_file}: {e}") from None
     try:
-        config = InternLMXComposer2Config.from_pretrained(root)
+        config = InternLMXComposer2Config.from_pretrained(root, ignore_quantization=awq_group is not None)
     except (ValueError, TypeError, AttributeError) as e:
         raise ConvertError(f"{cfg_file} (with vision_config.json, if any) is not a usable IXC2.5 config: "
                            f"{e}") from None
-    return config, has_vision
+    return config, has_vision, awq_group
 
 
 def _plan(source: _Source, config: InternLMXComposer2Config, has_vision: bool, dtype: Optional[str],
-          merge_task: Optional[str], shard_size: int) -> _Plan:
+          merge_task: Optional[str], shard_size: int, quantization_config: Optional[dict] = None) -> _Plan:
     for k, v in sizes_from_weights(source).items():
         setattr(config, k, v)
     expected = parameter_shapes(config)
+    if source.awq_group:  # lmdeploy's AWQ parts instead of each base linear's weight
+        for n in [n for n in expected if _PLORA_WEIGHT.fullmatch(n)]:
+            out_f, in_f = expected.pop(n)
+            try:
+                parts = awq.shapes(out_f, in_f, source.awq_group)
+            except awq.AwqLayoutError as e:
+                raise ConvertError(f"{source.describe()}: {n[: -len('.weight')]}: {e}") from None
+            for part, shape in parts.items():
+                expected[n[: -len("weight")] + part] = shape
+        quantization_config = make_config("int4", source.awq_group)
     try:
         check_names_and_shapes(expected, source, source.describe())
     except CheckpointError as e:
@@ -420,18 +447,36 @@ def _plan(source: _Source, config: InternLMXComposer2Config, has_vision: bool, d
     if merge_task:
         out_config.task_lora_ranks = {}
         out_config.merged_task_lora = merge_task
+    out_config.quantization_config = quantization_config
+    quant = out_config.quantization
     shapes = parameter_shapes(out_config)
     dropped_set = set(dropped)
-    names = [n for n in source.entries if n not in dropped_set]
-    dtypes = {n: DTYPES[dtype] if dtype else source.entries[n].dtype for n in names}
+    names, sources, parts, dtypes = [], {}, {}, {}
+    for n in source.entries:
+        if n in dropped_set:
+            continue
+        if source.awq_group and n.endswith(awq.PARTS):  # an AWQ part: our part of the same name
+            names.append(n)
+            sources[n], parts[n], dtypes[n] = n, n.rsplit(".", 1)[1], PART_DTYPES[4][n.rsplit(".", 1)[1]]
+            continue
+        if quant is not None and _PLORA_WEIGHT.fullmatch(n):  # a base linear: its quantized parts instead
+            for part, code in PART_DTYPES[quant[0]].items():
+                out = n[: -len("weight")] + part
+                names.append(out)
+                sources[out], parts[out], dtypes[out] = n, part, code
+            continue
+        names.append(n)
+        sources[n] = n
+        dtypes[n] = DTYPES[dtype] if dtype else source.entries[n].dtype
     sizes = {n: int(np.prod(shapes[n], dtype=np.int64)) * _ITEMSIZE[dtypes[n]] for n in names}
     # An output shard never spans two source files: it then holds at most one source file's tensors.
     by_file: Dict[str, List[str]] = {}
     for n in names:
-        by_file.setdefault(source.entries[n].file, []).append(n)
+        by_file.setdefault(source.entries[sources[n]].file, []).append(n)
     shards = [shard for group in by_file.values() for shard in iter_shards(group, sizes, shard_size)]
     shard_names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    return _Plan(out_config, names, dtypes, merges, dropped, shards, shard_names, sizes, dtype, merge_task)
+    return _Plan(out_config, names, dtypes, merges, dropped, shards, shard_names, sizes, dtype, merge_task,
+                 sources, parts, quant)
 
 
 def _where_and_why(source: _Source, expected: Dict[str, Tuple[int, ...]], has_vision: bool) -> str:
@@ -450,20 +495,35 @@ def _where_and_why(source: _Source, expected: Dict[str, Tuple[int, ...]], has_vi
 
 def _output(name: str, plan: _Plan, readers: _Readers, source: _Source) -> Tuple[np.ndarray, bool]:
     """The tensor to write for `name`, and whether it still views the source's memory."""
+    part = plan.quant_parts.get(name)
+    if part is not None and source.awq_group:  # lmdeploy's layout, repacked into ours
+        return awq.to_ours(part, readers.get(name), source.entries[name].dtype), False
+    if part is not None:  # the parts of one weight are consecutive: it is quantized once, for the first
+        src = plan.sources[name]
+        if plan.quant_cache is None or plan.quant_cache[0] != src:
+            plan.quant_cache = None  # the previous weight's parts go before this one's are made
+            plan.quant_cache = (src, quantize_weight(_merged_fp32(src, plan, readers, source), *plan.quantization))
+        return plan.quant_cache[1][part], False
     entry = source.entries[name]
-    raw = readers.get(name)
-    factors = plan.merges.get(name)
-    if not factors:
+    if not plan.merges.get(name):
+        raw = readers.get(name)
         out = _cast(raw, entry.dtype, plan.dtypes[name])
         return out, out is raw
-    acc = _to_fp32(raw, entry.dtype)
+    return _from_fp32(_merged_fp32(name, plan, readers, source), plan.dtypes[name]), False
+
+
+def _merged_fp32(name: str, plan: _Plan, readers: _Readers, source: _Source) -> np.ndarray:
+    """Source tensor `name` in fp32 (a fresh array), with the task LoRAs of --merge-task folded in."""
+    entry = source.entries[name]
+    acc = _to_fp32(readers.get(name), entry.dtype)
+    factors = plan.merges.get(name) or ()
     for b_name, a_name in factors:
         b = _to_fp32(readers.get(b_name), source.entries[b_name].dtype)
         a = _to_fp32(readers.get(a_name), source.entries[a_name].dtype)
         acc += b @ a
         readers.release(b_name)
         readers.release(a_name)
-    return _from_fp32(acc, plan.dtypes[name]), False
+    return acc
 
 
 def _sha256(arr: np.ndarray) -> str:
@@ -538,12 +598,14 @@ class ConversionSummary:
     merged_task_lora: Optional[str]
     verified: bool
     notes: List[str]
+    quantize: Optional[str] = None
 
     def __str__(self) -> str:
         rate = self.bytes_written / max(self.seconds, 1e-9) / 1e9
         lines = [f"converted {self.tensors} tensors ({_gb(self.bytes_read)} GB read, {_gb(self.bytes_written)} GB "
                  f"written in {self.shards} shard(s), dtype {self.dtype}"
                  + (f", task LoRA {self.merged_task_lora!r} merged" if self.merged_task_lora else "")
+                 + (f", decoder linears {self.quantize}" if self.quantize else "")
                  + (", verified" if self.verified else "")
                  + f") in {self.seconds:.1f} s ({rate:.2f} GB/s) -> {self.dst}"]
         return "\n".join(lines + [f"note: {n}" for n in self.notes])
@@ -555,9 +617,20 @@ class ConversionSummary:
 
 def convert(src: str, dst: str, dtype: Optional[str] = None, merge_task: Optional[str] = None,
             force: bool = False, verify: bool = False, shard_size=DEFAULT_SHARD_SIZE,
-            progress_stream=None) -> ConversionSummary:
-    """Convert the checkpoint at `src` into the model directory `dst`; see the module docstring."""
+            progress_stream=None, quantize: Optional[str] = None,
+            group_size: Optional[int] = None) -> ConversionSummary:
+    """Convert the checkpoint at `src` into the model directory `dst`; see the module docstring.
+    `quantize` 'int8' / 'int4' stores the decoder's base linears quantized (`quantization`); `group_size`
+    (int4 only, default 128) is the number of inputs that share a scale and zero point."""
     t0 = time.monotonic()
+    quantization_config = None
+    if quantize is not None or group_size is not None:
+        if quantize is None:
+            raise ConvertError("group_size applies to quantize='int4' only")
+        try:
+            quantization_config = make_config(quantize, group_size)
+        except QuantizationConfigError as e:
+            raise ConvertError(str(e)) from None
     if dtype is not None and dtype not in DTYPES:
         raise ConvertError(f"dtype must be one of {sorted(DTYPES)} or None (keep the source's), got {dtype!r}")
     if merge_task is not None and merge_task not in MERGE_TASKS:
@@ -569,9 +642,15 @@ def convert(src: str, dst: str, dtype: Optional[str] = None, merge_task: Optiona
     dst = os.path.abspath(dst)
     _check_destination(src, dst, force)
     layout = _locate(src)
-    config, has_vision = _load_config(layout.root)
-    source = _Source(layout)
-    plan = _plan(source, config, has_vision, dtype, merge_task, shard_size)
+    config, has_vision, awq_group = _load_config(layout.root)
+    if config.quantization_config is not None or (awq_group and quantization_config):
+        raise ConvertError(f"{layout.root} is already quantized: convert the unquantized checkpoint to quantize "
+                           f"it (an lmdeploy AWQ checkpoint converts without --quantize)")
+    if awq_group and merge_task:
+        raise ConvertError(f"{layout.root} is quantized (lmdeploy AWQ): task LoRAs cannot be merged into its "
+                           f"4-bit weights")
+    source = _Source(layout, awq_group)
+    plan = _plan(source, config, has_vision, dtype, merge_task, shard_size, quantization_config)
     notes = []
     if not has_vision:
         notes.append("no vision config beside config.json: wrote the release's CLIP ViT-L/14-560 config")
@@ -601,7 +680,7 @@ def convert(src: str, dst: str, dtype: Optional[str] = None, merge_task: Optiona
             remove_partial(tmp, created)
         raise
     return ConversionSummary(dst, len(plan.names), len(plan.shards), read, written, time.monotonic() - t0,
-                             dtype or "source", merge_task, verify, notes)
+                             dtype or "source", merge_task, verify, notes, quantize)
 
 
 def _check_destination(src: str, dst: str, force: bool) -> None:
@@ -645,7 +724,8 @@ def _write(tmp: str, plan: _Plan, source: _Source, progress: _Progress) -> Tuple
     last_use: Dict[str, int] = {}
     for i, names in enumerate(plan.shards):
         for n in names:
-            for m in [n] + [x for pair in plan.merges.get(n, ()) for x in pair]:
+            src = plan.sources[n]
+            for m in [src] + [x for pair in plan.merges.get(src, ()) for x in pair]:
                 last_use[source.entries[m].file] = i
     tensors, weight_map = {}, {}
     read = written = overflow = 0
@@ -656,16 +736,20 @@ def _write(tmp: str, plan: _Plan, source: _Source, progress: _Progress) -> Tuple
             arrays, keep = {}, []
             for n in names:
                 out, is_view = _output(n, plan, readers, source)
+                src = plan.sources[n]
                 if is_view:
-                    keep.append(n)
+                    keep.append(src)
                 else:
-                    readers.release(n)
-                e = source.entries[n]
+                    readers.release(src)
+                e = source.entries[src]
                 tensors[n] = {"file": fname, "dtype": plan.dtypes[n], "shape": list(out.shape),
                               "sha256": _sha256(out), "source_key": e.key,
                               "source_file": os.path.basename(e.file), "source_dtype": e.dtype}
+                if n in plan.quant_parts:
+                    tensors[n]["quantized"] = plan.quant_parts[n]
                 weight_map[n] = fname
-                read += int(np.prod(e.shape, dtype=np.int64)) * _ITEMSIZE[e.dtype]
+                if src == n or plan.quant_parts[n] == "qweight":  # a quantized weight's source counts once
+                    read += int(np.prod(e.shape, dtype=np.int64)) * _ITEMSIZE[e.dtype]
                 written += out.nbytes
                 if plan.dtypes[n] == "F16" and e.dtype != "F16":
                     overflow += int(np.count_nonzero(np.isinf(out)))
@@ -673,6 +757,7 @@ def _write(tmp: str, plan: _Plan, source: _Source, progress: _Progress) -> Tuple
                 progress.advance(out.nbytes)
             _save_shard(os.path.join(tmp, fname), arrays, plan.dtypes)
             del arrays, out  # the shard's memory goes before the source pages are dropped
+            plan.quant_cache = None
             for n in keep:
                 readers.release(n)
             readers.close_unneeded({f for f, last in last_use.items() if last > i})
@@ -693,6 +778,7 @@ def _write(tmp: str, plan: _Plan, source: _Source, progress: _Progress) -> Tuple
                    "files": files, "ignored_keys": source.ignored},
         "dtype": plan.dtype_arg or "source",
         "merged_task_lora": plan.merge_task,
+        "quantization_config": plan.config.quantization_config,
         "dropped_task_lora_keys": plan.dropped,
         "tensors": tensors,
     }
@@ -738,14 +824,14 @@ def _verify(tmp: str, plan: _Plan, source: _Source, manifest: dict, progress: _P
             for n in plan.shards[i]:
                 got = sf.raw(n)
                 expected, _ = _output(n, plan, readers, source)
-                e = source.entries[n]
+                e = source.entries[plan.sources[n]]
                 if sf.dtype(n) != plan.dtypes[n] or got.shape != expected.shape or not _same_bytes(got, expected):
                     raise ConvertError(f"verification failed: {n} in {fname} ({sf.dtype(n)} {list(got.shape)}) "
                                        f"differs from the source {e.key!r} in {os.path.basename(e.file)} "
                                        f"converted to {plan.dtypes[n]}")
                 if _sha256(got) != manifest["tensors"][n]["sha256"]:
                     raise ConvertError(f"verification failed: {n} in {fname} does not match its manifest sha256")
-                readers.release(n)
+                readers.release(plan.sources[n])
                 progress.advance(got.nbytes)
             progress.finish()
     finally:
@@ -775,6 +861,12 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="cast every tensor (default: keep the source's)")
     parser.add_argument("--merge-task", choices=sorted(MERGE_TASKS),
                         help="fold that task's LoRAs into the base weights and drop all task LoRA tensors")
+    parser.add_argument("--quantize", choices=("int8", "int4"),
+                        help="store the decoder's base linears (wqkv, wo, w1, w2, w3) quantized: int8 symmetric "
+                             "per output channel, or int4 asymmetric per group of inputs (AWQ's scheme); "
+                             "everything else keeps its dtype")
+    parser.add_argument("--group-size", type=int,
+                        help="inputs per int4 scale and zero point (default 128; int4 only)")
     parser.add_argument("--force", action="store_true", help="replace an existing DST")
     parser.add_argument("--verify", action="store_true",
                         help="re-read the output and compare every tensor with the source before publishing")
@@ -786,7 +878,8 @@ def main(argv=None) -> int:
 
     def run():
         print(convert(args.src, args.dst, dtype=args.dtype, merge_task=args.merge_task, force=args.force,
-                      verify=args.verify, shard_size=args.shard_size))
+                      verify=args.verify, shard_size=args.shard_size, quantize=args.quantize,
+                      group_size=args.group_size))
 
     return run_command("mxc-convert", run, debug=args.debug, whole_process=argv is None,
                        interrupted_note=f"; nothing was written to {args.dst}")

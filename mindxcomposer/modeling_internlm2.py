@@ -21,12 +21,12 @@ from mindspore import Tensor, nn, ops
 from .configuration import InternLMXComposer2Config
 from .constants import LINEARS
 from .layers import Embedding, RMSNorm, rms_norm
-from .ops import EXACT, attention, embedding, linear, linear_add, swiglu
+from .ops import EXACT, attention, embedding, linear, linear_add, linear_int4, linear_int8, swiglu
 from .plora import PLoRA
 
 
 def _plora(config, in_f, out_f, bias, dtype):
-    return PLoRA(in_f, out_f, bias, config.plora_rank, config.plora_scale, dtype)
+    return PLoRA(in_f, out_f, bias, config.plora_rank, config.plora_scale, dtype, config.quantization)
 
 
 class InternLM2Attention(nn.Cell):
@@ -62,12 +62,13 @@ class InternLM2DecoderLayer(nn.Cell):
         return getattr(getattr(self, part), lin)
 
     def layer_weights(self, tasks=()):
-        """The flat weight tuple `DecoderMath.layer` takes: per linear in `LINEARS` order weight, [bias],
-        Plora_A, Plora_B; then the two norms; then per linear the (A, B) of each of `tasks`."""
+        """The flat weight tuple `DecoderMath.layer` takes: per linear in `LINEARS` order weight (or its
+        quantized parts, `PLoRA.base_weights`), [bias], Plora_A, Plora_B; then the two norms; then per linear
+        the (A, B) of each of `tasks`."""
         base, extra = [], []
         for name in LINEARS:
             p = self.plora(name)
-            base += [p.weight] + ([p.bias] if p.bias is not None else []) + [p.Plora_A.weight, p.Plora_B.weight]
+            base += list(p.base_weights()) + ([p.bias] if p.bias is not None else []) + [p.Plora_A.weight, p.Plora_B.weight]
             for task in tasks:
                 extra += list(p.task_weights(task))
         return tuple(base + [self.attention_norm.weight, self.ffn_norm.weight] + extra)
@@ -92,10 +93,16 @@ class DecoderMath(nn.Cell):
         self.hidden_size = config.hidden_size
         self.eps = config.rms_norm_eps
         self.lora_scale = config.plora_scale
-        # Per linear: weight, [bias], Plora_A, Plora_B. Only the attention linears may have a bias.
+        # Per linear: weight (or its quantized parts), [bias], Plora_A, Plora_B. Only the attention linears may
+        # have a bias.
+        quant = config.quantization
+        self.quant_bits = 0 if quant is None else quant[0]
+        self.group_size = 0 if quant is None else quant[1]
+        self.base_parts = {0: 1, 8: 2, 4: 3}[self.quant_bits]  # tensors of one stored base weight
         self.has_bias = tuple(bool(config.bias) and name.startswith("attention.") for name in LINEARS)
-        self.offsets = tuple(int(sum(4 if b else 3 for b in self.has_bias[:i])) for i in range(len(LINEARS)))
-        self.num_base = int(sum(4 if b else 3 for b in self.has_bias)) + 2
+        per_linear = tuple(self.base_parts + (3 if b else 2) for b in self.has_bias)
+        self.offsets = tuple(int(sum(per_linear[:i])) for i in range(len(LINEARS)))
+        self.num_base = int(sum(per_linear)) + 2
         self.scale_divisor = math.sqrt(self.head_dim)
         self.use_fused_attention = use_fused_attention
         half = self.head_dim // 2
@@ -106,7 +113,8 @@ class DecoderMath(nn.Cell):
         """Linear number i of `LINEARS`: W x [+ b] + task LoRAs [+ scale * B(A x) on image rows].
         Without `image_lora` the image branch, which adds exactly zero on text rows, is left out."""
         o = self.offsets[i]
-        res = linear(x, w[o], self.products)
+        res = self.base_product(x, w, o)
+        o = o + self.base_parts - 1  # the base weight's last tensor: bias, Plora_A, Plora_B follow
         if self.has_bias[i]:
             res = res + w[o + 1].astype(res.dtype)
             o = o + 1
@@ -120,6 +128,14 @@ class DecoderMath(nn.Cell):
             mid = linear(self.lora_input(x, w, i, 0), w[o + 1], self.products) * im_mask
             res = self.add_lora(res, mid, w[o + 2], self.lora_scale)
         return self.adapt(res, w, i, x)
+
+    def base_product(self, x, w, o):
+        """x W^T for the base weight stored at w[o:o + base_parts] (float, or quantized parts)."""
+        if self.quant_bits == 8:
+            return linear_int8(x, w[o], w[o + 1], self.products)
+        if self.quant_bits == 4:
+            return linear_int4(x, w[o], w[o + 1], w[o + 2], self.group_size, self.products)
+        return linear(x, w[o], self.products)
 
     def add_lora(self, res, mid, b, scale):
         """res + scale * mid B^T, a LoRA's B product onto a linear's output: with a scale of 1 (no multiply)

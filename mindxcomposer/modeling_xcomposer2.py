@@ -24,6 +24,7 @@ from .modeling_clip import CLIPVisionTower
 from .modeling_internlm2 import InternLM2Model
 from .ops import BF16, EXACT, enable_kernels, fused_attention_available
 from .prompt import build_inputs, interleave_chat
+from .quantization import is_part_name
 from .rope import packed_rope
 from .tokenization_internlm2 import load_model_tokenizer
 from .validation import check_chat_inputs, check_image, check_int, check_model_dir, check_token_ids, require_tokenizer
@@ -218,7 +219,13 @@ class InternLMXComposer2ForCausalLM(ChatMixin, nn.Cell):
             p = params[name]
             if tuple(arr.shape) != tuple(p.shape):
                 raise CheckpointError(f"{name}: checkpoint shape {tuple(arr.shape)} vs model {tuple(p.shape)}")
-            p.set_data(to_storage(arr, self.dtype, code))
+            if is_part_name(name):  # a quantized weight's part keeps its own dtype (int8, uint8, fp32 scales)
+                if np.dtype(arr.dtype) != np.dtype(ms.dtype_to_nptype(p.dtype)):
+                    raise CheckpointError(f"{name}: checkpoint dtype {arr.dtype} vs model {p.dtype} "
+                                          f"(quantization_config {self.config.quantization_config})")
+                p.set_data(Tensor(np.ascontiguousarray(arr)))
+            else:
+                p.set_data(to_storage(arr, self.dtype, code))
             seen.add(name)
         missing = sorted(set(params) - seen)
         if missing:

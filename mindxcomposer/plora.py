@@ -16,16 +16,26 @@ from mindspore import nn
 
 from .constants import TASK_LORAS
 from .layers import Linear, lazy_param
+from .quantization import PART_DTYPES, part_shapes
 
+_MS_DTYPES = {"I8": ms.int8, "U8": ms.uint8, "F32": ms.float32}
 
 
 class PLoRA(nn.Cell):
-    def __init__(self, in_features, out_features, bias, lora_rank, lora_scale=1.0, dtype=ms.float32):
+    def __init__(self, in_features, out_features, bias, lora_rank, lora_scale=1.0, dtype=ms.float32,
+                 quantization=None):
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
         self.dtype = dtype
-        self.weight = lazy_param((out_features, in_features), dtype, "weight")
+        self.quantization = quantization  # (bits, group_size) or None (`quantization`)
+        if quantization is None:
+            self.weight = lazy_param((out_features, in_features), dtype, "weight")
+        else:  # the stored parts in their own dtypes (int8 / uint8 codes, fp32 scales) instead of `weight`
+            self.weight = None
+            kinds = PART_DTYPES[quantization[0]]
+            for part, shape in part_shapes(out_features, in_features, *quantization).items():
+                setattr(self, part, lazy_param(shape, _MS_DTYPES[kinds[part]], part))
         self.bias = lazy_param((out_features,), dtype, "bias") if bias else None
         self.lora_scale = lora_scale
         self.Plora_A = Linear(in_features, lora_rank, bias=False, dtype=dtype)
@@ -33,6 +43,12 @@ class PLoRA(nn.Cell):
         for task in TASK_LORAS:
             setattr(self, f"{task}_A", None)
             setattr(self, f"{task}_B", None)
+
+    def base_weights(self) -> tuple:
+        """The stored base weight: (weight,), or its quantized parts in `quantization.PARTS` order."""
+        if self.quantization is None:
+            return (self.weight,)
+        return tuple(getattr(self, part) for part in PART_DTYPES[self.quantization[0]])
 
     def add_task(self, task, rank, prefix):
         """Create the (lazy) cells of one task LoRA; their parameters get their full upstream names

@@ -14,6 +14,7 @@ from typing import Dict, Iterable, Iterator, List, Optional, Tuple
 import numpy as np
 
 from .constants import TASK_LORAS
+from .quantization import part_shapes
 
 # Upstream names that carry no parameter of ours: dropped on load and on conversion.
 IGNORED_UPSTREAM = (
@@ -302,10 +303,15 @@ def parameter_shapes(config) -> Dict[str, Tuple[int, ...]]:
         "feed_forward.w3": (c.intermediate_size, c.hidden_size, False),
         "feed_forward.w2": (c.hidden_size, c.intermediate_size, False),
     }
+    quant = c.quantization
     for i in range(c.num_hidden_layers):
         lp = f"model.layers.{i}."
         for name, (out_f, in_f, bias) in linears.items():
-            shapes[f"{lp}{name}.weight"] = (out_f, in_f)
+            if quant is None:
+                shapes[f"{lp}{name}.weight"] = (out_f, in_f)
+            else:  # the stored parts of the quantized weight (`quantization`)
+                for part, shape in part_shapes(out_f, in_f, *quant).items():
+                    shapes[f"{lp}{name}.{part}"] = shape
             if bias:
                 shapes[f"{lp}{name}.bias"] = (out_f,)
             shapes[f"{lp}{name}.Plora_A.weight"] = (c.plora_rank, in_f)

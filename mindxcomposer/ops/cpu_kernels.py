@@ -3,7 +3,9 @@
 - `bf16_kernels.cc`: decode-sized products (a few rows) and embedding lookups that read bf16 weights in
   place: read-bound, one pass over each weight row serves every activation row.
 - `gemm_kernels.cc`: compute-bound products (prefill chunks, the ViT, attention, training), a blocked
-  GEMM with fp32 (`exact`) or bf16-input (`bf16`) arithmetic; bf16 weights are widened while packed.
+  GEMM with fp32 (`exact`) or bf16-input (`bf16`) arithmetic; bf16 weights are widened while packed, int8 /
+  int4 weights (`mindxcomposer.quantization`) dequantized while packed.
+- `quant_kernels.cc`: decode-sized products with int8 / int4 weights, read in place.
 
 One shared library is compiled from the package's own sources with the machine's g++ the first time it
 is needed (a few seconds), with `-march=native` and OpenMP, into a cache directory keyed by the sources,
@@ -32,7 +34,7 @@ import threading
 from types import SimpleNamespace
 
 _CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
-_SOURCES = [os.path.join(_CSRC, name) for name in ("bf16_kernels.cc", "gemm_kernels.cc")]
+_SOURCES = [os.path.join(_CSRC, name) for name in ("bf16_kernels.cc", "gemm_kernels.cc", "quant_kernels.cc")]
 _FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC", "-std=c++14"]
 # The library MindSpore uses is built for this CPU ("native"). The others build the same sources for the
 # older kinds of CPU (AVX2 + FMA; plain x86-64), so that their code paths are tested on any machine.
@@ -238,10 +240,14 @@ def _gemm_ops(lib, suffix):
                                    linear_bias_residual_bprop)
     linear_bias_gelu = _custom(lib, "MxcLinearNTBiasQuickGelu" + suffix, lambda x, w, b: list(x[:-1]) + [w[0]],
                                linear_bias_gelu_bprop)
+    # Quantized weights (`mindxcomposer.quantization`), dequantized while packed: x, q, scales[, zeros, group size]
+    linear_int8 = _custom(lib, "MxcLinearNTQuant" + suffix, lambda x, q, s: list(x[:-1]) + [q[0]])
+    linear_int4 = _custom(lib, "MxcLinearNTQuant" + suffix, lambda x, q, s, z, g: list(x[:-1]) + [q[0]])
     return SimpleNamespace(linear=linear, linear_add=linear_add, linear_bias=linear_bias,
-                           linear_bias_residual=linear_bias_residual, linear_bias_quick_gelu=linear_bias_gelu, batch_nt=bnt, batch_nn=bnn, attention=attention,
-                           attention_nomask=attention_nomask, attention_tokens=attention_tokens,
-                           linear_bprop=linear_bprop)
+                           linear_bias_residual=linear_bias_residual, linear_bias_quick_gelu=linear_bias_gelu,
+                           batch_nt=bnt, batch_nn=bnn, attention=attention, attention_nomask=attention_nomask,
+                           attention_tokens=attention_tokens, linear_bprop=linear_bprop, linear_int8=linear_int8,
+                           linear_int4=linear_int4)
 
 
 def custom_ops():
@@ -274,6 +280,9 @@ def custom_ops():
                                       gemm["exact"].linear_bprop),
                 embedding=_custom(lib, "MxcEmbeddingBf16", lambda i, t: list(i) + [t[1]],
                                   out_dtype=lambda i, t: ms.float32),
+                # Quantized weights, decode-sized rows (x, q, scales[, zeros, group size int32 [1]]).
+                decode_int8=_custom(lib, "MxcLinearInt8", lambda x, q, s: list(x[:-1]) + [q[0]]),
+                decode_int4=_custom(lib, "MxcLinearInt4", lambda x, q, s, z, g: list(x[:-1]) + [q[0]]),
                 gemm=gemm,
             )
         return _state["ops"]
@@ -295,6 +304,34 @@ def gemm_nt(a, w, bf16_products=False, arch="native"):
     out = np.empty((a.shape[0], w.shape[0]), np.float32)
     fn(a.ctypes.data, w.ctypes.data, int(w.dtype == np.uint16), out.ctypes.data, a.shape[0], w.shape[0],
        a.shape[1], int(bf16_products))
+    return out
+
+
+def quant_linear(x, parts, bits, group_size=-1, arch="native", gemm=False, bf16_products=False):
+    """numpy: x [M, K] fp32 times a quantized weight (`quantization` parts) -> [M, N] fp32, through the library
+    for `arch` directly: the decode kernel, or with `gemm` the blocked GEMM that dequantizes while packing."""
+    import numpy as np
+
+    lib = ctypes.CDLL(build(arch=arch))
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    q = np.ascontiguousarray(parts["qweight"])
+    scales = np.ascontiguousarray(parts["scales"], dtype=np.float32)
+    zeros = np.ascontiguousarray(parts["qzeros"]) if bits == 4 else np.zeros(1, np.uint8)
+    m, k = x.shape
+    out = np.empty((m, q.shape[0]), np.float32)
+    if gemm:
+        fn = lib.MxcGemmNTQuant
+        fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int, ctypes.c_void_p] + [ctypes.c_int64] * 4 + [ctypes.c_int]
+        rc = fn(x.ctypes.data, q.ctypes.data, scales.ctypes.data, zeros.ctypes.data, bits, out.ctypes.data, m,
+                q.shape[0], k, group_size, int(bf16_products))
+    else:
+        fn = lib.MxcQuantLinear
+        fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int, ctypes.c_void_p] + [ctypes.c_int64] * 4
+        rc = fn(x.ctypes.data, q.ctypes.data, scales.ctypes.data, zeros.ctypes.data, bits, out.ctypes.data, m,
+                q.shape[0], k, group_size)
+    if rc != 0:
+        raise ValueError(f"quantized product rejected its shapes: x {x.shape}, qweight {q.shape}, "
+                         f"scales {scales.shape}, group size {group_size}")
     return out
 
 

@@ -163,3 +163,66 @@ def embedding(ids, table, dtype):
     if _kernels is not None and table.dtype == ms.bfloat16 and dtype == ms.float32:
         return _kernels.embedding(ids, table)
     return ops.gather(table.astype(dtype), ids, 0)
+
+
+# ---- quantized weights (`mindxcomposer.quantization`: int8 per output channel, int4 group-wise) -------------
+def dequantize_int8(q, scales):
+    """q int8 [N, K], scales fp32 [N] -> fp32 [N, K]: q * scale, as `quantization.dequantize`."""
+    return q.astype(ms.float32) * scales.reshape(-1, 1)
+
+
+def dequantize_int4(q, scales, zeros, in_features, group_size):
+    """q uint8 [N, ceil(K / 2)] (even k in the low nibble), scales fp32 / zeros uint8 [N, G] -> fp32 [N, K]:
+    (q - zero) * scale, as `quantization.dequantize`. The nibbles are split in fp32 (exact: values < 256)."""
+    n, groups = scales.shape
+    b = q.astype(ms.float32)
+    hi = ops.floor(b / 16.0)
+    v = ops.stack([b - hi * 16.0, hi], -1).reshape(n, -1)
+    if v.shape[1] != in_features:
+        v = v[:, :in_features]
+    pad = groups * group_size - in_features
+    if pad:
+        v = ops.concat([v, ops.zeros((n, pad), ms.float32)], 1)
+    w = (v.reshape(n, groups, group_size) - zeros.astype(ms.float32).reshape(n, groups, 1)) * scales.reshape(
+        n, groups, 1)
+    w = w.reshape(n, groups * group_size)
+    return w[:, :in_features] if pad else w
+
+
+def _dequantized_product(x, w, products):
+    """The portable path of a quantized product: x times an fp32 weight dequantized in the graph."""
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    mode = products if x2.shape[0] > KERNEL_MAX_ROWS else EXACT  # decode-sized: exact, as `linear`
+    y = _matmul_t(_rounded(x2, mode), _rounded(w if w.dtype == x.dtype else w.astype(x.dtype), mode))
+    return y.reshape(lead + (w.shape[0],))
+
+
+def _quant_kernel_ready(x):
+    return _kernels is not None and x.dtype == ms.float32
+
+
+def linear_int8(x, q, scales, products=EXACT):
+    """x [..., K] times an int8 weight (q int8 [N, K], scales fp32 [N]) -> [..., N] in x's dtype. CPU kernels:
+    decode-sized rows read q in place; more rows go through the GEMM, which dequantizes while it packs."""
+    if _quant_kernel_ready(x):
+        x2 = x.reshape(-1, x.shape[-1])
+        if x2.shape[0] <= KERNEL_MAX_ROWS:
+            y = _kernels.decode_int8(x2, q, scales)
+        else:
+            y = _kernels.gemm[products].linear_int8(x2, q, scales)
+        return y.reshape(x.shape[:-1] + (q.shape[0],))
+    return _dequantized_product(x, dequantize_int8(q, scales), products)
+
+
+def linear_int4(x, q, scales, zeros, group_size, products=EXACT):
+    """x [..., K] times an int4 weight (`dequantize_int4`) -> [..., N] in x's dtype; paths as `linear_int8`."""
+    if _quant_kernel_ready(x):
+        x2 = x.reshape(-1, x.shape[-1])
+        gs = ms.Tensor([group_size], ms.int32)
+        if x2.shape[0] <= KERNEL_MAX_ROWS:
+            y = _kernels.decode_int4(x2, q, scales, zeros, gs)
+        else:
+            y = _kernels.gemm[products].linear_int4(x2, q, scales, zeros, gs)
+        return y.reshape(x.shape[:-1] + (q.shape[0],))
+    return _dequantized_product(x, dequantize_int4(q, scales, zeros, x.shape[-1], group_size), products)

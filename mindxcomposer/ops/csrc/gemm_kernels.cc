@@ -84,10 +84,16 @@ inline uint16_t f32_to_bf16(float f) {  // round to nearest even; NaN stays a qu
 inline float round_bf16(float f) { return bf16_to_f32(f32_to_bf16(f)); }
 
 // A strided view of an operand: element (r, c) is at p[r * rs + c * cs].
+// With `qbits` 8 or 4 it is a quantized weight W [N, K] used as B = W^T (rs = 1, cs = K; `dequant_column`),
+// which only the B packing reads.
 struct View {
   const void *p;
   int64_t rs, cs;
   bool bf16;
+  int qbits = 0;
+  const float *qscales = nullptr;  // [N] (int8) or [N, G] (int4)
+  const uint8_t *qzeros = nullptr;  // [N, G] (int4)
+  int64_t qgroup = 0, qgroups = 0;  // int4: inputs per group, groups per row
   inline float at(int64_t r, int64_t c) const {
     const int64_t i = r * rs + c * cs;
     return bf16 ? bf16_to_f32(static_cast<const uint16_t *>(p)[i]) : static_cast<const float *>(p)[i];
@@ -99,6 +105,28 @@ struct View {
 };
 
 // ---- packing --------------------------------------------------------------------------------------
+// Column n of a quantized B (row n of W), inputs k0 .. k0 + kc, to dst[k * stride] in fp32: exactly the value
+// (q - zero) * scale (int8: q * scale) that the dequantized fp32 weight holds (`mindxcomposer/quantization.py`),
+// so a quantized weight packs into the panels its dequantized fp32 twin packs into. Tile by tile: no copy of
+// the whole weight is ever made.
+void dequant_column(const View &b, int64_t n, int64_t k0, int64_t kc, float *dst, int64_t stride) {
+  const int64_t k = b.cs;
+  if (b.qbits == 8) {
+    const int8_t *q = static_cast<const int8_t *>(b.p) + n * k + k0;
+    const float s = b.qscales[n];
+    for (int64_t i = 0; i < kc; ++i) dst[i * stride] = static_cast<float>(q[i]) * s;
+    return;
+  }
+  const uint8_t *q = static_cast<const uint8_t *>(b.p) + n * ((k + 1) / 2);
+  const float *sc = b.qscales + n * b.qgroups;
+  const uint8_t *zr = b.qzeros + n * b.qgroups;
+  for (int64_t i = 0; i < kc; ++i) {
+    const int64_t kk = k0 + i, g = kk / b.qgroup;
+    const uint8_t v = (kk & 1) ? (q[kk >> 1] >> 4) : (q[kk >> 1] & 15);
+    dst[i * stride] = (static_cast<float>(v) - static_cast<float>(zr[g])) * sc[g];
+  }
+}
+
 // fp32 panels: A as [k][MR] per MR rows, B as [k][NR] per NR columns; zero padding past the edges.
 // With `round`, values are rounded to bf16 (the bf16 arithmetic on the fp32 micro-kernel).
 void pack_a_f32(const View &a, int64_t m0, int64_t mc, int64_t k0, int64_t kc, float *dst, bool round) {
@@ -135,6 +163,16 @@ void pack_b_f32(const View &b, int64_t k0, int64_t kc, int64_t n0, int64_t nc, f
   for (int64_t j0 = 0; j0 < nc; j0 += NR) {
     const int64_t cols = nc - j0 < NR ? nc - j0 : NR;
     float *panel = dst + (j0 / NR) * kc * NR;
+    if (b.qbits) {
+      for (int64_t j = 0; j < NR; ++j) {
+        if (j < cols) dequant_column(b, n0 + j0 + j, k0, kc, panel + j, NR);
+        for (int64_t k = 0; k < kc; ++k) {
+          float &v = panel[k * NR + j];
+          v = j < cols ? (round ? round_bf16(v) : v) : 0.0f;
+        }
+      }
+      continue;
+    }
     if (b.rs == 1 && b.bf16 && !round && cols == NR && kc % 2 == 0 && b.cs % 2 == 0 && k0 % 2 == 0) {
       // A bf16 weight W [N, K]: transpose 32-bit words (pairs of k) in tiles of NR columns x 16 pairs, then
       // widen each pair into two fp32 rows of the panel (a shift and a mask, vectorised by the compiler).
@@ -220,6 +258,17 @@ void pack_b_bf16(const View &b, int64_t k0, int64_t kc, int64_t n0, int64_t nc, 
   for (int64_t j0 = 0; j0 < nc; j0 += NR) {
     const int64_t cols = nc - j0 < NR ? nc - j0 : NR;
     uint16_t *panel = dst + (j0 / NR) * kc2 * NR * 2;
+    if (b.qbits) {
+      alignas(64) float col[KC_BF16 > KC ? KC_BF16 + 1 : KC + 1];
+      for (int64_t j = 0; j < NR; ++j) {
+        if (j < cols) dequant_column(b, n0 + j0 + j, k0, kc, col, 1);
+        for (int64_t p = 0; p < kc2; ++p) {
+          panel[(p * NR + j) * 2] = j < cols ? f32_to_bf16(col[2 * p]) : 0;
+          panel[(p * NR + j) * 2 + 1] = j < cols && 2 * p + 1 < kc ? f32_to_bf16(col[2 * p + 1]) : 0;
+        }
+      }
+      continue;
+    }
     if (b.rs == 1 && b.bf16 && cols == NR && kc % 2 == 0 && (b.cs % 2) == 0 && (k0 % 2) == 0) {
       // A bf16 weight W [N, K]: a pair (k, k+1) of column n is one 32-bit word of row n, so the panel is a
       // transpose of 32-bit words, in tiles of NR columns x 16 pairs.
@@ -620,7 +669,10 @@ void gemm(const View &a, const View &b, float *c, int64_t ldc, int64_t m, int64_
     return;
   }
 #ifdef MXC_WITH_ONEDNN
-  if (bf16 && m >= kOnednnMinRows && onednn_enabled() && onednn_gemm_bf16(a, b, c, ldc, m, n, k, accumulate)) return;
+  // (A quantized B stays here: its columns are dequantized while packed.)
+  if (bf16 && b.qbits == 0 && m >= kOnednnMinRows && onednn_enabled() &&
+      onednn_gemm_bf16(a, b, c, ldc, m, n, k, accumulate))
+    return;
 #endif
   int threads = 1;
 #ifdef _OPENMP
@@ -665,6 +717,28 @@ int linear_nt(int nparam, void **params, int *ndims, int64_t **shapes, const cha
   View a{params[0], k, 1, false};
   View b{params[1], 1, k, is_bf16(dtypes[1])};  // B(k, n) = W[n, k]
   gemm(a, b, static_cast<float *>(params[2]), n, m, n, k, bf16);
+  return 0;
+}
+
+// y[..., N] = x[..., K] W^T with W quantized (`View::qbits`): inputs x, qweight, scales[, qzeros, group size
+// int32 [1]], output y. int8: qweight int8 [N, K], scales [N]; int4: qweight uint8 [N, ceil(K / 2)], scales and
+// qzeros [N, G].
+int linear_nt_quant(int nparam, void **params, int *ndims, int64_t **shapes, bool bf16) {
+  if (nparam != 4 && nparam != 6) return 1;
+  const int64_t k = shapes[0][ndims[0] - 1], n = shapes[1][0];
+  const int64_t m = numel(ndims[0], shapes[0], ndims[0] - 1);
+  View b{params[1], 1, k, false};
+  b.qscales = static_cast<const float *>(params[2]);
+  if (nparam == 4) {
+    b.qbits = 8;
+  } else {
+    b.qbits = 4;
+    b.qzeros = static_cast<const uint8_t *>(params[3]);
+    b.qgroup = *static_cast<const int32_t *>(params[4]);
+    b.qgroups = shapes[2][1];
+    if (b.qgroup <= 0 || b.qgroups != (k + b.qgroup - 1) / b.qgroup) return 1;
+  }
+  gemm(View{params[0], k, 1, false}, b, static_cast<float *>(params[nparam - 1]), n, m, n, k, bf16);
   return 0;
 }
 
@@ -998,6 +1072,8 @@ int linear_nt_bias(int nparam, void **params, int *ndims, int64_t **shapes, cons
 
 MXC_AOT(MxcLinearNT) { return linear_nt(nparam, params, ndims, shapes, dtypes, false); }
 MXC_AOT(MxcLinearNTBf16) { return linear_nt(nparam, params, ndims, shapes, dtypes, true); }
+MXC_AOT(MxcLinearNTQuant) { return linear_nt_quant(nparam, params, ndims, shapes, false); }
+MXC_AOT(MxcLinearNTQuantBf16) { return linear_nt_quant(nparam, params, ndims, shapes, true); }
 MXC_AOT(MxcLinearNTAdd) { return linear_nt_add(nparam, params, ndims, shapes, dtypes, false); }
 MXC_AOT(MxcLinearNTAddBf16) { return linear_nt_add(nparam, params, ndims, shapes, dtypes, true); }
 
@@ -1085,6 +1161,22 @@ extern "C" int MxcOnednn(int enable) {
   (void)enable;
   return -1;
 #endif
+}
+
+// For tests and benchmarks without MindSpore: C[M, N] = A[M, K] W^T with W quantized (bits 8 or 4).
+extern "C" int MxcGemmNTQuant(const float *a, const void *q, const float *scales, const uint8_t *zeros, int bits,
+                              float *c, int64_t m, int64_t n, int64_t k, int64_t group, int bf16_products) {
+  View b{q, 1, k, false};
+  b.qbits = bits;
+  b.qscales = scales;
+  if (bits == 4) {
+    b.qzeros = zeros;
+    b.qgroup = group;
+    b.qgroups = group > 0 ? (k + group - 1) / group : 0;
+    if (group <= 0) return 1;
+  }
+  gemm(View{a, k, 1, false}, b, c, n, m, n, k, bf16_products != 0);
+  return 0;
 }
 
 // What the library was built with: 2 = AVX-512 with native bf16 products, 1 = AVX-512, 3 = AVX2, 0 = portable.

@@ -1,0 +1,251 @@
+// Decode-sized products (a few rows) with quantized weights (`mindxcomposer/quantization.py`), called through
+// MindSpore's `ops.Custom(func_type="aot")`: the packed weight is read in place, once, for every activation row
+// (read-bound: the bytes of the weight are the cost of a decode step), and never widened into a copy.
+//
+// - int8 [N, K] with an fp32 scale per output channel: y[m, n] = scale[n] * sum_k x[m, k] q[n, k]
+//   (the scale is applied to the sum; the twin applies it to each weight: the same value up to one rounding);
+// - int4 [N, ceil(K / 2)] (even k in the low nibble) with an fp32 scale and a uint8 zero point per group:
+//   every weight becomes exactly the fp32 value (q - zero) * scale that the dequantized fp32 model holds. With
+//   AVX-512 a group's 16 possible values are a table and a nibble is an index into it (vpermps reads the low
+//   4 bits of each lane), so a weight costs no arithmetic before its FMA.
+//
+// Calling convention of MindSpore's AOT custom ops: `params` holds the inputs, then the outputs.
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace {
+
+int64_t count(int ndim, const int64_t *shape) {
+  int64_t n = 1;
+  for (int i = 0; i < ndim; ++i) n *= shape[i];
+  return n;
+}
+
+#if defined(__AVX512F__)
+inline float hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
+#elif defined(__AVX2__) && defined(__FMA__)
+inline float hsum(__m256 v) {
+  __m128 lo = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
+  lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
+  return _mm_cvtss_f32(lo);
+}
+#endif
+
+// ---- int8 ---------------------------------------------------------------------------------------------
+// MR rows of x [.., K] against one weight row q [K]: y[m * ldy] = scale * sum_k x[m, k] q[k].
+template <int MR>
+inline void int8_rows(const float *x, int64_t k, const int8_t *q, float scale, float *y, int64_t ldy) {
+  float acc[MR];
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  __m512 a[MR][2];
+  for (int m = 0; m < MR; ++m) a[m][0] = a[m][1] = _mm512_setzero_ps();
+  for (; i + 32 <= k; i += 32) {
+    const __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i *>(q + i))));
+    const __m512 w1 =
+        _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i *>(q + i + 16))));
+    for (int m = 0; m < MR; ++m) {
+      a[m][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + m * k + i), a[m][0]);
+      a[m][1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + m * k + i + 16), a[m][1]);
+    }
+  }
+  for (int m = 0; m < MR; ++m) acc[m] = hsum(_mm512_add_ps(a[m][0], a[m][1]));
+#elif defined(__AVX2__) && defined(__FMA__)
+  __m256 a[MR][2];
+  for (int m = 0; m < MR; ++m) a[m][0] = a[m][1] = _mm256_setzero_ps();
+  for (; i + 16 <= k; i += 16) {
+    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i *>(q + i));
+    const __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(raw));
+    const __m256 w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(raw, 8)));
+    for (int m = 0; m < MR; ++m) {
+      a[m][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + m * k + i), a[m][0]);
+      a[m][1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + m * k + i + 8), a[m][1]);
+    }
+  }
+  for (int m = 0; m < MR; ++m) acc[m] = hsum(_mm256_add_ps(a[m][0], a[m][1]));
+#else
+  for (int m = 0; m < MR; ++m) acc[m] = 0.0f;
+#endif
+  for (; i < k; ++i)
+    for (int m = 0; m < MR; ++m) acc[m] += static_cast<float>(q[i]) * x[m * k + i];
+  for (int m = 0; m < MR; ++m) y[m * ldy] = acc[m] * scale;
+}
+
+// ---- int4 ---------------------------------------------------------------------------------------------
+// x is first reordered per 32 inputs into [16 even k | 16 odd k] (`split_pairs`), the order in which 16 bytes
+// of the packed row give their low nibbles, then their high ones. K is padded to a multiple of 32 with zeros.
+inline int64_t padded(int64_t k) { return (k + 31) / 32 * 32; }
+
+void split_pairs(const float *x, int64_t m, int64_t k, float *xs) {
+  const int64_t kp = padded(k);
+  for (int64_t r = 0; r < m; ++r) {
+    const float *src = x + r * k;
+    float *dst = xs + r * kp;
+    for (int64_t c = 0; c < kp; c += 32)
+      for (int64_t j = 0; j < 16; ++j) {
+        dst[c + j] = c + 2 * j < k ? src[c + 2 * j] : 0.0f;
+        dst[c + 16 + j] = c + 2 * j + 1 < k ? src[c + 2 * j + 1] : 0.0f;
+      }
+  }
+}
+
+inline float deq4(const uint8_t *q, int64_t i, float zero, float scale) {
+  const uint8_t b = q[i >> 1];
+  return (static_cast<float>((i & 1) ? (b >> 4) : (b & 15)) - zero) * scale;
+}
+
+// MR rows (split x, row stride kp) against one packed row q; groups of `gs` inputs.
+template <int MR>
+void int4_rows(const float *xs, int64_t kp, int64_t k, const uint8_t *q, const float *scales, const uint8_t *zeros,
+               int64_t gs, float *y, int64_t ldy) {
+  float acc[MR];
+  for (int m = 0; m < MR; ++m) acc[m] = 0.0f;
+  // Vector chunks of 32 inputs lie inside one group when gs is a multiple of 32 (the release's 128): then the
+  // group's table serves the whole chunk. Otherwise (and for the tail) the scalar loop.
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  if (gs % 32 == 0) {
+    __m512 a[MR][2];
+    for (int m = 0; m < MR; ++m) a[m][0] = a[m][1] = _mm512_setzero_ps();
+    const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    for (int64_t g0 = 0; g0 + 32 <= k; g0 += gs) {
+      const int64_t g = g0 / gs;
+      // the 16 values a weight of this group can take: (q - zero) * scale, exactly as dequantized
+      const __m512 table = _mm512_mul_ps(_mm512_sub_ps(iota, _mm512_set1_ps(static_cast<float>(zeros[g]))),
+                                         _mm512_set1_ps(scales[g]));
+      const int64_t end = g0 + gs < k ? g0 + gs : k / 32 * 32;
+      for (i = g0; i + 32 <= end; i += 32) {
+        const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i *>(q + i / 2)));
+        const __m512 lo = _mm512_permutexvar_ps(v, table);                        // low nibbles: even k
+        const __m512 hi = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), table);  // high nibbles: odd k
+        for (int m = 0; m < MR; ++m) {
+          a[m][0] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xs + m * kp + i), a[m][0]);
+          a[m][1] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xs + m * kp + i + 16), a[m][1]);
+        }
+      }
+      if (end < g0 + gs) break;
+    }
+    for (int m = 0; m < MR; ++m) acc[m] = hsum(_mm512_add_ps(a[m][0], a[m][1]));
+  }
+#elif defined(__AVX2__) && defined(__FMA__)
+  if (gs % 32 == 0) {
+    __m256 a[MR][4];
+    for (int m = 0; m < MR; ++m) a[m][0] = a[m][1] = a[m][2] = a[m][3] = _mm256_setzero_ps();
+    const __m256i mask = _mm256_set1_epi32(15);
+    for (int64_t g0 = 0; g0 + 32 <= k; g0 += gs) {
+      const int64_t g = g0 / gs;
+      const __m256 zero = _mm256_set1_ps(static_cast<float>(zeros[g])), scale = _mm256_set1_ps(scales[g]);
+      const int64_t end = g0 + gs < k ? g0 + gs : k / 32 * 32;
+      for (i = g0; i + 32 <= end; i += 32) {
+        const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i *>(q + i / 2));
+        const __m256i v0 = _mm256_cvtepu8_epi32(raw), v1 = _mm256_cvtepu8_epi32(_mm_srli_si128(raw, 8));
+        const __m256 w[4] = {
+            _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_and_si256(v0, mask)), zero), scale),
+            _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_and_si256(v1, mask)), zero), scale),
+            _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(v0, 4)), zero), scale),
+            _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(v1, 4)), zero), scale)};
+        for (int m = 0; m < MR; ++m)
+          for (int h = 0; h < 4; ++h) a[m][h] = _mm256_fmadd_ps(w[h], _mm256_loadu_ps(xs + m * kp + i + 8 * h), a[m][h]);
+      }
+      if (end < g0 + gs) break;
+    }
+    for (int m = 0; m < MR; ++m)
+      acc[m] = hsum(_mm256_add_ps(_mm256_add_ps(a[m][0], a[m][1]), _mm256_add_ps(a[m][2], a[m][3])));
+  }
+#endif
+  if (gs % 32 != 0) i = 0;
+  for (; i < k; i += 32) {  // scalar: chunk by chunk in the split order (weights in the original order)
+    for (int64_t j = 0; j < 32; ++j) {
+      const int64_t kk = i + (j < 16 ? 2 * j : 2 * (j - 16) + 1);  // input index of split position j
+      if (kk >= k) continue;
+      const int64_t g = kk / gs;
+      const float w = deq4(q, kk, static_cast<float>(zeros[g]), scales[g]);
+      for (int m = 0; m < MR; ++m) acc[m] += w * xs[m * kp + i + j];
+    }
+  }
+  for (int m = 0; m < MR; ++m) y[m * ldy] = acc[m];
+}
+
+template <typename Rows>
+void over_rows(int64_t m, int64_t n, Rows rows) {
+  // Rows of the weight are split among threads in contiguous ranges: each thread streams its part once.
+#pragma omp parallel for schedule(static)
+  for (int64_t j = 0; j < n; ++j) {
+    int64_t r = 0;
+    for (; r + 4 <= m; r += 4) rows(j, r, std::integral_constant<int, 4>());
+    for (; r + 2 <= m; r += 2) rows(j, r, std::integral_constant<int, 2>());
+    for (; r < m; ++r) rows(j, r, std::integral_constant<int, 1>());
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+// x fp32 [..., K], q int8 [N, K], scales fp32 [N] -> y fp32 [..., N].
+int MxcLinearInt8(int nparam, void **params, int *ndims, int64_t **shapes, const char **, void *, void *) {
+  if (nparam != 4) return 1;
+  const float *x = static_cast<const float *>(params[0]);
+  const int8_t *q = static_cast<const int8_t *>(params[1]);
+  const float *scales = static_cast<const float *>(params[2]);
+  float *y = static_cast<float *>(params[3]);
+  const int64_t k = shapes[1][1], n = shapes[1][0], m = count(ndims[0], shapes[0]) / k;
+  over_rows(m, n, [&](int64_t j, int64_t r, auto mr) {
+    int8_rows<decltype(mr)::value>(x + r * k, k, q + j * k, scales[j], y + r * n + j, n);
+  });
+  return 0;
+}
+
+// x fp32 [..., K], q uint8 [N, ceil(K / 2)], scales fp32 [N, G], zeros uint8 [N, G], group size int32 [1]
+// -> y fp32 [..., N].
+int MxcLinearInt4(int nparam, void **params, int *ndims, int64_t **shapes, const char **, void *, void *) {
+  if (nparam != 6) return 1;
+  const float *x = static_cast<const float *>(params[0]);
+  const uint8_t *q = static_cast<const uint8_t *>(params[1]);
+  const float *scales = static_cast<const float *>(params[2]);
+  const uint8_t *zeros = static_cast<const uint8_t *>(params[3]);
+  const int64_t gs = *static_cast<const int32_t *>(params[4]);
+  float *y = static_cast<float *>(params[5]);
+  const int64_t k = shapes[0][ndims[0] - 1], n = shapes[1][0], m = count(ndims[0], shapes[0]) / k;
+  const int64_t ld = shapes[1][1], groups = shapes[2][1], kp = padded(k);
+  if (gs <= 0 || ld != (k + 1) / 2 || groups != (k + gs - 1) / gs) return 1;
+  std::vector<float> xs(m * kp);
+  split_pairs(x, m, k, xs.data());
+  over_rows(m, n, [&](int64_t j, int64_t r, auto mr) {
+    int4_rows<decltype(mr)::value>(xs.data() + r * kp, kp, k, q + j * ld, scales + j * groups, zeros + j * groups, gs,
+                                   y + r * n + j, n);
+  });
+  return 0;
+}
+
+// For tests and benchmarks without MindSpore (same kernels): y [M, N] from x [M, K] and a quantized weight.
+int MxcQuantLinear(const float *x, const void *q, const float *scales, const uint8_t *zeros, int bits, float *y,
+                   int64_t m, int64_t n, int64_t k, int64_t gs) {
+  int64_t xs0[2] = {m, k};
+  int64_t qs8[2] = {n, k}, qs4[2] = {n, (k + 1) / 2};
+  int64_t ss8[1] = {n}, ss4[2] = {n, gs > 0 ? (k + gs - 1) / gs : 0};
+  int64_t one[1] = {1}, ys[2] = {m, n};
+  int32_t g32 = static_cast<int32_t>(gs);
+  if (bits == 8) {
+    void *p[4] = {const_cast<float *>(x), const_cast<void *>(q), const_cast<float *>(scales), y};
+    int nd[4] = {2, 2, 1, 2};
+    int64_t *sh[4] = {xs0, qs8, ss8, ys};
+    return MxcLinearInt8(4, p, nd, sh, nullptr, nullptr, nullptr);
+  }
+  void *p[6] = {const_cast<float *>(x), const_cast<void *>(q), const_cast<float *>(scales),
+                const_cast<uint8_t *>(zeros), &g32, y};
+  int nd[6] = {2, 2, 2, 2, 1, 2};
+  int64_t *sh[6] = {xs0, qs4, ss4, ss4, one, ys};
+  return MxcLinearInt4(6, p, nd, sh, nullptr, nullptr, nullptr);
+}
+
+}  // extern "C"
