@@ -1,7 +1,7 @@
 """Where a release-width prefill spends its time, per product mode, against the machine's GEMM rates.
 
     python benchmarks/prefill_profile.py [--layers 2] [--tokens 858] [--image-tokens 800]
-        [--modes exact,bf16] [--new-tokens 8] [--json out.json]
+        [--modes exact,bf16] [--new-tokens 8] [--vit] [--json out.json]
 
 A benchmark, not a test: it prints a table. A decoder at the release's width (hidden 4096, 32 heads,
 8 KV heads, intermediate 14336, Partial LoRA rank 256, vocabulary 92544) with `--layers` layers of
@@ -18,7 +18,8 @@ Per mode it reports:
   kernel, numpy (BLAS) fp32 and, if torch is installed, torch fp32 and bf16 (`linear`);
 - our kernel's rate per arithmetic at the prefill's other shapes (`--gemm-shapes`, M x K x N), with the
   bf16 products through oneDNN and through the own GEMM where oneDNN is in use. `--modes ""` prints the
-  rates alone.
+  rates alone;
+- with `--vit`, one release ViT layer per mode against its products alone (linears and attention).
 """
 import argparse
 import json
@@ -192,6 +193,55 @@ def profile_mode(args, mode):
             "other_share": max(0.0, per_layer - product_s) / per_layer}
 
 
+def profile_vit_layer(mode, crops=1):
+    """One release ViT layer (CLIP-L/14 at 560 px: 1601 tokens a crop, hidden 1024, 16 heads, MLP 4096) on
+    seeded random bf16 weights in GRAPH_MODE (`CLIPLayerMath`, the call the tower makes 24 times a crop),
+    against its products alone: the six linears through our kernel and the fused attention."""
+    import mindspore as ms
+    from mindspore import Tensor
+
+    from mindxcomposer.configuration import CLIPVisionConfig
+    from mindxcomposer.modeling_clip import LAYER_WEIGHTS, CLIPLayerMath
+    from mindxcomposer.modeling_xcomposer2 import _BF16_NP
+    from mindxcomposer.ops import cpu_kernels
+    from mindxcomposer.ops import weight_products as wp
+    from mindxcomposer.ops.attention import BSND, attention
+    from mindxcomposer.weights import fp32_to_bf16
+
+    ms.set_context(mode=ms.GRAPH_MODE)
+    wp.enable_kernels()
+    cfg = CLIPVisionConfig()
+    h, inter, heads = cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads
+    n = (cfg.image_size // cfg.patch_size) ** 2 + 1
+    rng = np.random.default_rng(0)
+    shapes = {"mlp.fc1.weight": (inter, h), "mlp.fc1.bias": (inter,), "mlp.fc2.weight": (h, inter)}
+    weights = []
+    for name in LAYER_WEIGHTS:
+        shape = shapes.get(name, (h, h) if name.endswith("proj.weight") else (h,))
+        arr = rng.standard_normal(shape, dtype=np.float32) * np.float32(1 / np.sqrt(shape[-1]) if len(shape) == 2 else 0.1)
+        if name.startswith("layer_norm") and name.endswith("weight"):
+            arr += 1
+        weights.append(Tensor(fp32_to_bf16(arr).view(_BF16_NP)))
+    x = Tensor(rng.standard_normal((crops, n, h), dtype=np.float32))
+    math = CLIPLayerMath(cfg, mode)
+    layer_s = best_of(lambda: math(x, *weights).asnumpy())
+    bf16 = mode == "bf16"
+    rows = crops * n
+    xa = rng.standard_normal((rows, h), dtype=np.float32)
+    xb = rng.standard_normal((rows, inter), dtype=np.float32)
+    w_hh = fp32_to_bf16(rng.standard_normal((h, h), dtype=np.float32))
+    w_up = fp32_to_bf16(rng.standard_normal((inter, h), dtype=np.float32))
+    w_down = fp32_to_bf16(rng.standard_normal((h, inter), dtype=np.float32))
+    linears_s = (4 * best_of(lambda: cpu_kernels.gemm_nt(xa, w_hh, bf16)) + best_of(lambda: cpu_kernels.gemm_nt(xa, w_up, bf16))
+                 + best_of(lambda: cpu_kernels.gemm_nt(xb, w_down, bf16)))
+    q = Tensor(rng.standard_normal((crops, n, heads, h // heads), dtype=np.float32))
+    attention_s = best_of(lambda: attention(q, q, q, None, 8.0, products=mode, layout=BSND).asnumpy())
+    flop = 2.0 * rows * (4 * h * h + 2 * h * inter) + 4.0 * crops * n * n * h
+    return {"mode": mode, "tokens": rows, "layer_s": layer_s, "linears_alone_s": linears_s,
+            "attention_alone_s": attention_s, "gflops": flop / layer_s / 1e9,
+            "other_share": max(0.0, layer_s - linears_s - attention_s) / layer_s}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=2)
@@ -201,6 +251,7 @@ def main(argv=None):
     ap.add_argument("--modes", default="exact,bf16")
     ap.add_argument("--gemm-shapes", default="512x4096x14336,64x4096x14336,512x14336x4096,512x4096x256",
                     help="comma-separated M x K x N products to rate our kernel on")
+    ap.add_argument("--vit", action="store_true", help="also profile one release ViT layer per mode")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     from mindxcomposer.ops import cpu_kernels
@@ -209,6 +260,8 @@ def main(argv=None):
     results = {"isa": cpu_kernels.isa(), "onednn": cpu_kernels.onednn(), "reference_gflops": reference_rates(),
                "kernel_gflops": kernel_rates(), "shape_gflops": {"x".join(map(str, sh)): kernel_rates(*sh) for sh in shapes},
                "modes": [profile_mode(args, m) for m in args.modes.split(",") if m]}
+    if args.vit:
+        results["vit"] = [profile_vit_layer(m) for m in args.modes.split(",") if m]
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
@@ -224,6 +277,13 @@ def main(argv=None):
     print("|---|" + "---|" * len(cols))
     for shape, r in results["shape_gflops"].items():
         print(f"| {shape} | " + " | ".join(f"{r[c]:.0f}" for c in cols) + " |")
+    if results.get("vit"):
+        print("\none release ViT layer (1601 tokens: one 560-px crop), GRAPH_MODE\n")
+        print("| mode | layer ms | GFLOP/s | linears alone ms | attention alone ms | other share |")
+        print("|---|---|---|---|---|---|")
+        for r in results["vit"]:
+            print(f"| {r['mode']} | {1e3 * r['layer_s']:.1f} | {r['gflops']:.0f} | {1e3 * r['linears_alone_s']:.1f} | "
+                  f"{1e3 * r['attention_alone_s']:.1f} | {100 * r['other_share']:.0f}% |")
     if not results["modes"]:
         return
     print(f"\nprefill of {args.tokens} tokens ({args.image_tokens} image), release width, {args.layers} layers, "
