@@ -10,7 +10,7 @@ import mindspore as ms
 from mindspore import Parameter, nn, ops
 from mindspore.common.initializer import initializer
 
-from .ops import EXACT, cast_like, embedding, linear
+from .ops import EXACT, cast_like, embedding, linear, rms_norm
 
 
 def lazy_param(shape, dtype, name, fill="zeros"):
@@ -46,13 +46,6 @@ class LayerNorm(nn.Cell):
         return self.norm(x, cast_like(self.weight, x), cast_like(self.bias, x))[0]
 
 
-def rms_norm(x, weight, eps):
-    """InternLM2RMSNorm: statistics in fp32, scale applied after casting back (upstream's order)."""
-    dtype = x.dtype
-    h = x.astype(ms.float32)
-    variance = h.pow(2).mean(-1, keep_dims=True)
-    h = h * ops.rsqrt(variance + eps)
-    return cast_like(weight, x) * h.astype(dtype)
 
 
 class RMSNorm(nn.Cell):

@@ -20,8 +20,8 @@ from mindspore import Tensor, nn, ops
 
 from .configuration import InternLMXComposer2Config
 from .constants import LINEARS
-from .layers import Embedding, RMSNorm, rms_norm
-from .ops import EXACT, attention, embedding, linear, linear_add, linear_int4, linear_int8, swiglu
+from .layers import Embedding, RMSNorm
+from .ops import EXACT, attention, embedding, linear, linear_add, linear_int4, linear_int8, rms_norm, swiglu
 from .plora import PLoRA
 
 

@@ -404,3 +404,40 @@ def test_attention_reads_rows_before_heads(mode, products):
     g_first = ms.grad(DotFirst(), grad_position=(0, 1, 2))(*first, Tensor(do.transpose(0, 2, 1, 3).copy()))
     for a, b in zip(g_tokens, g_first):
         np.testing.assert_allclose(a.asnumpy(), b.asnumpy().transpose(0, 2, 1, 3), rtol=1e-5, atol=1e-6)
+
+
+class _NormDot(nn.Cell):
+    def construct(self, x, w, dy):
+        return (wp.rms_norm(x, w, 1e-6) * dy).sum()
+
+
+def test_rms_norm_kernel(mode):
+    """The RMSNorm kernel against float64 and the portable path (upstream's op sequence in MindSpore), with
+    fp32 and bf16 weights, forward and gradients."""
+    import torch
+
+    assert wp.enable_kernels()
+    rng = np.random.default_rng(17)
+    x = rng.standard_normal((3, 37, 100), dtype=np.float32) * 5
+    x[0, 0] = 0  # a zero row: eps alone
+    w = 1 + 0.1 * rng.standard_normal(100, dtype=np.float32)
+    dy = rng.standard_normal((3, 37, 100), dtype=np.float32)
+    for weight in (Tensor(w), Tensor(w).astype(ms.bfloat16)):
+        wf = w if weight.dtype == ms.float32 else round_bf16(w)
+        x64 = x.astype(np.float64)
+        ref = wf * (x64 / np.sqrt((x64 ** 2).mean(-1, keepdims=True) + 1e-6))
+        got = wp.rms_norm(Tensor(x), weight, 1e-6).asnumpy()
+        assert np.abs(got - ref).max() <= 8 * EPS * np.abs(ref).max()
+        before = wp._kernels
+        wp._kernels = None
+        try:
+            portable = wp.rms_norm(Tensor(x), weight, 1e-6).asnumpy()
+        finally:
+            wp._kernels = before
+        assert np.abs(portable - got).max() <= 8 * EPS * np.abs(ref).max()
+    dx, dw = ms.grad(_NormDot(), grad_position=(0, 1))(Tensor(x), Tensor(w), Tensor(dy))
+    tx, tw = (torch.tensor(a, dtype=torch.float64, requires_grad=True) for a in (x, w))
+    (tw * tx * torch.rsqrt((tx * tx).mean(-1, keepdim=True) + 1e-6) * torch.tensor(dy, dtype=torch.float64)).sum().backward()
+    for ours, ref in ((dx, tx), (dw, tw)):
+        r = ref.grad.numpy()
+        assert np.abs(ours.asnumpy() - r).max() <= 1e-5 * np.abs(r).max()

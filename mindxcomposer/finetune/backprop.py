@@ -23,8 +23,7 @@ from ..modeling_clip import LAYER_WEIGHTS
 from ..constants import LINEARS
 from ..modeling_internlm2 import _UncachedLayer
 from ..modeling_xcomposer2 import causal_mask
-from ..layers import rms_norm
-from ..ops import embedding, kernels_enabled, linear
+from ..ops import embedding, kernels_enabled, linear, rms_norm
 from ..rope import packed_rope
 from ..vision import PROJECTOR_CHUNK
 from .labels import IGNORE_INDEX

@@ -19,9 +19,8 @@ from typing import Sequence
 import mindspore as ms
 from mindspore import nn, ops
 
-from ..layers import rms_norm
 from ..modeling_internlm2 import DecoderMath
-from ..ops import EXACT, linear
+from ..ops import EXACT, linear, rms_norm
 
 
 def hash_dropout(x, p, seed, salt):

@@ -257,7 +257,7 @@ def custom_ops():
     `batch_nn` (a [..., M, K] b [..., K, N]), `linear_add` (c + x W^T), `linear_bias` (x W^T + b),
     `linear_bias_residual` (r + x W^T + b) and `linear_bias_quick_gelu`, `attention` / `attention_nomask` ([B, H, S, D]) / `attention_tokens`
     ([B, S, H, D], no mask);
-    `swiglu` (silu(g) * u); all differentiable."""
+    `swiglu` (silu(g) * u), `rms_norm` (x [..., H], w [H], eps [1]); all differentiable."""
     if not available():
         return None
     with _lock:
@@ -273,8 +273,17 @@ def custom_ops():
                 sig = ops.sigmoid(g)
                 return dout * u * (sig * (1 + g * (1 - sig))), dout * (g * sig)
 
+            def rms_norm_bprop(x, w, eps, out, dout):
+                # y = w (x r), r = (mean(x^2) + eps)^-1/2: dx = r w dy - x r^3 mean(w dy x), dw = sum(dy x r)
+                inv = ops.rsqrt((x * x).mean(-1, keep_dims=True) + eps)
+                wdy = dout * w.astype(ms.float32)
+                dx = inv * wdy - x * (inv * inv * inv) * (wdy * x).mean(-1, keep_dims=True)
+                dw = (dout * (x * inv)).reshape(-1, x.shape[-1]).sum(0).astype(w.dtype)
+                return dx, dw, ops.zeros_like(eps)
+
             _state["ops"] = SimpleNamespace(
                 swiglu=_custom(lib, "MxcSwiGLU", lambda g, u: list(g), swiglu_bprop),
+                rms_norm=_custom(lib, "MxcRmsNorm", lambda x, w, e: list(x), rms_norm_bprop),
                 # Short training samples reach it too: its gradient is the exact GEMM's.
                 decode_linear=_custom(lib, "MxcLinearBf16", lambda x, w: list(x[:-1]) + [w[0]],
                                       gemm["exact"].linear_bprop),

@@ -135,6 +135,18 @@ def swiglu(g, u):
     return ops.silu(g) * u
 
 
+def rms_norm(x, weight, eps):
+    """InternLM2's RMSNorm: statistics in fp32, the scale applied after casting back (upstream's order); one
+    kernel on CPU for fp32 activations (it is not a product: no arithmetic mode)."""
+    if _kernels is not None and x.dtype == ms.float32 and weight.dtype in (ms.float32, ms.bfloat16):
+        return _kernels.rms_norm(x, weight, ops.full((1,), eps, dtype=ms.float32))
+    dtype = x.dtype
+    h = x.astype(ms.float32)
+    variance = h.pow(2).mean(-1, keep_dims=True)
+    h = h * ops.rsqrt(variance + eps)
+    return cast_like(weight, x) * h.astype(dtype)
+
+
 def _batch_product(a, b, products, transpose_b):
     """Both operands activations, batched: a b^T or a b; decode-sized rows stay exact (as `linear`)."""
     portable = _bmm_t if transpose_b else _bmm

@@ -1107,6 +1107,40 @@ MXC_AOT(MxcLinearNTBiasResidual) { return linear_nt_bias(nparam, params, ndims, 
 MXC_AOT(MxcLinearNTBiasResidualBf16) { return linear_nt_bias(nparam, params, ndims, shapes, dtypes, true, false); }
 MXC_AOT(MxcLinearNTBiasQuickGelu) { return linear_nt_bias(nparam, params, ndims, shapes, dtypes, false, true); }
 MXC_AOT(MxcLinearNTBiasQuickGeluBf16) { return linear_nt_bias(nparam, params, ndims, shapes, dtypes, true, true); }
+// InternLM2's RMSNorm of rows of x [..., H] (fp32) with weight [H] (fp32 or bf16), eps [1]: per row
+// r = 1 / sqrt(mean(x^2) + eps), y = w (x r), upstream's order, in one pass of reads and one of writes.
+MXC_AOT(MxcRmsNorm) {
+  if (nparam != 4 || ndims[1] != 1) return 1;
+  const int64_t h = shapes[0][ndims[0] - 1];
+  if (shapes[1][0] != h) return 1;
+  const int64_t rows = numel(ndims[0], shapes[0], ndims[0] - 1);
+  const float *x = static_cast<const float *>(params[0]);
+  const bool wbf16 = is_bf16(dtypes[1]);
+  const float *wf = static_cast<const float *>(params[1]);
+  const uint16_t *wh = static_cast<const uint16_t *>(params[1]);
+  const float eps = *static_cast<const float *>(params[2]);
+  float *out = static_cast<float *>(params[3]);
+#pragma omp parallel for schedule(static) if (rows > 1)
+  for (int64_t r = 0; r < rows; ++r) {
+    const float *xr = x + r * h;
+    float *yr = out + r * h;
+    float ss = 0.0f;
+    int64_t j = 0;
+#if defined(__AVX512F__)
+    __m512 acc = _mm512_setzero_ps();
+    for (; j + 16 <= h; j += 16) {
+      const __m512 v = _mm512_loadu_ps(xr + j);
+      acc = _mm512_fmadd_ps(v, v, acc);
+    }
+    ss = _mm512_reduce_add_ps(acc);
+#endif
+    for (; j < h; ++j) ss += xr[j] * xr[j];
+    const float inv = 1.0f / std::sqrt(ss / static_cast<float>(h) + eps);
+    for (j = 0; j < h; ++j) yr[j] = (wbf16 ? bf16_to_f32(wh[j]) : wf[j]) * (xr[j] * inv);
+  }
+  return 0;
+}
+
 MXC_AOT(MxcLinearNN) { return linear_nn(nparam, params, ndims, shapes, dtypes, false); }
 MXC_AOT(MxcLinearNNBf16) { return linear_nn(nparam, params, ndims, shapes, dtypes, true); }
 MXC_AOT(MxcLinearTN) { return linear_tn(nparam, params, ndims, shapes, dtypes, false); }
