@@ -99,6 +99,10 @@ def worker(model_dir, data, out, steps="1", hd_num="18", bf16="False"):
     load_s = time.perf_counter() - t0
     batch = trainer.data.build(trainer.data.micro_batch_records(0))
     positions = int(np.asarray(batch["attention_mask"]).sum())
+    trace(f"loaded in {load_s:.0f} s, peak {loaded:.2f} GiB; {positions} positions")
+    grads = trainer.grads
+    for name in ("forward_layer", "_head", "layer_grad", "_image_embeddings"):  # where the memory goes, as it goes
+        setattr(grads, name, traced(getattr(grads, name), name))
     ends = []
     step = trainer.optimizer.step
 
@@ -114,6 +118,25 @@ def worker(model_dir, data, out, steps="1", hd_num="18", bf16="False"):
                                         "losses": [e["loss"] for e in result.log_history if "grad_norm" in e],
                                         "adapter_params": int(sum(np.prod(s) for s in trainer.shapes.values()))})
                      + "\n")
+
+
+def _rss_gib():
+    with open("/proc/self/status") as f:
+        return next(int(x.split()[1]) for x in f if x.startswith("VmRSS:")) / 2 ** 20
+
+
+def trace(text):
+    sys.stderr.write(f"@@trace {time.strftime('%H:%M:%S')} rss {_rss_gib():.2f} peak {_peak_gib():.2f} GiB: {text}\n")
+    sys.stderr.flush()
+
+
+def traced(fn, name):
+    """`fn`, tracing resident memory after each call (a killed run still tells where it was)."""
+    def call(*args, **kwargs):
+        out = fn(*args, **kwargs)
+        trace(name)
+        return out
+    return call
 
 
 def run_guarded(cmd, limit_gib):
@@ -152,6 +175,7 @@ def full_depth(args):
     line = [x for x in out.splitlines() if x.startswith(MARK)]
     if rc or not line:
         print(err[-3000:], file=sys.stderr)
+        print("\n".join(x for x in err.splitlines() if x.startswith("@@trace")), file=sys.stderr)
         raise SystemExit(f"the run failed (status {rc}; largest RSS seen {seen:.2f} GiB, limit {args.rss_limit})")
     r = json.loads(line[0][len(MARK):])
     image = f", image {os.path.basename(args.image)} at hd_num {args.hd_num}" if args.image else ""
