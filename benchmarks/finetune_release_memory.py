@@ -3,6 +3,11 @@ checkpoint of the release's sizes (hidden 4096, 92544-token vocabulary, ViT-L/14
 decoder layers, extrapolated to 32 from the difference between two depths.
 
     python benchmarks/finetune_release_memory.py --work /tmp/ftmem [--layers 2 4] [--positions 2048]
+    python benchmarks/finetune_release_memory.py --work /tmp/ftmem --model /path/to/converted --positions 1024 \
+        --steps 2 [--image photo.jpg --hd_num 2]      # full depth, seconds per optimizer step
+
+With `--model`, the converted checkpoint runs at its full depth with upstream's LoRA flags, and the run is killed
+if its resident memory passes `--rss-limit` GiB (so that an overrun ends this run, not another process).
 
 Each depth runs in its own process (MindSpore's memory pool keeps a process's high-water mark): load the
 model (base kept in bf16, as a LoRA run does), then one optimizer step of LoRA r 64 on the five linears (upstream's
@@ -66,33 +71,125 @@ def write_checkpoint(path, layers, seed=0):
                       dtypes={n: "BF16" for n in tensors})
 
 
-def write_data(path, positions):
+def write_data(path, positions, image=None):
+    """One sample of about `positions` tokens: text only, or `image` first and words up to the length."""
     words = " ".join(f"word{i % 97}" for i in range(positions // 3))
-    json.dump([{"id": 0, "conversations": [{"from": "human", "value": "Repeat: " + words},
-                                           {"from": "gpt", "value": words}]}], open(path, "w"))
+    sample = {"id": 0, "conversations": [{"from": "human", "value": "Repeat: " + words},
+                                         {"from": "gpt", "value": words}]}
+    if image:
+        sample["image"] = os.path.abspath(image)
+    json.dump([sample], open(path, "w"))
 
 
-def worker(model_dir, data, out):
+def worker(model_dir, data, out, steps="1", hd_num="18", bf16="False"):
     import mindspore as ms
     ms.set_context(mode=ms.GRAPH_MODE)
     from mindxcomposer.finetune.trainer import Trainer
     from mindxcomposer.finetune.training_args import parse_args
 
     t0 = time.perf_counter()
+    # Upstream's LoRA flags (finetune_lora.sh); dropout as upstream's defaults.
     argv = ["--model_name_or_path", model_dir, "--output_dir", out, "--data_path", data, "--use_lora", "True",
-            "--batch_size", "1", "--per_device_train_batch_size", "1", "--max_steps", "1", "--save_strategy", "no",
-            "--sampling", "sequential", "--max_length", "16384", "--progress", "False", "--logging_steps", "1"]
+            "--lora_r", "64", "--lora_alpha", "64", "--fix_vit", "True", "--fix_sampler", "True", "--hd_num", hd_num,
+            "--batch_size", "1", "--per_device_train_batch_size", "1", "--max_steps", steps, "--save_strategy", "no",
+            "--sampling", "sequential", "--max_length", "16384", "--progress", "False", "--logging_steps", "1",
+            "--bf16", bf16]
     trainer = Trainer(*parse_args(argv))
     loaded = _peak_gib()
     load_s = time.perf_counter() - t0
     batch = trainer.data.build(trainer.data.micro_batch_records(0))
     positions = int(np.asarray(batch["attention_mask"]).sum())
+    trace(f"loaded in {load_s:.0f} s, peak {loaded:.2f} GiB; {positions} positions")
+    grads = trainer.grads
+    for name in ("forward_layer", "_head", "layer_grad", "_image_embeddings"):  # where the memory goes, as it goes
+        setattr(grads, name, traced(getattr(grads, name), name))
+    ends = []
+    step = trainer.optimizer.step
+
+    def timed_step(grads, lr):  # the end of each optimizer step
+        step(grads, lr)
+        ends.append(time.perf_counter())
+    trainer.optimizer.step = timed_step
     t1 = time.perf_counter()
-    trainer.train()
+    result = trainer.train()
     sys.stdout.write(MARK + json.dumps({"load_peak_gib": loaded, "step_peak_gib": _peak_gib(), "load_s": load_s,
                                         "step_s": time.perf_counter() - t1, "positions": positions,
+                                        "steps_s": list(np.diff([t1] + ends)),
+                                        "losses": [e["loss"] for e in result.log_history if "grad_norm" in e],
                                         "adapter_params": int(sum(np.prod(s) for s in trainer.shapes.values()))})
                      + "\n")
+
+
+def _rss_gib():
+    with open("/proc/self/status") as f:
+        return next(int(x.split()[1]) for x in f if x.startswith("VmRSS:")) / 2 ** 20
+
+
+def trace(text):
+    sys.stderr.write(f"@@trace {time.strftime('%H:%M:%S')} rss {_rss_gib():.2f} peak {_peak_gib():.2f} GiB: {text}\n")
+    sys.stderr.flush()
+
+
+def traced(fn, name):
+    """`fn`, tracing resident memory after each call (a killed run still tells where it was)."""
+    def call(*args, **kwargs):
+        out = fn(*args, **kwargs)
+        trace(name)
+        return out
+    return call
+
+
+def run_guarded(cmd, limit_gib):
+    """Run `cmd`, killing it if its resident memory passes `limit_gib` (rather than the machine's OOM killer
+    taking whatever it picks) -> (returncode, stdout, stderr, its largest sampled RSS in GiB)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    import threading
+    seen = [0.0]
+
+    def watch():
+        while proc.poll() is None:
+            try:
+                with open(f"/proc/{proc.pid}/status") as f:
+                    rss = next(int(x.split()[1]) for x in f if x.startswith("VmRSS:")) / 2 ** 20
+            except (OSError, StopIteration):
+                break
+            seen[0] = max(seen[0], rss)
+            if rss > limit_gib:
+                proc.kill()
+                break
+            time.sleep(0.2)
+    t = threading.Thread(target=watch, daemon=True)
+    t.start()
+    out, err = proc.communicate()
+    t.join()
+    return proc.returncode, out, err, seen[0]
+
+
+def full_depth(args):
+    """Full depth on a converted checkpoint (`--model`): peak RSS and seconds per optimizer step."""
+    data = os.path.join(args.work, f"data-{args.positions}.json")
+    write_data(data, args.positions, args.image)
+    rc, out, err, seen = run_guarded(
+        [sys.executable, os.path.abspath(__file__), "--work", args.work, "--_worker", args.model, data,
+         os.path.join(args.work, "out-full"), str(args.steps), str(args.hd_num), str(args.bf16)], args.rss_limit)
+    line = [x for x in out.splitlines() if x.startswith(MARK)]
+    if rc or not line:
+        print(err[-3000:], file=sys.stderr)
+        print("\n".join(x for x in err.splitlines() if x.startswith("@@trace")), file=sys.stderr)
+        raise SystemExit(f"the run failed (status {rc}; largest RSS seen {seen:.2f} GiB, limit {args.rss_limit})")
+    r = json.loads(line[0][len(MARK):])
+    image = f", image {os.path.basename(args.image)} at hd_num {args.hd_num}" if args.image else ""
+    print(f"command: python benchmarks/finetune_release_memory.py --work {args.work} --model {args.model} "
+          f"--positions {args.positions} --steps {args.steps}" + (f" --image {args.image} --hd_num {args.hd_num}"
+                                                                   if args.image else "")
+          + (" --bf16" if args.bf16 else ""))
+    print(f"LoRA r 64 on the five linears (upstream's flags), full depth, {r['positions']} positions{image}, "
+          f"{'bf16' if args.bf16 else 'exact'} products\n")
+    print("| positions | peak after load (GiB) | peak after the steps (GiB) | s / optimizer step | load (s) | losses |")
+    print("|---|---|---|---|---|---|")
+    print(f"| {r['positions']} | {r['load_peak_gib']:.2f} | {r['step_peak_gib']:.2f} | "
+          f"{', '.join(f'{s:.0f}' for s in r['steps_s'])} | {r['load_s']:.0f} | "
+          f"{', '.join(f'{x:.4f}' for x in r['losses'])} |")
 
 
 def main(argv=None):
@@ -100,11 +197,19 @@ def main(argv=None):
     ap.add_argument("--work", required=True, help="scratch directory (checkpoints of a few GB)")
     ap.add_argument("--layers", type=int, nargs=2, default=[2, 4])
     ap.add_argument("--positions", type=int, default=2048)
-    ap.add_argument("--_worker", nargs=3, help=argparse.SUPPRESS)
+    ap.add_argument("--model", help="a converted checkpoint: run it at its full depth instead of --layers")
+    ap.add_argument("--steps", type=int, default=1, help="optimizer steps (with --model)")
+    ap.add_argument("--image", help="an image placed first in the sample (with --model)")
+    ap.add_argument("--hd_num", type=int, default=18)
+    ap.add_argument("--bf16", action="store_true", help="--bf16 True: bf16 products")
+    ap.add_argument("--rss-limit", type=float, default=21.5, help="GiB; the run is killed above it")
+    ap.add_argument("--_worker", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args._worker:
         return worker(*args._worker)
     os.makedirs(args.work, exist_ok=True)
+    if args.model:
+        return full_depth(args)
     data = os.path.join(args.work, "data.json")
     write_data(data, args.positions)
     results = {}

@@ -3,7 +3,9 @@ tools/reference/make_finetune_data_fixtures.py): conv2text, the training image t
 given_num, upstream's sampling draw for draw, token ids / labels / im_mask / image layout of micro-batches;
 then sequential sampling and the errors that name a sample."""
 import json
+import logging
 import os
+import re
 import shutil
 
 import numpy as np
@@ -257,8 +259,6 @@ def test_sequential_refuses_micro_batches_of_two_kinds(tok, tmp_path):
     (lambda r, d: r["conversations"][0].update(value="<ImageHere> and <ImageHere>"),
      r"sample #1 \(id 'm1'\): 2 <ImageHere> marker\(s\) but 1 image"),
     (lambda r, d: r.update(conversations=[]), r"sample #1 \(id 'm1'\): the conversation is empty"),
-    (lambda r, d: r.update(conversations=[{"from": "human", "value": "only asking"}]),
-     r"sample #1 \(id 'm1'\): no supervised tokens"),
     (lambda r, d: r.pop("image"), r"sample #1 \(id 'm1'\): has no 'image' while the file's first sample has one"),
     (lambda r, d: r.update(image=[]), r"sample #1 \(id 'm1'\): 'image' must be a path or a non-empty list"),
 ])
@@ -270,13 +270,33 @@ def test_bad_samples_are_named(tok, tmp_path, mutate, message):
         FinetuneData(DataArguments(data_path=path, batch_size=1), tok)
 
 
-def test_max_length_cutting_every_answer_is_an_error(tok, tmp_path):
-    records = _image_records(2, tmp_path)  # 841 image tokens, then the question and the answer
+def test_samples_without_target_are_trained_as_upstream_with_a_warning(tok, tmp_path, caplog):
+    """Upstream trains on a sample whose supervised tokens max_length all cuts (and on one without an answer):
+    it contributes nothing to its micro-batch's loss. Accepted, one warning per such sample naming it."""
+    records = _image_records(3, tmp_path)  # 841 image tokens, then the question and the answer
+    records[2]["conversations"] = [{"from": "human", "value": "only asking"}]
     path = _write(tmp_path / "cut.json", records)
-    FinetuneData(DataArguments(data_path=path, batch_size=1, max_length=880), tok)
-    with pytest.raises(FinetuneDataError, match=r"cut\.json sample #0 \(id 'm0'\): max_length=850 cuts every "
-                                                r"supervised token"):
-        FinetuneData(DataArguments(data_path=path, batch_size=1, max_length=850), tok)
+    with caplog.at_level(logging.WARNING, logger="mindxcomposer.finetune.data"):
+        data = FinetuneData(DataArguments(data_path=path, batch_size=1, max_length=880), tok)
+    assert [d.split("/")[-1] for d in data.samples_without_target] == ["cut.json sample #2 (id 'm2')"]
+    assert [r.getMessage() for r in caplog.records if "sample #0" in r.getMessage()] == []
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="mindxcomposer.finetune.data"):
+        data = FinetuneData(DataArguments(data_path=path, batch_size=1, max_length=850), tok)
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 3
+    assert [d.split("/")[-1] for d in data.samples_without_target] == [f"cut.json sample #{i} (id 'm{i}')"
+                                                                        for i in range(3)]
+    m = re.search(r"cut\.json sample #0 \(id 'm0'\): max_length=850 cuts every supervised token: the sample is (\d+) "
+                  r"positions long and its first supervised token is at position (\d+) \(max_length >= (\d+) keeps it\)",
+                  messages[0])
+    assert m, messages[0]
+    length, first, needed = map(int, m.groups())
+    assert needed == first + 1 and 850 < needed <= length
+    # The bound is right: one position less cuts every target, the bound keeps one.
+    assert not (build_micro_batch(data.groups[0].records[:1], tok, needed - 1)["labels"][0, 1:] != -100).any()
+    assert (build_micro_batch(data.groups[0].records[:1], tok, needed)["labels"][0, 1:] != -100).sum() == 1
+    assert "sample #2 (id 'm2'): no supervised token" in messages[2]
 
 
 def test_bad_data_lists(tok, tmp_path):
@@ -317,8 +337,8 @@ def test_inspect_data_command(tmp_path, capsys):
     assert main(["--data_path", path, "--batch_size", "2", "--show", "1", "--sampling", "sequential"]) == 0
     out = capsys.readouterr().out
     assert "2 multi samples" in out and "micro-batch 0: multi" in out and "m.json sample #1 (id 'm1')" in out
-    assert main(["--data_path", path, "--batch_size", "1", "--max_length", "100"]) == 1
-    assert "cuts every supervised token" in capsys.readouterr().err
+    assert main(["--data_path", path, "--batch_size", "1", "--max_length", "100", "--show", "1"]) == 0
+    assert "micro-batch 0: multi, length 100, supervised [0]" in capsys.readouterr().out
 
 
 def test_text_sample_with_a_marker_is_an_error(tok, tmp_path):

@@ -171,14 +171,17 @@ class MicroBatchGradients:
         next_labels[:, :-1] = labels[:, 1:]
         valid = next_labels != IGNORE_INDEX
         count = int(valid.sum())
-        if count == 0:
-            raise ValueError(f"micro-batch {batch.get('samples')} has no supervised token")
         m = self.model.model
-        loss, dy, d_norm, d_head = self._head(xs[-1], next_labels, valid, count, scale)
+        # No target left (every sample cut by max_length): upstream's CrossEntropyLoss is NaN (0 / 0) and its
+        # gradients are zeros, which the backward below gives exactly (dy = 0, every head chunk skipped).
+        loss, dy, d_norm, d_head = self._head(xs[-1], next_labels, valid, max(count, 1), scale)
+        if count == 0:
+            loss = float("nan")
         grads: Dict[str, Tensor] = {}
         if self.train_head:
-            grads[self.head_keys[0]] = d_norm
-            grads[self.head_keys[1]] = d_head
+            grads[self.head_keys[0]] = d_norm if d_norm is not None else ops.zeros(m.norm.weight.shape, ms.float32)
+            grads[self.head_keys[1]] = (d_head if d_head is not None
+                                        else ops.zeros(self.model.output.weight.shape, ms.float32))
 
         # decoder layers, last first
         for li in reversed(range(num_layers)):

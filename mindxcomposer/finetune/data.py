@@ -1,8 +1,9 @@
 """Fine-tuning data as upstream's recipe feeds it: files, checks, sampling and micro-batches.
 
 `FinetuneData(DataArguments(...), tokenizer)` reads the data files, checks every sample before any
-work starts (images readable, markers matching images, a non-empty conversation, supervised tokens
-left after `max_length`), and yields micro-batches of `batch_size` samples of one kind.
+work starts (images readable, markers matching images, a non-empty conversation; a warning for a sample
+whose supervised tokens `max_length` all cuts, which upstream trains on without a target), and yields
+micro-batches of `batch_size` samples of one kind.
 
 A micro-batch (`MicroBatch`, a dict) holds:
   data_type       "multi" or "text" (upstream's names)
@@ -17,6 +18,7 @@ A micro-batch (`MicroBatch`, a dict) holds:
 Deviation from upstream: its collator keeps only the first text of each text-only item (a micro-batch of
 `batch_size` texts trains on one of them); here every text of the micro-batch is used, as for images.
 """
+import logging
 import math
 import random
 from dataclasses import dataclass
@@ -36,6 +38,7 @@ from .sampling import SequentialSampler, UpstreamMixSampler
 from .sequences import collate_multimodal, collate_text, encode_multimodal, encode_text, special_ids
 
 SAMPLING_MODES = ("upstream", "sequential")
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -86,6 +89,7 @@ class FinetuneData:
         self.world_size, self.rank = world_size, rank
         self.groups: List[DataGroup] = load_data(args.data_path, args.given_num, random.Random(args.seed), root)
         self._sizes: Dict[str, Tuple[int, int]] = {}
+        self.samples_without_target: List[str] = []  # warned about: cut by max_length, or without an answer
         self._check_samples()
         if args.sampling == "sequential":
             self.sampler = SequentialSampler(self.groups, args.batch_size, world_size, rank)
@@ -147,13 +151,21 @@ class FinetuneData:
         # leaves `<s>` labelled there when a sample is cut inside its first question: skip it.
         if np.any(self._labels(record, self.args.max_length)[1:] != IGNORE_INDEX):
             return
-        if np.any(self._labels(record, 2 ** 62)[1:] != IGNORE_INDEX):
-            raise FinetuneDataError(
-                f"{record.describe()}: max_length={self.args.max_length} cuts every supervised token (the answers "
-                "come later); upstream would train on it with loss 0. Raise max_length, lower hd_num or shorten "
-                "the sample")
-        raise FinetuneDataError(f"{record.describe()}: no supervised tokens: the conversation has no answer "
-                                "(a turn whose 'from' is not human/user), or a '</s>' in its text ends it before one")
+        # Upstream trains on such a sample: a micro-batch's loss is the mean over the targets its samples keep,
+        # so this one contributes nothing (and a micro-batch of such samples only has zero gradients).
+        full = self._labels(record, 2 ** 62)
+        targets = np.nonzero(full[1:] != IGNORE_INDEX)[0]
+        if targets.size:
+            first = int(targets[0]) + 1
+            logger.warning("%s: max_length=%d cuts every supervised token: the sample is %d positions long and its "
+                           "first supervised token is at position %d (max_length >= %d keeps it); it contributes "
+                           "nothing to the loss, as in upstream's training", record.describe(),
+                           self.args.max_length, len(full), first, first + 1)
+        else:
+            logger.warning("%s: no supervised token: the conversation has no answer (a turn whose 'from' is not "
+                           "human/user), or a '</s>' in its text ends it before one; it contributes nothing to the "
+                           "loss, as in upstream's training", record.describe())
+        self.samples_without_target.append(record.describe())
 
     # -- micro-batches -------------------------------------------------------------------------------
     def build(self, records: Sequence[Record]) -> MicroBatch:

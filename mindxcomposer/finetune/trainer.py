@@ -12,9 +12,12 @@ Step accounting, as the Trainer:
   the optimizer steps since then, averaged over the workers (unrounded here; transformers rounds to 4
   digits), learning_rate after the scheduler's step, grad_norm before clipping (transformers 4.33 does
   not log it), epoch;
+- a micro-batch without any target (its samples all cut by `max_length`) has upstream's NaN loss: zero gradients,
+  and the Trainer's `logging_nan_inf_filter` (on by default) adds the mean logged loss so far instead of it;
 - `--sampling sequential` restarts each epoch at the worker's first micro-batch (a map-style dataset);
   `--sampling upstream` is one stream over the whole run (upstream's dataset ignores the index).
 """
+import logging
 import math
 import os
 import sys
@@ -37,6 +40,9 @@ from .model_dir import save_model_dir
 from .optim import AdamW, clip_grad_norm, global_norm, lr_lambda
 from .trainables import Trainables, full_trainables, lora_trainables
 from .training_args import TrainingArguments, resolve_resume
+
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -226,7 +232,16 @@ class Trainer:
                 seed = float((self.data_args.seed * 7919 + global_batch) % 100003)
                 loss, grads, _ = self.grads.loss_and_grads(batch, 1.0 / a.gradient_accumulation_steps, seed)
                 progress.tokens += int(np.asarray(batch["attention_mask"]).sum())
-                tr_loss += loss
+                if math.isnan(loss):
+                    # No target in the micro-batch (its samples all cut by max_length): upstream's loss is NaN and its
+                    # gradients zeros; transformers' logging_nan_inf_filter adds the average of the losses so far.
+                    logger.warning("micro-batch %d (%s) has no supervised token left after max_length=%d: upstream's "
+                                   "loss is NaN there; its gradients are zeros and the logged loss skips it, as in "
+                                   "upstream's run", total_batched, "; ".join(batch["samples"]),
+                                   self.data_args.max_length)
+                    tr_loss += tr_loss / (1 + global_step - last_logged)
+                else:
+                    tr_loss += loss
                 for name, g in grads.items():
                     accum[name] = g if name not in accum else accum[name] + g
                 short_epoch_end = per_epoch <= a.gradient_accumulation_steps and index + 1 == per_epoch

@@ -155,6 +155,10 @@ def onednn(enable=None) -> bool:
     return ctypes.CDLL(_state["path"]).MxcOnednn(-1 if enable is None else int(bool(enable))) == 1
 
 
+# Score elements (query rows x keys, all heads) per block of the attention gradient: 32M fp32 = 128 MB a tensor.
+GRAD_SCORE_ELEMENTS = 32 * 2 ** 20
+
+
 def _custom(lib, symbol, out_shape, bprop=None, out_dtype=None):
     import mindspore as ms
     from mindspore import ops
@@ -191,12 +195,35 @@ def _gemm_ops(lib, suffix):
             s = (s.reshape(b, kv, r // n, n, slots) + mask.expand_dims(1)).reshape(b, kv, r, slots)
         return ops.softmax(s, -1)
 
-    def attention_grads(q, k, v, mask, div, dout):
+    def chunk_grads(q, k, v, mask, div, dout):
         p = scores_and_probs(q, k, mask, div)
         dv = btn(p, dout)
         dp = bnt(dout, v)
         ds = p * (dp - (dp * p).sum(-1, keepdims=True)) / div
         return bnn(ds, k), btn(ds, q), dv
+
+    def attention_grads(q, k, v, mask, div, dout):
+        """By blocks of query positions (`GRAD_SCORE_ELEMENTS`): the recomputed weights and their gradient are
+        [heads, block, keys], never [heads, positions, keys]; dk and dv are summed over the blocks."""
+        b, kv, r, d = q.shape
+        slots = k.shape[2]
+        n = r if mask is None else mask.shape[2]  # rows are (query head of the group, position), position fastest
+        g = r // n
+        block = max(GRAD_SCORE_ELEMENTS // (kv * g * slots), 16)
+        if block >= n:
+            return chunk_grads(q, k, v, mask, div, dout)
+        q5, do5 = q.reshape(b, kv, g, n, d), dout.reshape(b, kv, g, n, d)
+        dqs, dk, dv = [], None, None
+        for s0 in range(0, n, block):
+            s1 = min(s0 + block, n)
+            c = s1 - s0
+            dq_c, dk_c, dv_c = chunk_grads(q5[:, :, :, s0:s1].reshape(b, kv, g * c, d), k, v,
+                                           None if mask is None else mask[:, :, s0:s1], div,
+                                           do5[:, :, :, s0:s1].reshape(b, kv, g * c, d))
+            dqs.append(dq_c.reshape(b, kv, g, c, d))
+            dk = dk_c if dk is None else dk + dk_c
+            dv = dv_c if dv is None else dv + dv_c
+        return ops.concat(dqs, 3).reshape(b, kv, r, d), dk, dv
 
     def attention_bprop(q, k, v, mask, div, out, dout):
         dq, dk, dv = attention_grads(q, k, v, mask, div, dout)

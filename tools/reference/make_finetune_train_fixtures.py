@@ -80,6 +80,9 @@ def _conv(*turns):
     return [{"from": "human" if i % 2 == 0 else "bot", "value": v} for i, v in enumerate(turns)]
 
 
+# A question that, after a 841-position image, pushes every answer beyond --max_length 900.
+LONG_QUESTION = " ".join(["Look at every detail of the picture, one region after another."] * 8)
+
 DATA_FILES = {
     "lora_image.json": [
         dict(id="i0", image="tests/assets/chelsea.png",
@@ -137,6 +140,36 @@ DATA_FILES = {
         dict(id="u8", conversations=_conv("What does CPU stand for?", "Central processing unit.")),
         dict(id="u9", conversations=_conv("Spell 'cat' backwards.", "t-a-c")),
     ],
+    # max_length 900 with hd_num 1 (841 positions an image): c1 and c2 have every answer beyond the cut, each in a
+    # micro-batch with a sample that keeps its answer (upstream averages over the targets left); c5 is cut mid-answer;
+    # c6 and c7 are both cut (a micro-batch without target).
+    "cut_images.json": [
+        dict(id="c0", image="tests/assets/chelsea.png",
+             conversations=_conv("What animal is this?", "A cat.")),
+        dict(id="c1", image="tests/assets/coffee.png",
+             conversations=_conv(LONG_QUESTION, "A cup of coffee.")),
+        dict(id="c2", image="tests/assets/astronaut.png",
+             conversations=_conv(LONG_QUESTION, "An astronaut.", "And the flag?", "It is behind him.")),
+        dict(id="c3", image="tests/assets/rocket_portrait.png",
+             conversations=_conv("<ImageHere>What is this?", "A rocket on its launch pad.")),
+        dict(id="c4", image="tests/assets/chelsea_tiny.png",
+             conversations=_conv("Describe it.", "A small grey cat.")),
+        dict(id="c5", image="tests/assets/coffee_strip_1x8.png",
+             conversations=_conv("What is in the strip?", " ".join(["A coffee cup seen from the side."] * 12))),
+        # A micro-batch without any target: upstream's loss is NaN (CrossEntropyLoss over no target), its gradients
+        # zeros; the Trainer's logging_nan_inf_filter replaces the NaN in the logged loss.
+        dict(id="c6", image="tests/assets/rocket_strip_8x1.png",
+             conversations=_conv(LONG_QUESTION, "A rocket.")),
+        dict(id="c7", image="tests/assets/chelsea.png",
+             conversations=_conv(LONG_QUESTION, "A cat.")),
+    ],
+    # t0's question alone is longer than max_length (text2emb cuts the tokens): no target left in that row.
+    "cut_text.json": [
+        dict(id="x0", conversations=_conv(" ".join(["Please read all of this carefully."] * 150), "Done.")),
+        dict(id="x1", conversations=_conv("What is the capital of Italy?", "Rome.")),
+        dict(id="x2", conversations=_conv("Say yes.", "Yes.")),
+        dict(id="x3", conversations=_conv("Count to three.", "One, two, three.")),
+    ],
 }
 
 DATA_TXT = {
@@ -144,6 +177,7 @@ DATA_TXT = {
     "lora_text.txt": ["text4.json"],
     "full_mixed.txt": ["mixed_images.json", "text4.json"],
     "full_epochs.txt": ["text10.json"],
+    "lora_cut.txt": ["cut_images.json", "cut_text.json"],
 }
 
 COMMON = ["--bf16", "False", "--fp16", "False", "--logging_steps", "1", "--report_to", "none",
@@ -179,6 +213,13 @@ CASES = [
          argv=LORA + ["--hd_num", "1", "--batch_size", "2", "--gradient_accumulation_steps", "2", "--max_steps", "3",
                       "--warmup_steps", "1", "--lr_scheduler_type", "polynomial", "--lora_r", "4", "--lora_alpha", "16",
                       "--lora_target_modules", "attention.wqkv", "feed_forward.w2", "--max_grad_norm", "1.3"]),
+    # Upstream's truncation: samples whose supervised tokens all lie beyond --max_length, each in a micro-batch with
+    # one that keeps targets (image and text micro-batches; the cut sample first and second): the micro-batch's loss
+    # is the mean over the targets left, the cut sample contributes nothing.
+    dict(name="lora_cut", data="lora_cut.txt",
+         argv=LORA + ["--hd_num", "1", "--batch_size", "2", "--gradient_accumulation_steps", "2", "--max_steps", "3",
+                      "--warmup_steps", "1", "--lr_scheduler_type", "cosine", "--lora_r", "4", "--lora_alpha", "8",
+                      "--max_grad_norm", "1.0", "--max_length", "900"]),
     # The projector trains, the ViT does not; hard-restart cosine; a different beta2 and epsilon.
     dict(name="full_sampler", data="lora_image.txt",
          argv=["--use_lora", "False", "--fix_vit", "True", "--fix_sampler", "False", "--hd_num", "1",
@@ -187,7 +228,8 @@ CASES = [
                "--max_grad_norm", "3.7"]),
 ]
 for _c in CASES:
-    _c["argv"] = COMMON + ["--data_path", f"{DATA_REL}/{_c['data']}"] + _c["argv"]
+    common = COMMON[:-2] if "--max_length" in _c["argv"] else COMMON  # a case's own --max_length replaces 4096
+    _c["argv"] = common + ["--data_path", f"{DATA_REL}/{_c['data']}"] + _c["argv"]
     # The tiny config's max_position_embeddings (1024) is below the image micro-batches' lengths (up to 1722):
     # upstream's dynamic-NTK RoPE would rescale its base on the first long micro-batch and keep the scaled tables
     # for every later one (text micro-batches after an image one then differ by up to 3e-4 in loss). The release
@@ -468,8 +510,13 @@ def run_case(case, up_dir, finetune, data_mix, arrays):
     steps = [e for e in state["log_history"] if "loss" in e and "train_loss" not in e]
     ga = trainer.args.gradient_accumulation_steps
     per_step = [list(range(a, b)) for a, b in zip([0] + rec.step_ends[:-1], rec.step_ends)]
-    for entry, mbs in zip(steps, per_step):
-        expected = sum(np.float32(rec.micro_losses[i]) / np.float32(ga) for i in mbs)
+    for k, (entry, mbs) in enumerate(zip(steps, per_step)):
+        # logging_steps 1: the Trainer's logging_nan_inf_filter turns a NaN micro-batch loss into the step's loss so
+        # far (tr_loss += tr_loss / (1 + global_step - last_logged), with global_step == last_logged).
+        expected = np.float32(0)
+        for i in mbs:
+            loss = np.float32(rec.micro_losses[i])
+            expected = expected + (expected if np.isnan(loss) else loss / np.float32(ga))
         if abs(entry["loss"] - expected) > 1e-5 * abs(expected):
             raise SystemExit(f"{case['name']} step {entry['step']}: logged loss {entry['loss']} is not the sum of its "
                              f"micro-batch losses / {ga} ({expected})")
@@ -480,7 +527,7 @@ def run_case(case, up_dir, finetune, data_mix, arrays):
                 no_decay=[saved_name(n) for n in no_decay],
                 adam_steps={saved_name(k): v for k, v in adam_steps.items()},
                 grad_none_per_step=[[saved_name(n) for n in g] for g in rec.grad_none],
-                micro_batches=[dict(it, shape=sh, loss=loss)
+                micro_batches=[dict(it, shape=sh, loss=None if np.isnan(loss) else loss)  # null: upstream's NaN
                                for it, sh, loss in zip(rec.items, rec.shapes, rec.micro_losses)],
                 micro_batches_per_step=per_step, saved_files=saved,
                 seconds=round(seconds, 1))
