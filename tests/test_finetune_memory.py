@@ -8,7 +8,6 @@ mark of what was in use, set here by the head and loss (~2 GB over the loaded mo
 gradient call leaves behind shows once it no longer fits in what the earlier stages freed: checked by hand,
 ten layer-input-sized tensors kept per layer (320 MB at 8 layers) stay hidden, as they would in the user's
 run; the bound is on the peak, which is what the run needs."""
-import os
 
 import numpy as np
 

@@ -4,7 +4,6 @@ dequantized weights; and the dispatch (`weight_products`) against its portable p
 import numpy as np
 import pytest
 
-import mindspore as ms
 from mindspore import Tensor
 
 from mindxcomposer import quantization as qz

@@ -13,7 +13,7 @@ import mindspore as ms
 from conftest import assert_close
 from mindxcomposer import quantization as qz
 from mindxcomposer.convert import ConvertError, convert, main
-from mindxcomposer.demo import DEMO_IMAGE, save_demo_model, tiny_config
+from mindxcomposer.demo import DEMO_IMAGE, save_demo_model
 from mindxcomposer.session import ModelSession
 from mindxcomposer.weights import Checkpoint, write_safetensors
 

@@ -37,7 +37,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", ".."))
 from mindxcomposer.demo import random_weights, tiny_config  # noqa: E402
-from mindxcomposer.weights import PLORA_LINEARS  # noqa: E402
+from mindxcomposer.constants import LINEARS as PLORA_LINEARS  # noqa: E402
 
 GROUP = 16
 WRITER_FILES = {"awq": "lmdeploy/lite/quantization/awq.py", "linear": "lmdeploy/lite/quantization/modules/linear.py",
