@@ -81,9 +81,34 @@ def write_data(path, positions, image=None):
     json.dump([sample], open(path, "w"))
 
 
-def worker(model_dir, data, out, steps="1", hd_num="18", bf16="False"):
+def _first_layers(n):
+    """Load only the first `n` decoder layers of a converted checkpoint (its other weights as they are): the same
+    run at a smaller depth, for the growth with depth."""
+    import re
+    import mindxcomposer.modeling_xcomposer2 as mx
+    base, config_cls = mx.Checkpoint, mx.InternLMXComposer2Config
+    read_config = config_cls.from_pretrained.__func__
+
+    class FirstLayers(base):
+        def __init__(self, path):
+            super().__init__(path)
+            deep = re.compile(r"model\.layers\.(\d+)\.")
+            self._where = {k: v for k, v in self._where.items()
+                           if not (deep.match(k) and int(deep.match(k).group(1)) >= n)}
+
+    def config(cls, path, *a, **k):
+        c = read_config(cls, path, *a, **k)
+        c.num_hidden_layers = n
+        return c
+    mx.Checkpoint = FirstLayers
+    config_cls.from_pretrained = classmethod(config)
+
+
+def worker(model_dir, data, out, steps="1", hd_num="18", bf16="False", layers="0", mode="graph"):
     import mindspore as ms
-    ms.set_context(mode=ms.GRAPH_MODE)
+    ms.set_context(mode=ms.PYNATIVE_MODE if mode == "pynative" else ms.GRAPH_MODE)
+    if int(layers):
+        _first_layers(int(layers))
     from mindxcomposer.finetune.trainer import Trainer
     from mindxcomposer.finetune.training_args import parse_args
 
@@ -101,14 +126,19 @@ def worker(model_dir, data, out, steps="1", hd_num="18", bf16="False"):
     positions = int(np.asarray(batch["attention_mask"]).sum())
     trace(f"loaded in {load_s:.0f} s, peak {loaded:.2f} GiB; {positions} positions")
     grads = trainer.grads
-    for name in ("forward_layer", "_head", "layer_grad", "_image_embeddings"):  # where the memory goes, as it goes
-        setattr(grads, name, traced(getattr(grads, name), name))
+    for owner, names in ((grads.layer_grad, ("attention", "mlp_grad", "attention_grad")),
+                         (grads.forward_layer, ("attention", "mlp"))):  # inside a layer: its blocks
+        for name in (x for x in names if hasattr(owner, x)):
+            setattr(owner, name, traced(getattr(owner, name), f"  {type(owner).__name__}.{name}"))
+    for name in ("forward_layer", "_head", "layer_grad", "_image_embeddings", "loss_and_grads"):
+        setattr(grads, name, traced(getattr(grads, name), name))  # where the memory goes, as it goes
     ends = []
     step = trainer.optimizer.step
 
     def timed_step(grads, lr):  # the end of each optimizer step
         step(grads, lr)
         ends.append(time.perf_counter())
+        trace(f"optimizer step {len(ends)}")
     trainer.optimizer.step = timed_step
     t1 = time.perf_counter()
     result = trainer.train()
@@ -171,19 +201,25 @@ def full_depth(args):
     write_data(data, args.positions, args.image)
     rc, out, err, seen = run_guarded(
         [sys.executable, os.path.abspath(__file__), "--work", args.work, "--_worker", args.model, data,
-         os.path.join(args.work, "out-full"), str(args.steps), str(args.hd_num), str(args.bf16)], args.rss_limit)
+         os.path.join(args.work, "out-full"), str(args.steps), str(args.hd_num), str(args.bf16), str(args.truncate),
+         args.mode],
+        args.rss_limit)
     line = [x for x in out.splitlines() if x.startswith(MARK)]
+    traces = "\n".join(x for x in err.splitlines() if x.startswith("@@trace"))
+    with open(os.path.join(args.work, f"trace-{args.truncate or 'full'}.log"), "w") as f:
+        f.write(traces + "\n")
     if rc or not line:
         print(err[-3000:], file=sys.stderr)
-        print("\n".join(x for x in err.splitlines() if x.startswith("@@trace")), file=sys.stderr)
+        print(traces, file=sys.stderr)
         raise SystemExit(f"the run failed (status {rc}; largest RSS seen {seen:.2f} GiB, limit {args.rss_limit})")
     r = json.loads(line[0][len(MARK):])
     image = f", image {os.path.basename(args.image)} at hd_num {args.hd_num}" if args.image else ""
     print(f"command: python benchmarks/finetune_release_memory.py --work {args.work} --model {args.model} "
           f"--positions {args.positions} --steps {args.steps}" + (f" --image {args.image} --hd_num {args.hd_num}"
                                                                    if args.image else "")
-          + (" --bf16" if args.bf16 else ""))
-    print(f"LoRA r 64 on the five linears (upstream's flags), full depth, {r['positions']} positions{image}, "
+          + (" --bf16" if args.bf16 else "") + (f" --truncate {args.truncate}" if args.truncate else ""))
+    depth = f"its first {args.truncate} decoder layers" if args.truncate else "full depth"
+    print(f"LoRA r 64 on the five linears (upstream's flags), {depth}, {r['positions']} positions{image}, "
           f"{'bf16' if args.bf16 else 'exact'} products\n")
     print("| positions | peak after load (GiB) | peak after the steps (GiB) | s / optimizer step | load (s) | losses |")
     print("|---|---|---|---|---|---|")
@@ -202,6 +238,8 @@ def main(argv=None):
     ap.add_argument("--image", help="an image placed first in the sample (with --model)")
     ap.add_argument("--hd_num", type=int, default=18)
     ap.add_argument("--bf16", action="store_true", help="--bf16 True: bf16 products")
+    ap.add_argument("--mode", choices=("graph", "pynative"), default="graph", help="with --model: MindSpore's mode")
+    ap.add_argument("--truncate", type=int, default=0, help="with --model: its first N decoder layers only")
     ap.add_argument("--rss-limit", type=float, default=21.5, help="GiB; the run is killed above it")
     ap.add_argument("--_worker", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
