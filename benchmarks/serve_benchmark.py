@@ -68,6 +68,18 @@ def start_server(model_dir, max_batch, port):
         time.sleep(0.5)
 
 
+def _peak_rss_gib(pid):
+    """The server process's peak resident memory so far (VmHWM), GiB; None where /proc does not say."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2 ** 20
+    except OSError:
+        pass
+    return None
+
+
 def one_request(client, model, messages, max_tokens):
     t0 = time.perf_counter()
     first, text, usage = None, [], None
@@ -137,6 +149,7 @@ def main(argv=None):
         run_pass(client, name, requests[:2], 4, 1)  # warm-up: compiles the graphs
         seq = run_pass(client, name, requests, args.max_tokens, 1)
         conc = run_pass(client, name, requests, args.max_tokens, args.clients)
+        server_peak_gib = _peak_rss_gib(proc.pid)
     finally:
         proc.terminate()
         proc.wait(timeout=60)
@@ -151,11 +164,14 @@ def main(argv=None):
     for label, r in (("1 (sequential)", seq), (f"{args.clients} (concurrent)", conc)):
         print(f"| {label} | {r['wall_s']:.1f} | {r['req_per_s']:.2f} | {r['gen_tok_per_s']:.1f} | "
               f"{r['p50_latency_s']:.2f} | {r['p95_latency_s']:.2f} | {r['p50_ttft_s']:.2f} | {r['p95_ttft_s']:.2f} |")
+    if server_peak_gib is not None:
+        print(f"server peak RSS (VmHWM, both passes): {server_peak_gib:.2f} GiB")
     print(f"throughput concurrent / sequential: {conc['gen_tok_per_s'] / seq['gen_tok_per_s']:.2f}x; "
           f"identical answers in both passes: {'yes' if same else 'NO'}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(args=vars(args), sequential=seq, concurrent=conc, identical=same), f, indent=2)
+            json.dump(dict(args=vars(args), sequential=seq, concurrent=conc, identical=same,
+                           server_peak_gib=server_peak_gib), f, indent=2)
     return 0 if same else 1
 
 

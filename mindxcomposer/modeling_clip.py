@@ -203,7 +203,10 @@ class CLIPVisionTower(nn.Cell):
         # Tensor views of the Parameters (no copies): a Parameter passed as a graph input makes a new
         # graph per layer (they differ by name), each keeping its own intermediates.
         layers = [tuple(Tensor(p) for p in layer.weights()) for layer in self.vision_tower.vision_model.encoder.layers]
-        out = []
+        # fp32 outputs are gathered in host memory, each micro-batch's as it is done: not in MindSpore's memory
+        # pool, whose high-water mark would keep them (and their concatenation: 2 x 164 MB for a 4K image).
+        host = self.compute_dtype == ms.float32
+        out = None if host else []
         for start in range(0, n, mb):
             chunk = pv[start:start + mb]
             if chunk.shape[0] < mb:
@@ -212,5 +215,13 @@ class CLIPVisionTower(nn.Cell):
             for w in layers:
                 x = self._math(x, *w)
                 vision_call_done(VIT)  # a pause point (vision_pauses: the server steps decodes there)
-            out.append(x[:min(mb, n - start), 1:])
+            if host:
+                xh = x.asnumpy()  # shares x's memory
+                if out is None:
+                    out = np.empty((n, xh.shape[1] - 1, xh.shape[2]), np.float32)
+                out[start:start + mb] = xh[:min(mb, n - start), 1:]
+            else:
+                out.append(x[:min(mb, n - start), 1:])
+        if host:
+            return Tensor.from_numpy(out)
         return out[0] if len(out) == 1 else ops.concat(out, 0)

@@ -10,8 +10,10 @@ from mindxcomposer import quantization as qz
 from mindxcomposer.ops import cpu_kernels, weight_products as wp
 
 ARCHS = ["native", "avx2", "portable"]
-# (bits, group size, K): the release's 128 (K a multiple and not), groups not a multiple of 32, odd K
-CASES = [(8, -1, 4096), (8, -1, 77), (4, 128, 512), (4, 128, 176), (4, 32, 96), (4, 48, 200), (4, 128, 65)]
+# (bits, group size, K): the release's 128 (K a multiple and not), groups not a multiple of 32, odd K; K above
+# `kTileAbove` (6144: one activation row against tiles of weight rows) a multiple of 32 and not
+CASES = [(8, -1, 4096), (8, -1, 77), (4, 128, 512), (4, 128, 176), (4, 32, 96), (4, 48, 200), (4, 128, 65),
+         (8, -1, 6176), (8, -1, 6165), (4, 128, 6272), (4, 32, 6176), (4, 128, 6163)]
 
 
 def _compiler():
@@ -38,7 +40,7 @@ def _check(got, x, deq, what):
 
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("bits,gs,k", CASES)
-@pytest.mark.parametrize("rows", [1, 3, 16])
+@pytest.mark.parametrize("rows", [1, 2, 3, 16])
 def test_decode_kernel_against_float64(arch, bits, gs, k, rows):
     _compiler()
     parts, deq = _weight(bits, gs, k)

@@ -9,6 +9,10 @@
 //   AVX-512 a group's 16 possible values are a table and a nibble is an index into it (vpermps reads the low
 //   4 bits of each lane), so a weight costs no arithmetic before its FMA.
 //
+// A batch-1 decode step with long rows (w2: K = 14336, 56 KB of fp32 activations, more than L1) reads each
+// activation vector once for a tile of weight rows (`row_tiles`) instead of once per row, with the weight streams
+// prefetched; shorter rows are read one at a time (the activations stay in L1, the weight is one stream).
+//
 // Calling convention of MindSpore's AOT custom ops: `params` holds the inputs, then the outputs.
 #include <cstdint>
 #include <cstring>
@@ -182,6 +186,80 @@ void int4_rows(const float *xs, int64_t kp, int64_t k, const uint8_t *q, const f
   for (int m = 0; m < MR; ++m) y[m * ldy] = acc[m];
 }
 
+#if defined(__AVX512F__)
+// Batch-1 decode (`row_tiles`): weight rows are taken kTile at a time, each stream prefetched kPrefetch bytes
+// ahead (measured on the release's shapes, benchmarks/quant_decode_kernels.py: without the prefetch, tiles are
+// slower than single rows where the activations fit in L1; with it, as fast, and w2 twice as fast).
+constexpr int kTile = 8;
+constexpr int kPrefetch = 256;
+// Tiles only where one row's activations (fp32) exceed this (half of a 48 KB L1): at 4096 inputs (16 KB) single
+// rows stream as fast or faster (int8: 49 GB/s against 35 with tiles); w2's 14336 (56 KB) gain twice.
+constexpr int64_t kTileAbove = 6144;
+
+// int8: one activation row against NR weight rows q, q + ldq, ... (K a multiple of 32): y[n] = scale * sum.
+template <int NR>
+void int8_row_tile(const float *x, int64_t k, const int8_t *q, int64_t ldq, const float *scales, float *y) {
+  __m512 a[NR][2];
+  for (int n = 0; n < NR; ++n) a[n][0] = a[n][1] = _mm512_setzero_ps();
+  for (int64_t i = 0; i < k; i += 32) {
+    const __m512 x0 = _mm512_loadu_ps(x + i), x1 = _mm512_loadu_ps(x + i + 16);
+    for (int n = 0; n < NR; ++n) {
+      const int8_t *qn = q + n * ldq + i;
+      if ((i & 63) == 0) _mm_prefetch(reinterpret_cast<const char *>(qn) + kPrefetch, _MM_HINT_T0);
+      const __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i *>(qn))));
+      const __m512 w1 =
+          _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i *>(qn + 16))));
+      a[n][0] = _mm512_fmadd_ps(w0, x0, a[n][0]);
+      a[n][1] = _mm512_fmadd_ps(w1, x1, a[n][1]);
+    }
+  }
+  for (int n = 0; n < NR; ++n) y[n] = hsum(_mm512_add_ps(a[n][0], a[n][1])) * scales[n];
+}
+
+// int4: one activation row (q, q + ldq, ...), K and the groups multiples
+// of 32: each activation vector loaded serves NR rows, so that a long row's activations (w2's 14336 inputs: 56 KB,
+// more than L1) are read from L2 once per NR weight rows, not once per row. Tables and sums as `int4_rows`.
+template <int NR>
+void int4_row_tile(const float *xs, int64_t k, const uint8_t *q, int64_t ldq, const float *scales,
+                   const uint8_t *zeros, int64_t groups, int64_t gs, float *y) {
+  __m512 a[NR][2];
+  for (int n = 0; n < NR; ++n) a[n][0] = a[n][1] = _mm512_setzero_ps();
+  const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  for (int64_t g0 = 0, g = 0; g0 < k; g0 += gs, ++g) {
+    __m512 table[NR];
+    for (int n = 0; n < NR; ++n)
+      table[n] = _mm512_mul_ps(_mm512_sub_ps(iota, _mm512_set1_ps(static_cast<float>(zeros[n * groups + g]))),
+                               _mm512_set1_ps(scales[n * groups + g]));
+    const int64_t end = g0 + gs < k ? g0 + gs : k;
+    for (int64_t i = g0; i < end; i += 32) {
+      const __m512 x0 = _mm512_loadu_ps(xs + i), x1 = _mm512_loadu_ps(xs + i + 16);
+      for (int n = 0; n < NR; ++n) {
+        if ((i & 127) == 0)  // one line ahead per line read: NR rows are NR streams, each restarting every tile
+          _mm_prefetch(reinterpret_cast<const char *>(q + n * ldq + i / 2) + kPrefetch, _MM_HINT_T0);
+        const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i *>(q + n * ldq + i / 2)));
+        a[n][0] = _mm512_fmadd_ps(_mm512_permutexvar_ps(v, table[n]), x0, a[n][0]);
+        a[n][1] = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), table[n]), x1, a[n][1]);
+      }
+    }
+  }
+  for (int n = 0; n < NR; ++n) y[n] = hsum(_mm512_add_ps(a[n][0], a[n][1]));
+}
+
+// Weight rows in tiles of kTile (the last rows one by one), split among threads in contiguous ranges: each
+// thread streams its part once. tile(j, NR) computes rows j..j+NR-1.
+template <typename Tile>
+void row_tiles(int64_t n, Tile tile) {
+  const int64_t tiles = n / kTile;
+#pragma omp parallel for schedule(static)
+  for (int64_t t = 0; t <= tiles; ++t) {
+    if (t < tiles)
+      tile(t * kTile, std::integral_constant<int, kTile>());
+    else
+      for (int64_t j = t * kTile; j < n; ++j) tile(j, std::integral_constant<int, 1>());
+  }
+}
+#endif
+
 template <typename Rows>
 void over_rows(int64_t m, int64_t n, Rows rows) {
   // Rows of the weight are split among threads in contiguous ranges: each thread streams its part once.
@@ -206,6 +284,12 @@ int MxcLinearInt8(int nparam, void **params, int *ndims, int64_t **shapes, const
   const float *scales = static_cast<const float *>(params[2]);
   float *y = static_cast<float *>(params[3]);
   const int64_t k = shapes[1][1], n = shapes[1][0], m = count(ndims[0], shapes[0]) / k;
+#if defined(__AVX512F__)
+  if (m == 1 && k % 32 == 0 && k > kTileAbove) {
+    row_tiles(n, [&](int64_t j, auto nr) { int8_row_tile<decltype(nr)::value>(x, k, q + j * k, k, scales + j, y + j); });
+    return 0;
+  }
+#endif
   over_rows(m, n, [&](int64_t j, int64_t r, auto mr) {
     int8_rows<decltype(mr)::value>(x + r * k, k, q + j * k, scales[j], y + r * n + j, n);
   });
@@ -227,6 +311,15 @@ int MxcLinearInt4(int nparam, void **params, int *ndims, int64_t **shapes, const
   if (gs <= 0 || ld != (k + 1) / 2 || groups != (k + gs - 1) / gs) return 1;
   std::vector<float> xs(m * kp);
   split_pairs(x, m, k, xs.data());
+#if defined(__AVX512F__)
+  if (m == 1 && k % 32 == 0 && gs % 32 == 0 && k > kTileAbove) {
+    row_tiles(n, [&](int64_t j, auto nr) {
+      int4_row_tile<decltype(nr)::value>(xs.data(), k, q + j * ld, ld, scales + j * groups, zeros + j * groups,
+                                         groups, gs, y + j);
+    });
+    return 0;
+  }
+#endif
   over_rows(m, n, [&](int64_t j, int64_t r, auto mr) {
     int4_rows<decltype(mr)::value>(xs.data() + r * kp, kp, k, q + j * ld, scales + j * groups, zeros + j * groups, gs,
                                    y + r * n + j, n);

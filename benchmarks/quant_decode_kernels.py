@@ -1,0 +1,132 @@
+"""The decode kernels alone (`csrc/quant_kernels.cc` int8 / int4, `csrc/bf16_kernels.cc` bf16) at the release's
+shapes, against the read bandwidth measured in the same process.
+
+    python benchmarks/quant_decode_kernels.py [--rows 1,2,4,16] [--arch native] [--layers 4] [--repeat 5]
+
+Per layer the release's five base linears (wqkv [6144, 4096], wo [4096, 4096], w1 / w3 [14336, 4096],
+w2 [4096, 14336]) are stored in each format; `--layers` copies of them (int4: 109 MB a layer, more than the
+L3 cache in all) are run through in order, as a decode step does, so every weight comes from memory. Per
+format, shape and number of activation rows: best time over `--repeat` passes, the GB/s of the stored bytes
+(packed weights, scales, zero points) and the fraction of the read bandwidth (`release_scale.read_bandwidth_gbs`,
+best of its probes) that is. The kernels are called through ctypes with MindSpore's AOT calling convention
+(no graph, no allocation per call). A benchmark, not a test: run it alone on the machine.
+"""
+import argparse
+import ctypes
+import os
+import sys
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+for p in (REPO, HERE):
+    if p not in sys.path:
+        sys.path.insert(0, p)
+
+from mindxcomposer import quantization as qz  # noqa: E402
+from mindxcomposer.ops import cpu_kernels  # noqa: E402
+
+HIDDEN, INTER, QKV = 4096, 14336, 6144
+SHAPES = {"wqkv": (QKV, HIDDEN), "wo": (HIDDEN, HIDDEN), "w1": (INTER, HIDDEN), "w3": (INTER, HIDDEN),
+          "w2": (HIDDEN, INTER)}
+GROUP = 128
+
+
+class _Call:
+    """One AOT kernel call (params, ndims, shapes) with its arrays kept alive."""
+
+    def __init__(self, fn, arrays):
+        self.fn, self.arrays = fn, arrays
+        n = len(arrays)
+        self.params = (ctypes.c_void_p * n)(*[a.ctypes.data for a in arrays])
+        self.ndims = (ctypes.c_int * n)(*[a.ndim for a in arrays])
+        self.shape_arrays = [(ctypes.c_int64 * a.ndim)(*a.shape) for a in arrays]
+        self.shapes = (ctypes.POINTER(ctypes.c_int64) * n)(
+            *[ctypes.cast(s, ctypes.POINTER(ctypes.c_int64)) for s in self.shape_arrays])
+
+    def __call__(self):
+        rc = self.fn(len(self.arrays), self.params, self.ndims, self.shapes, None, None, None)
+        if rc != 0:
+            raise RuntimeError(f"kernel returned {rc}")
+
+
+def _weights(fmt, n, k, rng):
+    """The stored parts of a weight [n, k] (random bits: the kernels' time does not depend on the values)."""
+    if fmt == "bf16":
+        return [rng.integers(0x3c00, 0x3d00, size=(n, k), dtype=np.uint16)]
+    if fmt == "int8":
+        return [rng.integers(-127, 128, size=(n, k), dtype=np.int8), rng.random(n, dtype=np.float32) / 64]
+    g = (k + GROUP - 1) // GROUP
+    return [rng.integers(0, 256, size=(n, (k + 1) // 2), dtype=np.uint8), rng.random((n, g), dtype=np.float32) / 64,
+            rng.integers(0, 16, size=(n, g), dtype=np.uint8), np.array([GROUP], np.int32)]
+
+
+def _kernel(lib, fmt):
+    name = {"bf16": "MxcLinearBf16", "int8": "MxcLinearInt8", "int4": "MxcLinearInt4"}[fmt]
+    fn = getattr(lib, name)
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                   ctypes.c_void_p, ctypes.c_void_p]
+    return fn
+
+
+def measure(lib, fmt, rows, layers, repeat, rng):
+    """{shape name: (best seconds per call, stored bytes)} for `rows` activation rows, and the whole layer."""
+    fn = _kernel(lib, fmt)
+    calls = {name: [] for name in SHAPES}
+    for _ in range(layers):
+        for name, (n, k) in SHAPES.items():
+            if fmt == "bf16":
+                parts = _weights(fmt, n, k, rng)
+                x = rng.standard_normal((rows, k), dtype=np.float32)
+                arrays = [x, parts[0].view(np.uint16), np.empty((rows, n), np.float32)]
+            else:
+                parts = _weights(fmt, n, k, rng)
+                x = rng.standard_normal((rows, k), dtype=np.float32)
+                arrays = [x, *parts, np.empty((rows, n), np.float32)]
+            calls[name].append((_Call(fn, arrays), sum(a.nbytes for a in parts)))
+    best = {name: float("inf") for name in SHAPES}
+    for _ in range(repeat):
+        for i in range(layers):  # layer by layer, as a decode step: nothing is in a cache when read
+            for name in SHAPES:
+                call = calls[name][i][0]
+                t = time.perf_counter()
+                call()
+                best[name] = min(best[name], time.perf_counter() - t)
+    return {name: (best[name], calls[name][0][1]) for name in SHAPES}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", default="1,2,4,16")
+    ap.add_argument("--formats", default="bf16,int8,int4")
+    ap.add_argument("--arch", default="native", choices=sorted(cpu_kernels.ARCH_FLAGS))
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--repeat", type=int, default=5)
+    args = ap.parse_args(argv)
+    from release_scale import read_bandwidth_gbs
+
+    lib = ctypes.CDLL(cpu_kernels.build(arch=args.arch))
+    print(f"kernels: {cpu_kernels.isa(args.arch) if args.arch != 'native' else ''} {args.arch}, "
+          f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '(default)')}, cores {os.cpu_count()}")
+    probe = read_bandwidth_gbs()
+    bw = max(probe.values())
+    print("read bandwidth probe (GB/s): " + ", ".join(f"{k} {v:.1f}" for k, v in probe.items()))
+    rng = np.random.default_rng(0)
+    print("\n| format | rows | " + " | ".join(f"{s} {SHAPES[s][0]}x{SHAPES[s][1]} ms (GB/s)" for s in SHAPES)
+          + " | layer ms | layer GB/s | % of read bandwidth |")
+    print("|---|---|" + "---|" * (len(SHAPES) + 3))
+    for fmt in args.formats.split(","):
+        for rows in [int(r) for r in args.rows.split(",")]:
+            res = measure(lib, fmt, rows, args.layers, args.repeat, rng)
+            total_t = sum(t for t, _ in res.values())
+            total_b = sum(b for _, b in res.values())
+            cells = " | ".join(f"{t * 1e3:.3f} ({b / t / 1e9:.1f})" for t, b in res.values())
+            print(f"| {fmt} | {rows} | {cells} | {total_t * 1e3:.2f} | {total_b / total_t / 1e9:.1f} | "
+                  f"{100 * total_b / total_t / 1e9 / bw:.0f}% |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
