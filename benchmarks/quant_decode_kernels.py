@@ -25,7 +25,6 @@ for p in (REPO, HERE):
     if p not in sys.path:
         sys.path.insert(0, p)
 
-from mindxcomposer import quantization as qz  # noqa: E402
 from mindxcomposer.ops import cpu_kernels  # noqa: E402
 
 HIDDEN, INTER, QKV = 4096, 14336, 6144
