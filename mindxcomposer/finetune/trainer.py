@@ -30,6 +30,7 @@ import mindspore as ms
 from mindspore import Tensor
 
 from ..atomic import write_json
+from ..configuration import InternLMXComposer2Config
 from ..ops import kernels_enabled
 from .backprop import MicroBatchGradients
 from .checkpoints import STATE_FILE, load_checkpoint, save_checkpoint
@@ -38,6 +39,7 @@ from .distributed import World
 from .lora import init_adapter, load_adapter, save_adapter
 from .model_dir import save_model_dir
 from .optim import AdamW, clip_grad_norm, global_norm, lr_lambda
+from .quantized_base import check_training
 from .trainables import Trainables, full_trainables, lora_trainables
 from .training_args import TrainingArguments, resolve_resume
 
@@ -92,6 +94,9 @@ class Trainer:
     def __init__(self, args: TrainingArguments, data_args: DataArguments, model=None, world: Optional[World] = None,
                  data_root: Optional[str] = None, progress_stream=None):
         self.args, self.data_args = args, data_args
+        # A quantized base trains only under LoRA: said before the model or the data is read.
+        config = model.config if model is not None else InternLMXComposer2Config.from_pretrained(args.model_name_or_path)
+        check_training(config.quantization, args.use_lora, args.model_name_or_path)
         self.world = world or World()
         self.resume = resolve_resume(args.resume_from_checkpoint, args.output_dir)
         self.model = model if model is not None else load_model(args)

@@ -267,14 +267,28 @@ def _gemm_ops(lib, suffix):
                                    linear_bias_residual_bprop)
     linear_bias_gelu = _custom(lib, "MxcLinearNTBiasQuickGelu" + suffix, lambda x, w, b: list(x[:-1]) + [w[0]],
                                linear_bias_gelu_bprop)
-    # Quantized weights (`mindxcomposer.quantization`), dequantized while packed: x, q, scales[, zeros, group size]
-    linear_int8 = _custom(lib, "MxcLinearNTQuant" + suffix, lambda x, q, s: list(x[:-1]) + [q[0]])
-    linear_int4 = _custom(lib, "MxcLinearNTQuant" + suffix, lambda x, q, s, z, g: list(x[:-1]) + [q[0]])
+    # Quantized weights (`mindxcomposer.quantization`), dequantized while packed: x, q, scales[, zeros, group size].
+    # They are a frozen base (LoRA over a quantized model): the gradient is the input's alone, dx = dy W with W
+    # dequantized tile by tile while the same GEMM packs it (x passes its shape: K); the stored parts get zeros.
+    nn_int8 = _custom(lib, "MxcLinearNNQuant" + suffix, lambda dy, x, q, s: list(dy[:-1]) + [x[-1]])
+    nn_int4 = _custom(lib, "MxcLinearNNQuant" + suffix, lambda dy, x, q, s, z, g: list(dy[:-1]) + [x[-1]])
+
+    def linear_int8_bprop(x, q, s, out, dout):
+        return nn_int8(dout, x, q, s), ops.zeros_like(q), ops.zeros_like(s)
+
+    def linear_int4_bprop(x, q, s, z, g, out, dout):
+        return (nn_int4(dout, x, q, s, z, g), ops.zeros_like(q), ops.zeros_like(s), ops.zeros_like(z),
+                ops.zeros_like(g))
+
+    linear_int8 = _custom(lib, "MxcLinearNTQuant" + suffix, lambda x, q, s: list(x[:-1]) + [q[0]], linear_int8_bprop)
+    linear_int4 = _custom(lib, "MxcLinearNTQuant" + suffix, lambda x, q, s, z, g: list(x[:-1]) + [q[0]],
+                          linear_int4_bprop)
     return SimpleNamespace(linear=linear, linear_add=linear_add, linear_bias=linear_bias,
                            linear_bias_residual=linear_bias_residual, linear_bias_quick_gelu=linear_bias_gelu,
                            batch_nt=bnt, batch_nn=bnn, attention=attention, attention_nomask=attention_nomask,
                            attention_tokens=attention_tokens, linear_bprop=linear_bprop, linear_int8=linear_int8,
-                           linear_int4=linear_int4)
+                           linear_int4=linear_int4, linear_int8_bprop=linear_int8_bprop,
+                           linear_int4_bprop=linear_int4_bprop)
 
 
 def custom_ops():
@@ -316,9 +330,12 @@ def custom_ops():
                                       gemm["exact"].linear_bprop),
                 embedding=_custom(lib, "MxcEmbeddingBf16", lambda i, t: list(i) + [t[1]],
                                   out_dtype=lambda i, t: ms.float32),
-                # Quantized weights, decode-sized rows (x, q, scales[, zeros, group size int32 [1]]).
-                decode_int8=_custom(lib, "MxcLinearInt8", lambda x, q, s: list(x[:-1]) + [q[0]]),
-                decode_int4=_custom(lib, "MxcLinearInt4", lambda x, q, s, z, g: list(x[:-1]) + [q[0]]),
+                # Quantized weights, decode-sized rows (x, q, scales[, zeros, group size int32 [1]]); short training
+                # samples reach them too: their gradient is the exact GEMM's.
+                decode_int8=_custom(lib, "MxcLinearInt8", lambda x, q, s: list(x[:-1]) + [q[0]],
+                                    gemm["exact"].linear_int8_bprop),
+                decode_int4=_custom(lib, "MxcLinearInt4", lambda x, q, s, z, g: list(x[:-1]) + [q[0]],
+                                    gemm["exact"].linear_int4_bprop),
                 gemm=gemm,
             )
         return _state["ops"]
@@ -368,6 +385,30 @@ def quant_linear(x, parts, bits, group_size=-1, arch="native", gemm=False, bf16_
     if rc != 0:
         raise ValueError(f"quantized product rejected its shapes: x {x.shape}, qweight {q.shape}, "
                          f"scales {scales.shape}, group size {group_size}")
+    return out
+
+
+def quant_input_grad(dy, parts, bits, in_features, group_size=-1, arch="native", bf16_products=False):
+    """numpy: dy [M, N] fp32 times a quantized weight W [N, K] (`quantization` parts) -> dy W [M, K] fp32, the
+    input gradient of `quant_linear`, through the library for `arch` directly (the GEMM's NN product, W
+    dequantized while packed)."""
+    import numpy as np
+
+    lib = ctypes.CDLL(build(arch=arch))
+    dy = np.ascontiguousarray(dy, dtype=np.float32)
+    q = np.ascontiguousarray(parts["qweight"])
+    scales = np.ascontiguousarray(parts["scales"], dtype=np.float32)
+    zeros = np.ascontiguousarray(parts["qzeros"]) if bits == 4 else np.zeros(1, np.uint8)
+    m, n = dy.shape
+    if q.shape[0] != n or q.shape[1] != (in_features if bits == 8 else (in_features + 1) // 2):
+        raise ValueError(f"dy {dy.shape} and K {in_features} do not fit qweight {q.shape}")
+    out = np.empty((m, in_features), np.float32)
+    fn = lib.MxcGemmNNQuant
+    fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int, ctypes.c_void_p] + [ctypes.c_int64] * 4 + [ctypes.c_int]
+    if fn(dy.ctypes.data, q.ctypes.data, scales.ctypes.data, zeros.ctypes.data, bits, out.ctypes.data, m, n,
+          in_features, group_size, int(bf16_products)) != 0:
+        raise ValueError(f"quantized input gradient rejected its shapes: dy {dy.shape}, qweight {q.shape}, "
+                         f"group size {group_size}")
     return out
 
 

@@ -202,7 +202,10 @@ def dequantize_int4(q, scales, zeros, in_features, group_size):
 
 
 def _dequantized_product(x, w, products):
-    """The portable path of a quantized product: x times an fp32 weight dequantized in the graph."""
+    """The portable path of a quantized product: x times an fp32 weight dequantized in the graph. A quantized
+    weight is a frozen base (LoRA over it): the gradient flows to x alone (dx = dy W), none into the stored
+    integers, scales and zero points."""
+    w = ops.stop_gradient(w)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     mode = products if x2.shape[0] > KERNEL_MAX_ROWS else EXACT  # decode-sized: exact, as `linear`
@@ -216,7 +219,9 @@ def _quant_kernel_ready(x):
 
 def linear_int8(x, q, scales, products=EXACT):
     """x [..., K] times an int8 weight (q int8 [N, K], scales fp32 [N]) -> [..., N] in x's dtype. CPU kernels:
-    decode-sized rows read q in place; more rows go through the GEMM, which dequantizes while it packs."""
+    decode-sized rows read q in place; more rows go through the GEMM, which dequantizes while it packs.
+    Differentiable in x only (a frozen base): dx = dy W, on the CPU the GEMM's NN product dequantizing W while it
+    packs (`cpu_kernels`), as the dequantized fp32 twin's gradient packs its fp32 W."""
     if _quant_kernel_ready(x):
         x2 = x.reshape(-1, x.shape[-1])
         if x2.shape[0] <= KERNEL_MAX_ROWS:

@@ -84,13 +84,15 @@ inline uint16_t f32_to_bf16(float f) {  // round to nearest even; NaN stays a qu
 inline float round_bf16(float f) { return bf16_to_f32(f32_to_bf16(f)); }
 
 // A strided view of an operand: element (r, c) is at p[r * rs + c * cs].
-// With `qbits` 8 or 4 it is a quantized weight W [N, K] used as B = W^T (rs = 1, cs = K; `dequant_column`),
-// which only the B packing reads.
+// With `qbits` 8 or 4 it is a quantized weight W [N, K], which only the B packing reads: used as B = W^T
+// (rs = 1, cs = K; `dequant_column`: the forward), or with `qrows` as B = W itself (rs = K, cs = 1;
+// `dequant_row`: the input gradient dy W).
 struct View {
   const void *p;
   int64_t rs, cs;
   bool bf16;
   int qbits = 0;
+  bool qrows = false;
   const float *qscales = nullptr;  // [N] (int8) or [N, G] (int4)
   const uint8_t *qzeros = nullptr;  // [N, G] (int4)
   int64_t qgroup = 0, qgroups = 0;  // int4: inputs per group, groups per row
@@ -124,6 +126,26 @@ void dequant_column(const View &b, int64_t n, int64_t k0, int64_t kc, float *dst
     const int64_t kk = k0 + i, g = kk / b.qgroup;
     const uint8_t v = (kk & 1) ? (q[kk >> 1] >> 4) : (q[kk >> 1] & 15);
     dst[i * stride] = (static_cast<float>(v) - static_cast<float>(zr[g])) * sc[g];
+  }
+}
+
+// Row n of a quantized W (`View::qrows`), inputs c0 .. c0 + cols, to dst[0 .. cols) in fp32: the same values
+// as `dequant_column`, read along a row (B = W: a row of W is a row of k of the panel).
+void dequant_row(const View &b, int64_t n, int64_t c0, int64_t cols, float *dst) {
+  const int64_t k = b.rs;
+  if (b.qbits == 8) {
+    const int8_t *q = static_cast<const int8_t *>(b.p) + n * k + c0;
+    const float s = b.qscales[n];
+    for (int64_t i = 0; i < cols; ++i) dst[i] = static_cast<float>(q[i]) * s;
+    return;
+  }
+  const uint8_t *q = static_cast<const uint8_t *>(b.p) + n * ((k + 1) / 2);
+  const float *sc = b.qscales + n * b.qgroups;
+  const uint8_t *zr = b.qzeros + n * b.qgroups;
+  for (int64_t i = 0; i < cols; ++i) {
+    const int64_t kk = c0 + i, g = kk / b.qgroup;
+    const uint8_t v = (kk & 1) ? (q[kk >> 1] >> 4) : (q[kk >> 1] & 15);
+    dst[i] = (static_cast<float>(v) - static_cast<float>(zr[g])) * sc[g];
   }
 }
 
@@ -163,6 +185,14 @@ void pack_b_f32(const View &b, int64_t k0, int64_t kc, int64_t n0, int64_t nc, f
   for (int64_t j0 = 0; j0 < nc; j0 += NR) {
     const int64_t cols = nc - j0 < NR ? nc - j0 : NR;
     float *panel = dst + (j0 / NR) * kc * NR;
+    if (b.qbits && b.qrows) {  // B = W: row k0 + k of W gives row k of the panel
+      for (int64_t k = 0; k < kc; ++k) {
+        float *row = panel + k * NR;
+        dequant_row(b, k0 + k, n0 + j0, cols, row);
+        for (int64_t j = 0; j < NR; ++j) row[j] = j < cols ? (round ? round_bf16(row[j]) : row[j]) : 0.0f;
+      }
+      continue;
+    }
     if (b.qbits) {
       for (int64_t j = 0; j < NR; ++j) {
         if (j < cols) dequant_column(b, n0 + j0 + j, k0, kc, panel + j, NR);
@@ -258,6 +288,19 @@ void pack_b_bf16(const View &b, int64_t k0, int64_t kc, int64_t n0, int64_t nc, 
   for (int64_t j0 = 0; j0 < nc; j0 += NR) {
     const int64_t cols = nc - j0 < NR ? nc - j0 : NR;
     uint16_t *panel = dst + (j0 / NR) * kc2 * NR * 2;
+    if (b.qbits && b.qrows) {  // B = W: rows k0 + 2p and k0 + 2p + 1 of W give pair row p
+      alignas(64) float lo[NR], hi[NR];
+      for (int64_t p = 0; p < kc2; ++p) {
+        const bool two = 2 * p + 1 < kc;
+        dequant_row(b, k0 + 2 * p, n0 + j0, cols, lo);
+        if (two) dequant_row(b, k0 + 2 * p + 1, n0 + j0, cols, hi);
+        for (int64_t j = 0; j < NR; ++j) {
+          panel[(p * NR + j) * 2] = j < cols ? f32_to_bf16(lo[j]) : 0;
+          panel[(p * NR + j) * 2 + 1] = j < cols && two ? f32_to_bf16(hi[j]) : 0;
+        }
+      }
+      continue;
+    }
     if (b.qbits) {
       alignas(64) float col[KC_BF16 > KC ? KC_BF16 + 1 : KC + 1];
       for (int64_t j = 0; j < NR; ++j) {
@@ -766,6 +809,32 @@ int linear_nn(int nparam, void **params, int *ndims, int64_t **shapes, const cha
   return 0;
 }
 
+// dx[..., K] = dy[..., N] W with W quantized (`View::qrows`): the input gradient of `linear_nt_quant`, the
+// weight dequantized tile by tile while packed, exactly as its dequantized fp32 twin's `linear_nn` packs it.
+// Inputs dy, x (read for its shape only: K, which an int4 qweight's ceil(K / 2) columns do not fix), qweight,
+// scales[, qzeros, group size int32 [1]], output dx.
+int linear_nn_quant(int nparam, void **params, int *ndims, int64_t **shapes, bool bf16) {
+  if (nparam != 5 && nparam != 7) return 1;
+  const int64_t n = shapes[0][ndims[0] - 1], k = shapes[1][ndims[1] - 1];
+  const int64_t m = numel(ndims[0], shapes[0], ndims[0] - 1);
+  if (shapes[2][0] != n) return 1;
+  View b{params[2], k, 1, false};
+  b.qrows = true;
+  b.qscales = static_cast<const float *>(params[3]);
+  if (nparam == 5) {
+    b.qbits = 8;
+    if (shapes[2][1] != k) return 1;
+  } else {
+    b.qbits = 4;
+    b.qzeros = static_cast<const uint8_t *>(params[4]);
+    b.qgroup = *static_cast<const int32_t *>(params[5]);
+    b.qgroups = shapes[3][1];
+    if (shapes[2][1] != (k + 1) / 2 || b.qgroup <= 0 || b.qgroups != (k + b.qgroup - 1) / b.qgroup) return 1;
+  }
+  gemm(View{params[0], n, 1, false}, b, static_cast<float *>(params[nparam - 1]), k, m, k, n, bf16);
+  return 0;
+}
+
 int linear_tn(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, bool bf16) {
   if (nparam != 3) return 1;
   const int64_t n = shapes[0][ndims[0] - 1], k = shapes[1][ndims[1] - 1];  // dy [.., N], x [.., K]
@@ -1074,6 +1143,8 @@ MXC_AOT(MxcLinearNT) { return linear_nt(nparam, params, ndims, shapes, dtypes, f
 MXC_AOT(MxcLinearNTBf16) { return linear_nt(nparam, params, ndims, shapes, dtypes, true); }
 MXC_AOT(MxcLinearNTQuant) { return linear_nt_quant(nparam, params, ndims, shapes, false); }
 MXC_AOT(MxcLinearNTQuantBf16) { return linear_nt_quant(nparam, params, ndims, shapes, true); }
+MXC_AOT(MxcLinearNNQuant) { return linear_nn_quant(nparam, params, ndims, shapes, false); }
+MXC_AOT(MxcLinearNNQuantBf16) { return linear_nn_quant(nparam, params, ndims, shapes, true); }
 MXC_AOT(MxcLinearNTAdd) { return linear_nt_add(nparam, params, ndims, shapes, dtypes, false); }
 MXC_AOT(MxcLinearNTAddBf16) { return linear_nt_add(nparam, params, ndims, shapes, dtypes, true); }
 
@@ -1210,6 +1281,23 @@ extern "C" int MxcGemmNTQuant(const float *a, const void *q, const float *scales
     if (group <= 0) return 1;
   }
   gemm(View{a, k, 1, false}, b, c, n, m, n, k, bf16_products != 0);
+  return 0;
+}
+
+// For tests without MindSpore: dX[M, K] = dY[M, N] W with W [N, K] quantized (bits 8 or 4).
+extern "C" int MxcGemmNNQuant(const float *dy, const void *q, const float *scales, const uint8_t *zeros, int bits,
+                              float *dx, int64_t m, int64_t n, int64_t k, int64_t group, int bf16_products) {
+  View b{q, k, 1, false};
+  b.qrows = true;
+  b.qbits = bits;
+  b.qscales = scales;
+  if (bits == 4) {
+    b.qzeros = zeros;
+    b.qgroup = group;
+    b.qgroups = group > 0 ? (k + group - 1) / group : 0;
+    if (group <= 0) return 1;
+  }
+  gemm(View{dy, n, 1, false}, b, dx, k, m, k, n, bf16_products != 0);
   return 0;
 }
 
