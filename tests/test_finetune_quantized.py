@@ -89,10 +89,11 @@ def close(ours, ref, rel, what):
     return err
 
 
-# Each scheme on each path and both arithmetics, in five runs (a trainer's compiled cells cost ~0.5 GiB that
-# MindSpore's memory pool keeps for the process: a full matrix would need twice the module's memory).
-RUNS = [("int8", "cpu", "exact"), ("int4", "cpu", "exact"), ("int4", "cpu", "bf16"), ("int4", "portable", "exact"),
-        ("int8", "portable", "bf16")]
+# Each scheme, each path and each arithmetic at least once, in three runs (a trainer's compiled cells cost ~0.5
+# GiB that MindSpore's memory pool keeps for the process, and each run trains twice: the whole matrix would
+# double the module's memory and time). The kernels themselves are checked against the twin's GEMM bit for bit
+# for both schemes, both arithmetics and every build in test_quant_grads.py.
+RUNS = [("int8", "cpu", "exact"), ("int4", "cpu", "bf16"), ("int4", "portable", "exact")]
 
 
 @pytest.mark.parametrize("scheme,kernels,products", RUNS, ids=["-".join(r) for r in RUNS])
