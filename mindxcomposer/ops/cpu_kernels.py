@@ -419,11 +419,14 @@ def quant_input_grad(dy, parts, bits, in_features, group_size=-1, arch="native",
     return out
 
 
-if __name__ == "__main__":
+def main(argv=None):
+    """`python -m mindxcomposer.ops [--force]`: builds the library for this CPU and says what it uses."""
+    argv = sys.argv[1:] if argv is None else argv
     try:
-        print(build(force="--force" in sys.argv))
+        print(build(force="--force" in argv))
     except RuntimeError as e:
         print(e, file=sys.stderr)
-        sys.exit(1)
+        return 1
     print(isa())
     print("oneDNN bf16 products:", "on" if onednn() else ("off" if onednn_install() else "not installed"))
+    return 0
