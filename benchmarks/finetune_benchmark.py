@@ -37,6 +37,7 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
+from benchmarks.memory_probe import peak_gib, reset_peak, rss_gib  # noqa: E402
 REFERENCE = os.path.join(REPO, "tools", "reference")
 ASSETS = os.path.join(REPO, "tests", "assets")
 MARK = "@@bench "
@@ -107,28 +108,6 @@ def _reply(obj):
     sys.stdout.flush()
 
 
-def _status_kib(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return -1
-
-
-def _rss_gib():
-    return _status_kib("VmRSS") / 2 ** 20
-
-
-def _reset_peak():
-    """Linux: writing 5 to clear_refs resets the process's peak RSS (VmHWM) to its current RSS."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def _timing(times, ends, micro, warmup, batch_size):
     """samples/s and tokens/s over optimizer steps warmup+1 .. end; `ends[i]` = micro-batches done after step i."""
     if len(times) <= warmup:
@@ -148,7 +127,7 @@ def _timing(times, ends, micro, warmup, batch_size):
 
 # ----------------------------------------------------------------------------------------------- our side
 def worker_ours(spec):
-    rss = {"start": _rss_gib()}
+    rss = {"start": rss_gib()}
     import mindspore as ms
 
     ms.set_context(mode=ms.GRAPH_MODE)  # as mxc-finetune runs: the gradient cells compile
@@ -164,11 +143,11 @@ def worker_ours(spec):
     if spec.get("adapter_dir"):
         argv += ["--lora_weight_path", spec["adapter_dir"]]
     args, data_args = parse_args(argv)
-    rss["imports"] = _rss_gib()
+    rss["imports"] = rss_gib()
     model = load_model(args)
-    rss["model_loaded"] = _rss_gib()
+    rss["model_loaded"] = rss_gib()
     trainer = Trainer(args, data_args, model=model)
-    rss["trainer_built"] = _rss_gib()
+    rss["trainer_built"] = rss_gib()
 
     micro, times, ends, held = [], [], [], {}
     grads = trainer.grads
@@ -205,14 +184,14 @@ def worker_ours(spec):
         times.append(time.perf_counter())
         ends.append(len(micro))
         if len(times) == spec["warmup"]:
-            rss["after_warmup"] = _rss_gib()
+            rss["after_warmup"] = rss_gib()
 
     opt.step = timed_step
-    reset = _reset_peak()
+    reset = reset_peak()
     start = time.perf_counter()
     trainer.train()
-    train_peak = _status_kib("VmHWM") / 2 ** 20 if reset else None
-    rss["end"] = _rss_gib()
+    train_peak = peak_gib() if reset else None
+    rss["end"] = rss_gib()
     params = list(model.get_parameters())
     held.update(parameters=sum(int(p.nbytes) for p in params),
                 trainable=sum(int(p.nbytes) for p in trainer.trainables.params.values()),
@@ -236,7 +215,7 @@ def _step_losses(micro, ends):
 
 # ----------------------------------------------------------------------------------------------- upstream side
 def worker_upstream(spec):
-    rss = {"start": _rss_gib()}
+    rss = {"start": rss_gib()}
     sys.path.insert(0, REFERENCE)
     import make_finetune_data_fixtures as D
     import make_finetune_train_fixtures as F
@@ -248,13 +227,13 @@ def worker_upstream(spec):
 
     torch.set_num_threads(spec["threads"] or 2)
     data_mix, finetune, _ = D.import_finetune(spec["finetune"])
-    rss["imports"] = _rss_gib()
+    rss["imports"] = rss_gib()
     rec = F.Recorder()
     case = dict(config_overrides=spec["config_overrides"], seed=spec["seed"])
     micro, times, ends, held = [], [], [], {}
     out_dir = tempfile.mkdtemp(prefix="ft-bench-up-")
     with F.patched(os.path.abspath(spec["upstream"]), case, finetune, data_mix, rec) as model:
-        rss["model_loaded"] = _rss_gib()
+        rss["model_loaded"] = rss_gib()
         # The fixture script's id recorder on the embedding is for its golden files, not part of training.
         model.model.tok_embeddings._forward_pre_hooks.clear()
         model.model.register_forward_pre_hook(
@@ -271,14 +250,14 @@ def worker_upstream(spec):
 
         class Timer(transformers.TrainerCallback):
             def on_train_begin(self, args, state, control, **kw):
-                rss["trainer_built"] = _rss_gib()
-                self.reset = _reset_peak()
+                rss["trainer_built"] = rss_gib()
+                self.reset = reset_peak()
 
             def on_step_end(self, args, state, control, **kw):
                 times.append(time.perf_counter())
                 ends.append(len(micro))
                 if len(times) == spec["warmup"]:
-                    rss["after_warmup"] = _rss_gib()
+                    rss["after_warmup"] = rss_gib()
 
         timer = Timer()
         recording = finetune.Trainer
@@ -292,8 +271,8 @@ def worker_upstream(spec):
         sys.argv = ["finetune.py", "--model_name_or_path", "upstream-bench", "--output_dir", out_dir] + spec["argv"]
         start = time.perf_counter()
         finetune.train()
-        train_peak = _status_kib("VmHWM") / 2 ** 20 if timer.reset else None
-        rss["end"] = _rss_gib()
+        train_peak = peak_gib() if timer.reset else None
+        rss["end"] = rss_gib()
         trainer = rec.trainer
         opt = trainer.optimizer
         held.update(parameters=sum(p.numel() * p.element_size() for p in trainer.model.parameters()),

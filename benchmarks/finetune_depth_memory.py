@@ -23,26 +23,9 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
+from benchmarks.memory_probe import peak_gib, rss_gib  # noqa: E402
 MARK = "@@mem "
 GiB = 2 ** 30
-
-
-def peak_gib():
-    """This process's peak RSS (VmHWM; not getrusage, which carries a parent's peak over fork and exec)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 2 ** 20
-    return float("nan")
-
-
-def rss_gib():
-    """This process's resident memory now (VmRSS)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 2 ** 20
-    return float("nan")
 
 
 def depth_config(hidden, layers):

@@ -27,18 +27,9 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
+from benchmarks.memory_probe import peak_gib, rss_gib  # noqa: E402
 MARK = "@@mem "
 GiB = 2 ** 30
-
-
-def _peak_gib():
-    """This process's peak RSS (VmHWM). Not getrusage's ru_maxrss: Linux carries the parent's peak over fork and
-    exec into it, and the parent here has just written a checkpoint of several GB."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 2 ** 20
-    return float("nan")
 
 
 def write_checkpoint(path, layers, seed=0):
@@ -120,7 +111,7 @@ def worker(model_dir, data, out, steps="1", hd_num="18", bf16="False", layers="0
             "--sampling", "sequential", "--max_length", "16384", "--progress", "False", "--logging_steps", "1",
             "--bf16", bf16]
     trainer = Trainer(*parse_args(argv))
-    loaded = _peak_gib()
+    loaded = peak_gib()
     load_s = time.perf_counter() - t0
     batch = trainer.data.build(trainer.data.micro_batch_records(0))
     positions = int(np.asarray(batch["attention_mask"]).sum())
@@ -142,7 +133,7 @@ def worker(model_dir, data, out, steps="1", hd_num="18", bf16="False", layers="0
     trainer.optimizer.step = timed_step
     t1 = time.perf_counter()
     result = trainer.train()
-    sys.stdout.write(MARK + json.dumps({"load_peak_gib": loaded, "step_peak_gib": _peak_gib(), "load_s": load_s,
+    sys.stdout.write(MARK + json.dumps({"load_peak_gib": loaded, "step_peak_gib": peak_gib(), "load_s": load_s,
                                         "step_s": time.perf_counter() - t1, "positions": positions,
                                         "steps_s": list(np.diff([t1] + ends)),
                                         "losses": [e["loss"] for e in result.log_history if "grad_norm" in e],
@@ -150,13 +141,8 @@ def worker(model_dir, data, out, steps="1", hd_num="18", bf16="False", layers="0
                      + "\n")
 
 
-def _rss_gib():
-    with open("/proc/self/status") as f:
-        return next(int(x.split()[1]) for x in f if x.startswith("VmRSS:")) / 2 ** 20
-
-
 def trace(text):
-    sys.stderr.write(f"@@trace {time.strftime('%H:%M:%S')} rss {_rss_gib():.2f} peak {_peak_gib():.2f} GiB: {text}\n")
+    sys.stderr.write(f"@@trace {time.strftime('%H:%M:%S')} rss {rss_gib():.2f} peak {peak_gib():.2f} GiB: {text}\n")
     sys.stderr.flush()
 
 

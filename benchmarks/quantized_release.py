@@ -23,7 +23,6 @@ A benchmark, not a test: it prints a table (and with --json writes every number)
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -35,15 +34,12 @@ REPO = os.path.dirname(HERE)
 for p in (REPO, HERE):
     if p not in sys.path:
         sys.path.insert(0, p)
+from benchmarks.memory_probe import peak_gib  # noqa: E402
 
 MARK = "@@bench "
 SMALL_IMAGE = os.path.join(REPO, "tests", "assets", "chelsea.png")
 QUERY = "Describe this image in detail."
 GiB = 2 ** 30
-
-
-def _peak_gib():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
 
 
 def decode_read_bytes(model) -> int:
@@ -71,17 +67,17 @@ def worker(args):
     t = time.perf_counter()
     model = InternLMXComposer2ForCausalLM.from_pretrained(args.dir)
     out.update(load_s=time.perf_counter() - t, resident_gib=sum(p.nbytes for p in model.get_parameters()) / GiB,
-               peak_load_gib=_peak_gib(), quantization=model.config.quantization_config, kernels=kernels_enabled(),
+               peak_load_gib=peak_gib(), quantization=model.config.quantization_config, kernels=kernels_enabled(),
                isa=cpu_kernels.isa())
     if args.chat:
         t = time.perf_counter()
         response, _ = model.chat(model.tokenizer, QUERY, image=[SMALL_IMAGE], hd_num=1, max_new_tokens=8,
                                  do_sample=False, num_beams=1)
-        out.update(chat_s=time.perf_counter() - t, chat_response=response, peak_chat_gib=_peak_gib())
+        out.update(chat_s=time.perf_counter() - t, chat_response=response, peak_chat_gib=peak_gib())
     if args.big_image:
         t = time.perf_counter()
         emb = model.encode_img(args.big_image, hd_num=24)
-        out.update(vit4k_s=time.perf_counter() - t, vit4k_tokens=int(emb.shape[1]), peak_chat_4k_gib=_peak_gib())
+        out.update(vit4k_s=time.perf_counter() - t, vit4k_tokens=int(emb.shape[1]), peak_chat_4k_gib=peak_gib())
         del emb
     rng = np.random.default_rng(0)
     ids = rng.integers(100, model.config.vocab_size - 100, size=(1, 32))
@@ -96,7 +92,7 @@ def worker(args):
         steps.append(time.perf_counter() - t)
         tokens.append(int(logits[0].argmax()))
     out.update(decode_ms=float(np.median(steps[2:]) * 1e3), decode_steps_ms=[s * 1e3 for s in steps], tokens=tokens,
-               read_bytes=decode_read_bytes(model), peak_gib=_peak_gib())
+               read_bytes=decode_read_bytes(model), peak_gib=peak_gib())
     out["bandwidth"] = read_bandwidth_gbs()
     out["bandwidth_gbs"] = max(out["bandwidth"].values())
     out["roofline_ms"] = out["read_bytes"] / (out["bandwidth_gbs"] * 1e9) * 1e3

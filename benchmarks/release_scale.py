@@ -32,7 +32,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import shutil
 import subprocess
 import sys
@@ -44,6 +43,7 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
+from benchmarks.memory_probe import peak_gib, rss_gib  # noqa: E402
 
 MARK = "@@bench "
 RELEASE_TASK_RANKS = {"lora_web": 512, "lora_sft": 256, "lora_dpo": 256}
@@ -55,18 +55,6 @@ GiB = 2 ** 30
 def _reply(obj):
     sys.stdout.write(MARK + json.dumps(obj) + "\n")
     sys.stdout.flush()
-
-
-def _peak_gib():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
-
-
-def _rss_gib():
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 2 ** 20
-    return float("nan")
 
 
 def release_config(llm_layers=32, vit_layers=24):
@@ -140,7 +128,7 @@ def stage_write(args):
     with open(os.path.join(path, "pytorch_model.bin.index.json"), "w") as f:
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=1)
     params = sum(int(np.prod(s)) for s in shapes.values())
-    _reply({"seconds": time.perf_counter() - t0, "peak_gib": _peak_gib(), "params": params, "bytes": total})
+    _reply({"seconds": time.perf_counter() - t0, "peak_gib": peak_gib(), "params": params, "bytes": total})
 
 
 # --------------------------------------------------------------------------------------------- measure
@@ -204,19 +192,19 @@ def _ours(args, compute_dtype):
     out = {"threads": int(ms.get_context("runtime_num_threads")), "compute_dtype": compute_dtype or "fp32"}
     t = time.perf_counter()
     model = InternLMXComposer2ForCausalLM.from_pretrained(args.dst, compute_dtype=compute_dtype)
-    out.update(load_s=time.perf_counter() - t, rss_after_load_gib=_rss_gib(), storage=str(model.dtype),
+    out.update(load_s=time.perf_counter() - t, rss_after_load_gib=rss_gib(), storage=str(model.dtype),
                products=model.products, kernels=kernels_enabled(), isa=cpu_kernels.isa())
     # `chat` as a user calls it: a small image (one tile at hd_num=1), 8 new tokens, greedy.
     t = time.perf_counter()
     response, _ = model.chat(model.tokenizer, QUERY, image=[SMALL_IMAGE], hd_num=1, max_new_tokens=8,
                              do_sample=False, num_beams=1)
-    out.update(chat_s=time.perf_counter() - t, chat_chars=len(response), peak_chat_gib=_peak_gib())
+    out.update(chat_s=time.perf_counter() - t, chat_chars=len(response), peak_chat_gib=peak_gib())
     if args.big_image:
         t = time.perf_counter()
         emb = model.encode_img(args.big_image, hd_num=24).asnumpy()[0]
         out.update(vit4k_s=time.perf_counter() - t, vit4k_tokens=int(emb.shape[0]))
         np.save(os.path.join(args.workdir, f"emb4k_ours{'_' + compute_dtype if compute_dtype else ''}.npy"), emb)
-    out["peak_chat_4k_gib"] = _peak_gib()  # the bound: base chat + the 4K image's embeddings in one process
+    out["peak_chat_4k_gib"] = peak_gib()  # the bound: base chat + the 4K image's embeddings in one process
     t = time.perf_counter()  # again: the graphs are compiled now
     model.chat(model.tokenizer, QUERY, image=[SMALL_IMAGE], hd_num=1, max_new_tokens=8, do_sample=False, num_beams=1)
     out["chat_warm_s"] = time.perf_counter() - t
@@ -239,7 +227,7 @@ def _ours(args, compute_dtype):
     out.update(prompt_s=t_prompt, prefill_s=prefill_s, prefill_tokens_per_s=n / prefill_s,
                prefill_gflops=_decoder_flops(model.config, n, cache_len) / prefill_s / 1e9,
                decode_ms=float(np.median(steps[1:]) * 1e3), generate_s=total, new_ids=ids[0, 1:].tolist(),
-               compile_count=model.last_session.compile_count, peak_after_chat_gib=_peak_gib())
+               compile_count=model.last_session.compile_count, peak_after_chat_gib=peak_gib())
     if compute_dtype is None:
         out["bandwidth"] = read_bandwidth_gbs()
         out["bandwidth_gbs"] = max(out["bandwidth"].values())
@@ -252,7 +240,7 @@ def _ours(args, compute_dtype):
     m = int(text["inputs_embeds"].shape[1])
     out.update(text_tokens=m, text_prefill_s=text_s, text_prefill_tokens_per_s=m / text_s,
                text_prefill_gflops=_decoder_flops(model.config, m, session.cache_len) / text_s / 1e9)
-    out["peak_gib"] = _peak_gib()
+    out["peak_gib"] = peak_gib()
     _reply(out)
 
 
@@ -301,12 +289,12 @@ def stage_ours_vit(args):
     for n in ckpt.keys():
         if n.startswith(("vit.", "vision_proj.", "plora_glb_GN", "plora_sub_GN")):
             params[n].set_data(to_storage(ckpt.raw(n), model.dtype, ckpt.dtype(n)))
-    rss_loaded = _rss_gib()
+    rss_loaded = rss_gib()
     t = time.perf_counter()
     emb = model.encode_img(args.big_image, hd_num=24).asnumpy()[0]
     seconds = time.perf_counter() - t
     np.save(os.path.join(args.workdir, "emb4k_ours_vit_only.npy"), emb)
-    _reply({"seconds": seconds, "tokens": int(emb.shape[0]), "rss_loaded_gib": rss_loaded, "peak_gib": _peak_gib(),
+    _reply({"seconds": seconds, "tokens": int(emb.shape[0]), "rss_loaded_gib": rss_loaded, "peak_gib": peak_gib(),
             "threads": int(ms.get_context("runtime_num_threads"))})
 
 
@@ -321,7 +309,7 @@ def stage_ours_web(args):
     html = model.write_webpage("A one-page site for a cat cafe.", [SMALL_IMAGE], max_new_tokens=args.new_tokens,
                                seed=0, output_dir=args.workdir)
     session = model.last_session
-    _reply({"seconds": time.perf_counter() - t, "peak_gib": _peak_gib(), "resident_tasks": model.resident_tasks,
+    _reply({"seconds": time.perf_counter() - t, "peak_gib": peak_gib(), "resident_tasks": model.resident_tasks,
             "chars": len(html), "rows": session.batch_size,
             "prompt_rows_prefilled": getattr(session, "prefilled_rows", None)})
 
@@ -333,7 +321,7 @@ def stage_convert(args):
         shutil.rmtree(args.dst)
     t = time.perf_counter()
     convert(args.src, args.dst)
-    _reply({"seconds": time.perf_counter() - t, "peak_gib": _peak_gib()})
+    _reply({"seconds": time.perf_counter() - t, "peak_gib": peak_gib()})
 
 
 STAGES = {"write": stage_write, "convert": stage_convert, "rates": stage_rates, "ours": stage_ours,

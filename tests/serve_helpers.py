@@ -1,13 +1,17 @@
-"""A server on 127.0.0.1 in a thread of the test process, for the serving tests."""
+"""Servers on 127.0.0.1 for the serving tests: in a thread of the test process, or `mxc-serve` as a process of
+its own, started as users start it."""
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
-
-import uvicorn
 
 
 class ServerThread:
     def __init__(self, app):
+        import uvicorn
+
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind(("127.0.0.1", 0))
@@ -32,3 +36,47 @@ class ServerThread:
         self.server.should_exit = True
         self.thread.join(timeout=30)
         self.sock.close()
+
+
+class ServeProcess:
+    """`python -m mindxcomposer.serve.cli --port P *args` in `cwd` with `env`, on a free port; entering waits
+    until /health answers (or fails with the server's output), leaving terminates it and keeps what it printed
+in `output`."""
+
+    def __init__(self, args, cwd, env=None, timeout=180):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.args, self.cwd, self.env, self.timeout = list(args), cwd, env or dict(os.environ), timeout
+        self.proc, self.output = None, ""
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self):
+        import httpx
+
+        self.proc = subprocess.Popen([sys.executable, "-m", "mindxcomposer.serve.cli", "--port", str(self.port)]
+                                     + self.args, cwd=self.cwd, env=self.env, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True)
+        deadline = time.monotonic() + self.timeout
+        try:
+            while True:
+                if self.proc.poll() is not None:
+                    raise RuntimeError("mxc-serve exited: " + self.proc.stdout.read())
+                try:
+                    if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                        return self
+                except httpx.HTTPError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError("mxc-serve did not come up")
+                time.sleep(0.5)
+        except BaseException:
+            self.__exit__()
+            raise
+
+    def __exit__(self, *exc):
+        self.proc.terminate()
+        self.output = self.proc.communicate(timeout=60)[0]

@@ -14,7 +14,7 @@ from mindxcomposer.convert import ConvertError, convert
 from mindxcomposer.demo import DEMO_IMAGE, TOKENIZER_FILE, random_weights, tiny_config
 from mindxcomposer.constants import LINEARS as PLORA_LINEARS
 from mindxcomposer.weights import Checkpoint, fp32_to_bf16, write_safetensors
-from test_quantization import dequantized_twin, quiet
+from model_helpers import dequantized_twin, quiet
 
 AWQ = os.path.join(FIXTURES, "awq")
 

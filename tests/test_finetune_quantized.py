@@ -9,7 +9,7 @@ import os
 import numpy as np
 import pytest
 
-from test_quantization import dequantized_twin
+from model_helpers import dequantized_twin
 
 from mindxcomposer.convert import convert
 from mindxcomposer.demo import save_demo_model, tiny_config

@@ -6,14 +6,7 @@ import pytest
 import mindspore as ms
 
 from mindxcomposer.session import ModelSession
-
-
-def _prompt(model, n, n_img, seed):
-    rng = np.random.default_rng(seed)
-    emb = rng.standard_normal((1, n, model.config.hidden_size)).astype(np.float32)
-    im = np.zeros((1, n), bool)
-    im[0, 3:3 + n_img] = True
-    return emb, im
+from model_helpers import random_prompt
 
 
 def _run_all_modes(fn):
@@ -30,7 +23,7 @@ def _run_all_modes(fn):
 
 @pytest.mark.parametrize("infer_mode", ["base", "web", "write"])
 def test_decoder_same_in_pynative_and_graph(demo_model, infer_mode):
-    emb, im = _prompt(demo_model, 97, 40, 1)
+    emb, im = random_prompt(demo_model, 97, 40, 1)
     res = _run_all_modes(lambda: demo_model(inputs_embeds=emb, im_mask=im, infer_mode=infer_mode,
                                             output_hidden_states=True))
     for a, b in zip(res["pynative"].hidden_states, res["graph"].hidden_states):
@@ -47,7 +40,7 @@ def test_vision_same_in_pynative_and_graph(demo_model):
 
 
 def test_infer_modes_differ_and_plora_only_on_image_rows(demo_model):
-    emb, im = _prompt(demo_model, 40, 10, 3)
+    emb, im = random_prompt(demo_model, 40, 10, 3)
     base = demo_model(inputs_embeds=emb, im_mask=im).logits.asnumpy()
     web = demo_model(inputs_embeds=emb, im_mask=im, infer_mode="web").logits.asnumpy()
     no_img = demo_model(inputs_embeds=emb, im_mask=np.zeros_like(im)).logits.asnumpy()
@@ -71,7 +64,7 @@ def _greedy_uncached(model, emb, im, steps):
 
 @pytest.mark.parametrize("compiled", [False, True])
 def test_cached_decoding_equals_full_forward(demo_model, compiled):
-    emb, im = _prompt(demo_model, 70, 30, 4)
+    emb, im = random_prompt(demo_model, 70, 30, 4)
     ref_ids, ref_last = _greedy_uncached(demo_model, emb, im, 5)
     s = ModelSession(demo_model, 1, 128, compiled=compiled)
     logits = s.prefill(emb, im)
@@ -91,7 +84,7 @@ def test_chunks_without_image_rows_skip_the_image_lora(demo_model):
     second chunk too runs one graph."""
     from mindxcomposer.session import PREFILL_CHUNK
 
-    emb, im = _prompt(demo_model, PREFILL_CHUNK + 100, 60, 9)
+    emb, im = random_prompt(demo_model, PREFILL_CHUNK + 100, 60, 9)
     ref = demo_model(inputs_embeds=emb, im_mask=im).logits.asnumpy()[0, -1]
     for second_chunk_image, graphs in ((False, 2), (True, 1)):
         imm = im.copy()
@@ -104,8 +97,8 @@ def test_chunks_without_image_rows_skip_the_image_lora(demo_model):
 
 
 def test_batched_rows_equal_rows_alone(demo_model):
-    a_emb, a_im = _prompt(demo_model, 50, 20, 5)
-    b_emb, b_im = _prompt(demo_model, 33, 0, 6)
+    a_emb, a_im = random_prompt(demo_model, 50, 20, 5)
+    b_emb, b_im = random_prompt(demo_model, 33, 0, 6)
     alone = []
     for emb, im in ((a_emb, a_im), (b_emb, b_im)):
         s = ModelSession(demo_model, 1, 128)
@@ -129,7 +122,7 @@ def test_batched_rows_equal_rows_alone(demo_model):
 
 def _two_prompts(model, n_a, n_b):
     """Two left-padded prompts (the second shorter), with image rows: embeds, im_mask, attention_mask."""
-    (a_emb, a_im), (b_emb, b_im) = _prompt(model, n_a, 20, 7), _prompt(model, n_b, 10, 8)
+    (a_emb, a_im), (b_emb, b_im) = random_prompt(model, n_a, 20, 7), random_prompt(model, n_b, 10, 8)
     pad = n_a - n_b
     emb = np.concatenate([a_emb, np.concatenate([np.zeros((1, pad, a_emb.shape[2]), np.float32), b_emb], 1)])
     im = np.concatenate([a_im, np.concatenate([np.zeros((1, pad), bool), b_im], 1)])

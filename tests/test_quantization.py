@@ -3,7 +3,6 @@ exactness that can be proven: a quantized model computes what the same model wit
 stored in fp32 (its "twin") computes, on every path."""
 import json
 import os
-import shutil
 
 import numpy as np
 import pytest
@@ -11,18 +10,16 @@ import pytest
 import mindspore as ms
 
 from conftest import assert_close
+from model_helpers import dequantized_twin, quiet, random_prompt
+from serve_helpers import ServeProcess
 from mindxcomposer import quantization as qz
 from mindxcomposer.convert import ConvertError, convert, main
 from mindxcomposer.demo import DEMO_IMAGE, save_demo_model
 from mindxcomposer.session import ModelSession
-from mindxcomposer.weights import Checkpoint, write_safetensors
+from mindxcomposer.weights import Checkpoint
 
 SCHEMES = [("int8", None), ("int4", None), ("int4", 32)]  # int4 128: K 64 is one short group, K 176 two groups
 IDS = ["int8", "int4-g128", "int4-g32"]
-
-
-def quiet(**kw):
-    return dict(progress_stream=open(os.devnull, "w"), **kw)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -84,29 +81,6 @@ def test_bad_quantization_arguments_are_named(tmp_path):
 # converted directories and their fp32 twins
 
 
-def dequantized_twin(qdir, twin):
-    """The model of `qdir` with every quantized weight dequantized (numpy) and everything stored in fp32."""
-    os.makedirs(twin)
-    with open(os.path.join(qdir, "config.json")) as f:
-        cfg = json.load(f)
-    bits, gs = qz.parse_config(cfg.pop("quantization_config"))
-    with open(os.path.join(twin, "config.json"), "w") as f:
-        json.dump(cfg, f)
-    shutil.copyfile(os.path.join(qdir, "tokenizer.model"), os.path.join(twin, "tokenizer.model"))
-    ckpt = Checkpoint(qdir)
-    out = {}
-    for name in ckpt.keys():
-        if name.endswith(".qweight"):
-            base = name[: -len("qweight")]
-            parts = {p: ckpt.raw(base + p) for p in qz.PARTS[bits]}
-            in_f = cfg["intermediate_size"] if base.endswith("w2.") else cfg["hidden_size"]
-            out[base + "weight"] = qz.dequantize(parts, bits, gs, in_f)
-        elif not qz.is_part_name(name):
-            out[name] = ckpt.get(name, np.float32)
-    write_safetensors(os.path.join(twin, "model.safetensors"), out)
-    return twin
-
-
 @pytest.fixture(scope="module")
 def dirs(tmp_path_factory):
     """{scheme id: (quantized dir, twin dir)} and the unquantized source, converted once per module."""
@@ -156,19 +130,11 @@ def test_converted_directory_records_and_stores_the_scheme(name, dirs, models):
     assert model.config.quantization == (bits, qc["group_size"])
 
 
-def _prompt(model, n, n_img, seed):
-    rng = np.random.default_rng(seed)
-    emb = rng.standard_normal((1, n, model.config.hidden_size)).astype(np.float32)
-    im = np.zeros((1, n), bool)
-    im[0, 3:3 + n_img] = True
-    return emb, im
-
-
 @pytest.mark.parametrize("name", IDS)
 @pytest.mark.parametrize("infer_mode", ["base", "web", "write"])
 def test_uncached_forward_equals_the_twin(name, infer_mode, models, mode):
     q, twin = models(name)
-    emb, im = _prompt(q, 40, 12, 1)
+    emb, im = random_prompt(q, 40, 12, 1)
     got = q(inputs_embeds=emb, im_mask=im, infer_mode=infer_mode).logits.asnumpy()
     ref = twin(inputs_embeds=emb, im_mask=im, infer_mode=infer_mode).logits.asnumpy()
     assert_close(got, ref, 1e-5, f"{name} {infer_mode} uncached")
@@ -178,7 +144,7 @@ def test_uncached_forward_equals_the_twin(name, infer_mode, models, mode):
 @pytest.mark.parametrize("compiled", [False, True])
 def test_prefill_steps_and_beams_equal_the_twin(name, compiled, models):
     q, twin = models(name)
-    emb, im = _prompt(q, 150, 30, 2)
+    emb, im = random_prompt(q, 150, 30, 2)
     for infer_mode in ("base", "web", "write"):
         out = []
         for m in (q, twin):
@@ -223,7 +189,7 @@ def test_quantization_error_is_there_and_int8_is_closer(dirs, models):
     from mindxcomposer import InternLMXComposer2ForCausalLM as M
 
     src = M.from_pretrained(dirs["src"])
-    emb, im = _prompt(src, 40, 12, 1)
+    emb, im = random_prompt(src, 40, 12, 1)
     ref = src(inputs_embeds=emb, im_mask=im).logits.asnumpy()
     err = {}
     for name in IDS:
@@ -250,10 +216,8 @@ def _cli_env():
 
 
 def test_mxc_chat_and_mxc_serve_with_a_quantized_dir(dirs):
-    import socket
     import subprocess
     import sys
-    import time
 
     qdir = dirs["int4-g128"][0]
     root, env = _cli_env()
@@ -263,31 +227,13 @@ def test_mxc_chat_and_mxc_serve_with_a_quantized_dir(dirs):
     assert r.stdout.strip()
     httpx = pytest.importorskip("httpx")
     pytest.importorskip("fastapi")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "mindxcomposer.serve.cli", "--model", qdir, "--port", str(port),
-                             "--max-batch", "2"], cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "mxc-serve did not come up"
-            time.sleep(0.5)
+    with ServeProcess(["--model", qdir, "--max-batch", "2"], cwd=root, env=env) as server:
+        port = server.port
         model_id = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=10).json()["data"][0]["id"]
         reply = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=120, json={
             "model": model_id, "messages": [{"role": "user", "content": "Hi"}], "temperature": 0, "max_tokens": 4})
         assert reply.status_code == 200, reply.text
         assert reply.json()["usage"]["completion_tokens"] == 4
-    finally:
-        proc.terminate()
-        proc.communicate(timeout=60)
 
 
 def test_bf16_products_and_fp32_storage_equal_the_twin(dirs):
@@ -296,7 +242,7 @@ def test_bf16_products_and_fp32_storage_equal_the_twin(dirs):
     from mindxcomposer import InternLMXComposer2ForCausalLM as M
 
     qdir, tdir = dirs["int4-g32"]
-    emb, im = _prompt(M.from_pretrained(tdir), 40, 12, 3)
+    emb, im = random_prompt(M.from_pretrained(tdir), 40, 12, 3)
     for kw in (dict(compute_dtype="bf16"), dict(dtype="fp32")):
         q, t = M.from_pretrained(qdir, **kw), M.from_pretrained(tdir, **kw)
         assert_close(q(inputs_embeds=emb, im_mask=im).logits.asnumpy(),

@@ -360,6 +360,17 @@ def gemm_nt(a, w, bf16_products=False, arch="native"):
     return out
 
 
+def _quant_arrays(parts, bits):
+    """The contiguous (qweight, scales, zero points) a quantized kernel call takes; int8 has no zero points,
+    so a one-byte placeholder stands for the pointer."""
+    import numpy as np
+
+    q = np.ascontiguousarray(parts["qweight"])
+    scales = np.ascontiguousarray(parts["scales"], dtype=np.float32)
+    zeros = np.ascontiguousarray(parts["qzeros"]) if bits == 4 else np.zeros(1, np.uint8)
+    return q, scales, zeros
+
+
 def quant_linear(x, parts, bits, group_size=-1, arch="native", gemm=False, bf16_products=False):
     """numpy: x [M, K] fp32 times a quantized weight (`quantization` parts) -> [M, N] fp32, through the library
     for `arch` directly: the decode kernel, or with `gemm` the blocked GEMM that dequantizes while packing."""
@@ -367,9 +378,7 @@ def quant_linear(x, parts, bits, group_size=-1, arch="native", gemm=False, bf16_
 
     lib = ctypes.CDLL(build(arch=arch))
     x = np.ascontiguousarray(x, dtype=np.float32)
-    q = np.ascontiguousarray(parts["qweight"])
-    scales = np.ascontiguousarray(parts["scales"], dtype=np.float32)
-    zeros = np.ascontiguousarray(parts["qzeros"]) if bits == 4 else np.zeros(1, np.uint8)
+    q, scales, zeros = _quant_arrays(parts, bits)
     m, k = x.shape
     out = np.empty((m, q.shape[0]), np.float32)
     if gemm:
@@ -396,9 +405,7 @@ def quant_input_grad(dy, parts, bits, in_features, group_size=-1, arch="native",
 
     lib = ctypes.CDLL(build(arch=arch))
     dy = np.ascontiguousarray(dy, dtype=np.float32)
-    q = np.ascontiguousarray(parts["qweight"])
-    scales = np.ascontiguousarray(parts["scales"], dtype=np.float32)
-    zeros = np.ascontiguousarray(parts["qzeros"]) if bits == 4 else np.zeros(1, np.uint8)
+    q, scales, zeros = _quant_arrays(parts, bits)
     m, n = dy.shape
     if q.shape[0] != n or q.shape[1] != (in_features if bits == 8 else (in_features + 1) // 2):
         raise ValueError(f"dy {dy.shape} and K {in_features} do not fit qweight {q.shape}")
@@ -412,11 +419,14 @@ def quant_input_grad(dy, parts, bits, in_features, group_size=-1, arch="native",
     return out
 
 
-if __name__ == "__main__":
+def main(argv=None):
+    """`python -m mindxcomposer.ops [--force]`: builds the library for this CPU and says what it uses."""
+    argv = sys.argv[1:] if argv is None else argv
     try:
-        print(build(force="--force" in sys.argv))
+        print(build(force="--force" in argv))
     except RuntimeError as e:
         print(e, file=sys.stderr)
-        sys.exit(1)
+        return 1
     print(isa())
     print("oneDNN bf16 products:", "on" if onednn() else ("off" if onednn_install() else "not installed"))
+    return 0

@@ -106,6 +106,19 @@ struct View {
   }
 };
 
+// Marks a weight View as quantized: int8 (scales [N]) or int4 (scales and zero points [N, G], G groups of
+// `group` inputs along rows of k). False where an int4 group size is missing.
+inline bool set_quant(View &b, const void *scales, const void *zeros, int bits, int64_t k, int64_t group) {
+  b.qbits = bits;
+  b.qscales = static_cast<const float *>(scales);
+  if (bits != 4) return true;
+  if (group <= 0) return false;
+  b.qzeros = static_cast<const uint8_t *>(zeros);
+  b.qgroup = group;
+  b.qgroups = (k + group - 1) / group;
+  return true;
+}
+
 // ---- packing --------------------------------------------------------------------------------------
 // Column n of a quantized B (row n of W), inputs k0 .. k0 + kc, to dst[k * stride] in fp32: exactly the value
 // (q - zero) * scale (int8: q * scale) that the dequantized fp32 weight holds (`mindxcomposer/quantization.py`),
@@ -771,16 +784,11 @@ int linear_nt_quant(int nparam, void **params, int *ndims, int64_t **shapes, boo
   const int64_t k = shapes[0][ndims[0] - 1], n = shapes[1][0];
   const int64_t m = numel(ndims[0], shapes[0], ndims[0] - 1);
   View b{params[1], 1, k, false};
-  b.qscales = static_cast<const float *>(params[2]);
-  if (nparam == 4) {
-    b.qbits = 8;
-  } else {
-    b.qbits = 4;
-    b.qzeros = static_cast<const uint8_t *>(params[3]);
-    b.qgroup = *static_cast<const int32_t *>(params[4]);
-    b.qgroups = shapes[2][1];
-    if (b.qgroup <= 0 || b.qgroups != (k + b.qgroup - 1) / b.qgroup) return 1;
-  }
+  const bool int4 = nparam == 6;
+  if (!set_quant(b, params[2], int4 ? params[3] : nullptr, int4 ? 4 : 8, k,
+                 int4 ? *static_cast<const int32_t *>(params[4]) : 0) ||
+      (int4 && b.qgroups != shapes[2][1]))
+    return 1;
   gemm(View{params[0], k, 1, false}, b, static_cast<float *>(params[nparam - 1]), n, m, n, k, bf16);
   return 0;
 }
@@ -820,17 +828,11 @@ int linear_nn_quant(int nparam, void **params, int *ndims, int64_t **shapes, boo
   if (shapes[2][0] != n) return 1;
   View b{params[2], k, 1, false};
   b.qrows = true;
-  b.qscales = static_cast<const float *>(params[3]);
-  if (nparam == 5) {
-    b.qbits = 8;
-    if (shapes[2][1] != k) return 1;
-  } else {
-    b.qbits = 4;
-    b.qzeros = static_cast<const uint8_t *>(params[4]);
-    b.qgroup = *static_cast<const int32_t *>(params[5]);
-    b.qgroups = shapes[3][1];
-    if (shapes[2][1] != (k + 1) / 2 || b.qgroup <= 0 || b.qgroups != (k + b.qgroup - 1) / b.qgroup) return 1;
-  }
+  const bool int4 = nparam == 7;
+  if (!set_quant(b, params[3], int4 ? params[4] : nullptr, int4 ? 4 : 8, k,
+                 int4 ? *static_cast<const int32_t *>(params[5]) : 0) ||
+      shapes[2][1] != (int4 ? (k + 1) / 2 : k) || (int4 && b.qgroups != shapes[3][1]))
+    return 1;
   gemm(View{params[0], n, 1, false}, b, static_cast<float *>(params[nparam - 1]), k, m, k, n, bf16);
   return 0;
 }
@@ -1272,14 +1274,7 @@ extern "C" int MxcOnednn(int enable) {
 extern "C" int MxcGemmNTQuant(const float *a, const void *q, const float *scales, const uint8_t *zeros, int bits,
                               float *c, int64_t m, int64_t n, int64_t k, int64_t group, int bf16_products) {
   View b{q, 1, k, false};
-  b.qbits = bits;
-  b.qscales = scales;
-  if (bits == 4) {
-    b.qzeros = zeros;
-    b.qgroup = group;
-    b.qgroups = group > 0 ? (k + group - 1) / group : 0;
-    if (group <= 0) return 1;
-  }
+  if (!set_quant(b, scales, zeros, bits, k, group)) return 1;
   gemm(View{a, k, 1, false}, b, c, n, m, n, k, bf16_products != 0);
   return 0;
 }
@@ -1289,14 +1284,7 @@ extern "C" int MxcGemmNNQuant(const float *dy, const void *q, const float *scale
                               float *dx, int64_t m, int64_t n, int64_t k, int64_t group, int bf16_products) {
   View b{q, k, 1, false};
   b.qrows = true;
-  b.qbits = bits;
-  b.qscales = scales;
-  if (bits == 4) {
-    b.qzeros = zeros;
-    b.qgroup = group;
-    b.qgroups = group > 0 ? (k + group - 1) / group : 0;
-    if (group <= 0) return 1;
-  }
+  if (!set_quant(b, scales, zeros, bits, k, group)) return 1;
   gemm(View{dy, n, 1, false}, b, dx, k, m, k, n, bf16_products != 0);
   return 0;
 }
