@@ -79,7 +79,8 @@ class DecoderMath(nn.Cell):
     """The decoder-layer arithmetic on weights given as a flat tuple (`InternLM2DecoderLayer.layer_weights`).
 
     RoPE is applied to the packed q/k/v at once, with cos 1 and sin 0 on the value slot and the sign of
-    `rotate_half` folded into `sin` (bit-identical products and sums to upstream's `apply_rotary_pos_emb`).
+    `rotate_half` folded into `sin` (bit-identical products and sums to upstream's `apply_rotary_pos_emb`), and
+    the heads are split out in the same pass (`rope_split`: one kernel on CPU).
     Without a cache, attention runs over the rows' own keys; with one, new keys and values are ADDED
     (`index_add`, in place) at their slots, which hold zeros (see `CachedDecoder`).
     """
