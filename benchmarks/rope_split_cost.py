@@ -52,10 +52,12 @@ def main(argv=None):
         return Tensor(rng.standard_normal(shape, dtype=np.float32))
 
     rope_inputs = (t(b, n, kv * (g + 2) * d), t(b, n, 1, g + 2, d), t(b, n, 1, g + 2, d))
-    cases = [("RoPE + q/k/v split, portable path (Mul, Gather, Mul, Add, 3 transposes)", False, RopeSplit(), rope_inputs)]
+    cases = [("RoPE + q/k/v split, portable path (Mul, Gather, Mul, Add, 3 transposes)", False, RopeSplit(),
+              rope_inputs)]
     if wp.enable_kernels():
         cases.append(("RoPE + q/k/v split, one kernel (`rope_split`)", True, RopeSplit(), rope_inputs))
-    cases.append(("attention output transpose + residual", False, OutResidual(), (t(b, kv * g, n, d), t(b, n, kv * g * d))))
+    cases.append(("attention output transpose + residual", False, OutResidual(),
+                  (t(b, kv * g, n, d), t(b, n, kv * g * d))))
     kernels = wp.kernels()
     print(f"one prefill chunk of {n} rows, release width, GRAPH_MODE\n\n| operations | ms |\n|---|---|")
     for name, with_kernels, cell, inputs in cases:

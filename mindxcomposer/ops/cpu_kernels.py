@@ -333,7 +333,8 @@ def custom_ops():
                 dy = ops.concat([dq.reshape(b, kv, slots - 2, n, d).transpose(0, 3, 1, 2, 4),
                                  dk.transpose(0, 2, 1, 3).expand_dims(3), dv.transpose(0, 2, 1, 3).expand_dims(3)], 3)
                 t = dy * sin
-                return dy * cos + ops.concat([t[..., half:], t[..., :half]], -1), ops.zeros_like(cos), ops.zeros_like(sin)
+                dx = dy * cos + ops.concat([t[..., half:], t[..., :half]], -1)
+                return dx, ops.zeros_like(cos), ops.zeros_like(sin)
 
             def rope_split_shapes(x, c, s):
                 return [x[0], x[2] * (x[3] - 2), x[1], x[4]], [x[0], x[2], x[1], x[4]], [x[0], x[2], x[1], x[4]]
