@@ -2,15 +2,22 @@
 
     python benchmarks/rope_split_cost.py [--rows 448]
 
-A benchmark, not a test: it prints a table. The same operations as `DecoderMath.layer` at release width
-(8 KV groups of 4 query heads, head width 128) on one chunk of `--rows` rows: `qkv * cos +
-swap_halves(qkv) * sin`, then q, k, v transposed to [B, heads, rows, D]; and, for scale, the attention
+A benchmark, not a test: it prints a table. `DecoderMath.layer`'s RoPE and split (`weight_products.rope_split`)
+at release width (8 KV groups of 4 query heads, head width 128) on one chunk of `--rows` rows, both ways it
+runs: the portable path (`qkv * cos + swap_halves(qkv) * sin`, then q, k, v transposed to [B, heads, rows, D])
+and, where the CPU kernels build, their one-pass kernel (the same bits); and, for scale, the attention
 output's transpose plus the residual add. Best of 5.
 """
 import argparse
+import os
+import sys
 import time
 
 import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
 
 
 def main(argv=None):
@@ -19,7 +26,9 @@ def main(argv=None):
     args = ap.parse_args(argv)
 
     import mindspore as ms
-    from mindspore import Tensor, nn, ops
+    from mindspore import Tensor, nn
+
+    from mindxcomposer.ops import weight_products as wp
 
     ms.set_context(mode=ms.GRAPH_MODE)
     b, n, kv, g, d = 1, args.rows, 8, 4, 128
@@ -31,12 +40,7 @@ def main(argv=None):
             self.swap = Tensor(np.concatenate([np.arange(half, d), np.arange(half)]).astype(np.int32))
 
         def construct(self, qkv, cos, sin):
-            qkv = qkv.reshape(b, n, kv, g + 2, d)
-            qkv = qkv * cos + ops.gather(qkv, self.swap, qkv.ndim - 1) * sin
-            q = qkv[:, :, :, :g].transpose(0, 2, 3, 1, 4).reshape(b, kv * g, n, d)
-            k = qkv[:, :, :, g].transpose(0, 2, 1, 3)
-            v = qkv[:, :, :, g + 1].transpose(0, 2, 1, 3)
-            return q, k, v
+            return wp.rope_split(qkv.reshape(b, n, kv, g + 2, d), cos, sin, self.swap)
 
     class OutResidual(nn.Cell):
         def construct(self, out, x):
@@ -47,11 +51,21 @@ def main(argv=None):
     def t(*shape):
         return Tensor(rng.standard_normal(shape, dtype=np.float32))
 
-    cases = (("RoPE + q/k/v split", RopeSplit(), (t(b, n, kv * (g + 2) * d), t(b, n, 1, g + 2, d), t(b, n, 1, g + 2, d))),
-             ("attention output transpose + residual", OutResidual(), (t(b, kv * g, n, d), t(b, n, kv * g * d))))
+    rope_inputs = (t(b, n, kv * (g + 2) * d), t(b, n, 1, g + 2, d), t(b, n, 1, g + 2, d))
+    cases = [("RoPE + q/k/v split, portable path (Mul, Gather, Mul, Add, 3 transposes)", False, RopeSplit(),
+              rope_inputs)]
+    if wp.enable_kernels():
+        cases.append(("RoPE + q/k/v split, one kernel (`rope_split`)", True, RopeSplit(), rope_inputs))
+    cases.append(("attention output transpose + residual", False, OutResidual(),
+                  (t(b, kv * g, n, d), t(b, n, kv * g * d))))
+    kernels = wp.kernels()
     print(f"one prefill chunk of {n} rows, release width, GRAPH_MODE\n\n| operations | ms |\n|---|---|")
-    for name, cell, inputs in cases:
-        cell(*inputs)  # compiles
+    for name, with_kernels, cell, inputs in cases:
+        wp._kernels = kernels if with_kernels else None  # read when the cell's graph is traced
+        try:
+            cell(*inputs)  # compiles
+        finally:
+            wp._kernels = kernels
         best = float("inf")
         for _ in range(5):
             start = time.perf_counter()

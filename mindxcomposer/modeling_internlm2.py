@@ -21,7 +21,8 @@ from mindspore import Tensor, nn, ops
 from .configuration import InternLMXComposer2Config
 from .constants import LINEARS
 from .layers import Embedding, RMSNorm
-from .ops import EXACT, attention, embedding, linear, linear_add, linear_int4, linear_int8, rms_norm, swiglu
+from .ops import (EXACT, attention, embedding, linear, linear_add, linear_int4, linear_int8, rms_norm, rope_split,
+                  swiglu)
 from .plora import PLoRA
 
 
@@ -78,7 +79,8 @@ class DecoderMath(nn.Cell):
     """The decoder-layer arithmetic on weights given as a flat tuple (`InternLM2DecoderLayer.layer_weights`).
 
     RoPE is applied to the packed q/k/v at once, with cos 1 and sin 0 on the value slot and the sign of
-    `rotate_half` folded into `sin` (bit-identical products and sums to upstream's `apply_rotary_pos_emb`).
+    `rotate_half` folded into `sin` (bit-identical products and sums to upstream's `apply_rotary_pos_emb`), and
+    the heads are split out in the same pass (`rope_split`: one kernel on CPU).
     Without a cache, attention runs over the rows' own keys; with one, new keys and values are ADDED
     (`index_add`, in place) at their slots, which hold zeros (see `CachedDecoder`).
     """
@@ -158,15 +160,7 @@ class DecoderMath(nn.Cell):
         g, kv, d = self.groups, self.num_kv_heads, self.head_dim
         h = rms_norm(x, w[self.num_base - 2], self.eps)
         qkv = self.plora_linear(w, 0, h, im_mask, tasks, image_lora).reshape(b, n, kv, g + 2, d)
-        qkv = qkv * rot_cos + ops.gather(qkv, self.swap_halves, qkv.ndim - 1) * rot_sin
-        if n == 1:  # the transposes below only move a length-1 axis
-            q = qkv[:, :, :, :g].reshape(b, self.num_heads, 1, d)
-            k = qkv[:, :, :, g].reshape(b, kv, 1, d)
-            v = qkv[:, :, :, g + 1].reshape(b, kv, 1, d)
-        else:
-            q = qkv[:, :, :, :g].transpose(0, 2, 3, 1, 4).reshape(b, self.num_heads, n, d)
-            k = qkv[:, :, :, g].transpose(0, 2, 1, 3)
-            v = qkv[:, :, :, g + 1].transpose(0, 2, 1, 3)
+        q, k, v = rope_split(qkv, rot_cos, rot_sin, self.swap_halves)
         if k_cache is not None:
             if keep is not None:
                 k, v = k * keep, v * keep

@@ -488,3 +488,103 @@ def test_fused_attention_gradient_by_query_blocks(mode, monkeypatch, blocks):
         for ours, ref in zip(got, (tq, tk, tv)):
             r = ref.grad.numpy()
             assert np.abs(ours.asnumpy() - r).max() <= 2e-5 * np.abs(r).max(), (masked, blocks)
+
+
+# (B, N, KV, G, D): release width (8 kv groups of 4 query heads, D 128), batches, odd and single rows (decode), a
+# half-width that is not a multiple of the 16-lane vectors (the scalar tail), one query head per group.
+ROPE_SHAPES = [(1, 37, 8, 4, 128), (2, 9, 8, 4, 128), (3, 1, 8, 4, 128), (2, 33, 2, 3, 40), (1, 6, 3, 1, 8)]
+
+
+def _rope_inputs(b, n, kv, g, d, seed):
+    """Packed q/k/v with signed zeros among them, cos / sin as `rope.packed_rope` lays them out (rotation on the
+    query and key slots, cos 1 and sin 0 on the value slot, rotate_half's sign in sin's first half)."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((b, n, kv, g + 2, d), dtype=np.float32) * 3
+    x.reshape(-1)[::7] = -0.0
+    x.reshape(-1)[3::11] = 0.0
+    angles = rng.uniform(0, 300, (b, n, 1, 1, d // 2))
+    cos = np.ones((b, n, 1, g + 2, d), np.float32)
+    sin = np.zeros((b, n, 1, g + 2, d), np.float32)
+    cos[..., :g + 1, :] = np.cos(np.concatenate([angles, angles], -1)).astype(np.float32)
+    s = np.sin(np.concatenate([angles, angles], -1)).astype(np.float32)
+    s[..., :d // 2] = -s[..., :d // 2]
+    sin[..., :g + 1, :] = s
+    return x, cos, sin
+
+
+def _swap(d):
+    return Tensor(np.concatenate([np.arange(d // 2, d), np.arange(d // 2)]).astype(np.int32))
+
+
+class _RopeDot(nn.Cell):
+    """sum(q dq + k dk + v dv) through the kernel's primitive itself (`kernel`), or through the portable path
+    (then traced with the kernels off): both paths give the same bits, so the choice is explicit."""
+
+    def __init__(self, d, kernel):
+        super().__init__()
+        self.swap = _swap(d)
+        self.kernel = kernel
+
+    def construct(self, x, cos, sin, dq, dk, dv):
+        if self.kernel:
+            q, k, v = wp.kernels().rope_split(x, cos, sin)
+        else:
+            q, k, v = wp.rope_split(x, cos, sin, self.swap)
+        return (q * dq).sum() + (k * dk).sum() + (v * dv).sum()
+
+
+def _bits(a):
+    return np.ascontiguousarray(a, np.float32).view(np.uint32)
+
+
+@pytest.mark.parametrize("shape", ROPE_SHAPES)
+def test_rope_split_kernel_is_the_portable_path_bit_for_bit(mode, shape):
+    """RoPE + the q/k/v split in one kernel pass: the same bits (signed zeros included) as the portable path's
+    Mul, Gather, Mul, Add and transposes, and as numpy's separately rounded x cos + swap(x) sin: no FMA anywhere."""
+    b, n, kv, g, d = shape
+    x, cos, sin = _rope_inputs(*shape, seed=sum(shape))
+    assert wp.enable_kernels()
+    args = (Tensor(x), Tensor(cos), Tensor(sin), _swap(d))
+    kernel = [t.asnumpy() for t in wp.rope_split(*args)]
+    before = wp._kernels
+    wp._kernels = None
+    try:
+        portable = [t.asnumpy() for t in wp.rope_split(*args)]
+    finally:
+        wp._kernels = before
+    half = d // 2
+    y = x * cos + np.concatenate([x[..., half:], x[..., :half]], -1) * sin  # fp32, each operation rounded
+    ref = (y[:, :, :, :g].transpose(0, 2, 3, 1, 4).reshape(b, kv * g, n, d), y[:, :, :, g].transpose(0, 2, 1, 3),
+           y[:, :, :, g + 1].transpose(0, 2, 1, 3))
+    for got, por, want in zip(kernel, portable, ref):
+        assert got.shape == want.shape
+        np.testing.assert_array_equal(_bits(got), _bits(por))
+        np.testing.assert_array_equal(_bits(got), _bits(want))
+    np.testing.assert_array_equal(kernel[2], x[:, :, :, g + 1].transpose(0, 2, 1, 3))  # the value slot: unrotated
+
+
+@pytest.mark.parametrize("shape", [ROPE_SHAPES[0], ROPE_SHAPES[2], ROPE_SHAPES[3]])
+def test_rope_split_gradient_is_the_portable_paths(mode, shape):
+    """The kernel's gradient (dy cos + swap(dy sin), dy put back in the packed layout) equals MindSpore's
+    autodiff of the portable path bit for bit, and float64's."""
+    b, n, kv, g, d = shape
+    x, cos, sin = _rope_inputs(*shape, seed=sum(shape) + 1)
+    rng = np.random.default_rng(sum(shape) + 2)
+    dq = rng.standard_normal((b, kv * g, n, d), dtype=np.float32)
+    dk, dv = (rng.standard_normal((b, kv, n, d), dtype=np.float32) for _ in range(2))
+    args = [Tensor(a) for a in (x, cos, sin, dq, dk, dv)]
+    assert wp.enable_kernels()
+    kernel = ms.grad(_RopeDot(d, True), grad_position=0)(*args).asnumpy()
+    before = wp._kernels
+    wp._kernels = None
+    try:
+        portable = ms.grad(_RopeDot(d, False), grad_position=0)(*args).asnumpy()
+    finally:
+        wp._kernels = before
+    np.testing.assert_array_equal(kernel, portable)
+    dy = np.concatenate([dq.reshape(b, kv, g, n, d).transpose(0, 3, 1, 2, 4),
+                         dk.transpose(0, 2, 1, 3)[:, :, :, None], dv.transpose(0, 2, 1, 3)[:, :, :, None]], 3)
+    t = dy.astype(np.float64) * sin
+    half = d // 2
+    ref = dy * cos.astype(np.float64) + np.concatenate([t[..., half:], t[..., :half]], -1)
+    assert np.abs(kernel - ref).max() <= 2 * EPS * np.abs(ref).max()

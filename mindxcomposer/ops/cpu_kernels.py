@@ -298,7 +298,8 @@ def custom_ops():
     `batch_nn` (a [..., M, K] b [..., K, N]), `linear_add` (c + x W^T), `linear_bias` (x W^T + b),
     `linear_bias_residual` (r + x W^T + b) and `linear_bias_quick_gelu`, `attention` / `attention_nomask` ([B, H, S, D]) / `attention_tokens`
     ([B, S, H, D], no mask);
-    `swiglu` (silu(g) * u), `rms_norm` (x [..., H], w [H], eps [1]); all differentiable."""
+    `swiglu` (silu(g) * u), `rms_norm` (x [..., H], w [H], eps [1]), `rope_split` (packed q/k/v, cos, sin ->
+    q, k, v heads-first; see `weight_products.rope_split`); all differentiable."""
     if not available():
         return None
     with _lock:
@@ -322,9 +323,27 @@ def custom_ops():
                 dw = (dout * (x * inv)).reshape(-1, x.shape[-1]).sum(0).astype(w.dtype)
                 return dx, dw, ops.zeros_like(eps)
 
+            def rope_split_bprop(qkv, cos, sin, out, dout):
+                # y = x cos + P(x) sin with P the swap of the halves of the last axis, a permutation that is its
+                # own inverse: dx = dy cos + P^T(dy sin) = dy cos + P(dy sin). dy is the three heads-first
+                # gradients put back in qkv's layout [B, N, KV, G + 2, D]. cos and sin are inputs, not trained.
+                dq, dk, dv = dout
+                b, n, kv, slots, d = qkv.shape
+                half = d // 2
+                dy = ops.concat([dq.reshape(b, kv, slots - 2, n, d).transpose(0, 3, 1, 2, 4),
+                                 dk.transpose(0, 2, 1, 3).expand_dims(3), dv.transpose(0, 2, 1, 3).expand_dims(3)], 3)
+                t = dy * sin
+                dx = dy * cos + ops.concat([t[..., half:], t[..., :half]], -1)
+                return dx, ops.zeros_like(cos), ops.zeros_like(sin)
+
+            def rope_split_shapes(x, c, s):
+                return [x[0], x[2] * (x[3] - 2), x[1], x[4]], [x[0], x[2], x[1], x[4]], [x[0], x[2], x[1], x[4]]
+
             _state["ops"] = SimpleNamespace(
                 swiglu=_custom(lib, "MxcSwiGLU", lambda g, u: list(g), swiglu_bprop),
                 rms_norm=_custom(lib, "MxcRmsNorm", lambda x, w, e: list(x), rms_norm_bprop),
+                rope_split=_custom(lib, "MxcRopeSplit", rope_split_shapes, rope_split_bprop,
+                                   out_dtype=lambda *a: (ms.float32,) * 3),
                 # Short training samples reach it too: its gradient is the exact GEMM's.
                 decode_linear=_custom(lib, "MxcLinearBf16", lambda x, w: list(x[:-1]) + [w[0]],
                                       gemm["exact"].linear_bprop),

@@ -147,6 +147,26 @@ def rms_norm(x, weight, eps):
     return cast_like(weight, x) * h.astype(dtype)
 
 
+def rope_split(qkv, cos, sin, swap_halves):
+    """RoPE on the packed q/k/v of a decoder layer and their split into heads-first tensors (not a product: no
+    arithmetic mode). qkv [B, N, KV, G + 2, D] (per kv group G query heads, the key, the value), cos / sin
+    [B, N, 1, G + 2, D] (`rope.packed_rope`), `swap_halves` the int32 [D] permutation that swaps the halves of
+    the last axis -> q [B, KV G, N, D], k [B, KV, N, D], v [B, KV, N, D], every slot x cos + swap_halves(x) sin.
+    On CPU with fp32 activations one kernel pass writes q, k and v directly, its products and sum rounded one by
+    one as the portable path's kernels round them (bit for bit the same values); elsewhere Mul, Gather, Mul,
+    Add and three transposes."""
+    b, n, kv, slots, d = qkv.shape
+    if _kernels is not None and qkv.dtype == ms.float32 and cos.dtype == ms.float32 and sin.dtype == ms.float32:
+        return _kernels.rope_split(qkv, cos, sin)
+    g = slots - 2
+    qkv = qkv * cos + ops.gather(qkv, swap_halves, qkv.ndim - 1) * sin
+    if n == 1:  # the transposes below only move a length-1 axis
+        return qkv[:, :, :, :g].reshape(b, kv * g, 1, d), qkv[:, :, :, g].reshape(b, kv, 1, d), \
+            qkv[:, :, :, g + 1].reshape(b, kv, 1, d)
+    return (qkv[:, :, :, :g].transpose(0, 2, 3, 1, 4).reshape(b, kv * g, n, d), qkv[:, :, :, g].transpose(0, 2, 1, 3),
+            qkv[:, :, :, g + 1].transpose(0, 2, 1, 3))
+
+
 def _batch_product(a, b, products, transpose_b):
     """Both operands activations, batched: a b^T or a b; decode-sized rows stay exact (as `linear`)."""
     portable = _bmm_t if transpose_b else _bmm

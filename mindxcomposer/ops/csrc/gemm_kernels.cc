@@ -1214,6 +1214,68 @@ MXC_AOT(MxcRmsNorm) {
   return 0;
 }
 
+// RoPE on the packed q/k/v of the decoder's wqkv output and their split into heads-first tensors, in one pass
+// (`weight_products.rope_split`): qkv [B, N, KV, G + 2, D] (per kv group G query heads, the key, the value),
+// cos / sin [B, N, 1, G + 2, D] (`rope.packed_rope`: rotate_half's sign folded into sin, cos 1 and sin 0 on the
+// value slot) -> q [B, KV G, N, D] (head h G + j = query j of group h), k [B, KV, N, D], v [B, KV, N, D], every
+// slot y = x cos + swap_halves(x) sin. The two products and the sum are rounded one by one, never fused into an
+// FMA: bit for bit what the portable path's separate Mul, Gather, Mul and Add kernels compute, and so
+// upstream's apply_rotary_pos_emb. g++ contracts a * b + c * d into an FMA at -O3 in every C++ mode, also
+// written with intrinsics; these two functions are compiled with contraction off (the rest of the library
+// keeps it: its sums are not meant to match another implementation's roundings).
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=off")
+inline void rotate_halves(const float *x, const float *c, const float *s, float *y, int64_t half) {
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  for (; i + 16 <= half; i += 16) {
+    const __m512 lo = _mm512_loadu_ps(x + i), hi = _mm512_loadu_ps(x + half + i);
+    _mm512_storeu_ps(y + i, _mm512_add_ps(_mm512_mul_ps(lo, _mm512_loadu_ps(c + i)),
+                                          _mm512_mul_ps(hi, _mm512_loadu_ps(s + i))));
+    _mm512_storeu_ps(y + half + i, _mm512_add_ps(_mm512_mul_ps(hi, _mm512_loadu_ps(c + half + i)),
+                                                 _mm512_mul_ps(lo, _mm512_loadu_ps(s + half + i))));
+  }
+#endif
+  for (; i < half; ++i) {
+    const float lo = x[i], hi = x[half + i];
+    const float a = lo * c[i], b = hi * s[i];
+    y[i] = a + b;
+    const float e = hi * c[half + i], f = lo * s[half + i];
+    y[half + i] = e + f;
+  }
+}
+
+MXC_AOT(MxcRopeSplit) {
+  if (nparam != 6 || ndims[0] != 5 || ndims[1] != 5 || ndims[2] != 5) return 1;
+  const int64_t b = shapes[0][0], n = shapes[0][1], kv = shapes[0][2], slots = shapes[0][3], d = shapes[0][4];
+  if (slots < 2 || d % 2 != 0) return 1;
+  for (int i = 0; i < 5; ++i) {
+    if (shapes[1][i] != (i == 2 ? 1 : shapes[0][i]) || shapes[2][i] != shapes[1][i]) return 1;
+  }
+  const int64_t g = slots - 2, half = d / 2;
+  const float *x = static_cast<const float *>(params[0]);
+  const float *cos = static_cast<const float *>(params[1]);
+  const float *sin = static_cast<const float *>(params[2]);
+  float *q = static_cast<float *>(params[3]);
+  float *k = static_cast<float *>(params[4]);
+  float *v = static_cast<float *>(params[5]);
+  // One (batch, position) row per iteration: its KV (G + 2) D inputs are contiguous, each of its heads goes to
+  // its own D-float row of q, k or v; the row's cos / sin serve every kv group.
+#pragma omp parallel for schedule(static) if (b * n > 1)
+  for (int64_t r = 0; r < b * n; ++r) {
+    const int64_t bi = r / n, t = r % n;
+    const float *xr = x + r * kv * slots * d, *cr = cos + r * slots * d, *sr = sin + r * slots * d;
+    for (int64_t h = 0; h < kv; ++h) {
+      for (int64_t j = 0; j < slots; ++j) {
+        float *y = j < g ? q + ((bi * kv * g + h * g + j) * n + t) * d : (j == g ? k : v) + ((bi * kv + h) * n + t) * d;
+        rotate_halves(xr + (h * slots + j) * d, cr + j * d, sr + j * d, y, half);
+      }
+    }
+  }
+  return 0;
+}
+#pragma GCC pop_options
+
 MXC_AOT(MxcLinearNN) { return linear_nn(nparam, params, ndims, shapes, dtypes, false); }
 MXC_AOT(MxcLinearNNBf16) { return linear_nn(nparam, params, ndims, shapes, dtypes, true); }
 MXC_AOT(MxcLinearTN) { return linear_tn(nparam, params, ndims, shapes, dtypes, false); }
