@@ -4,6 +4,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -57,14 +58,17 @@ in `output`."""
     def __enter__(self):
         import httpx
 
+        # Its output goes to a file, not a pipe: nothing reads a pipe while the server runs, and a full one
+        # (a release-size load prints progress bars) would stop the server.
+        self.log = tempfile.TemporaryFile("w+")
         self.proc = subprocess.Popen([sys.executable, "-m", "mindxcomposer.serve.cli", "--port", str(self.port)]
-                                     + self.args, cwd=self.cwd, env=self.env, stdout=subprocess.PIPE,
+                                     + self.args, cwd=self.cwd, env=self.env, stdout=self.log,
                                      stderr=subprocess.STDOUT, text=True)
         deadline = time.monotonic() + self.timeout
         try:
             while True:
                 if self.proc.poll() is not None:
-                    raise RuntimeError("mxc-serve exited: " + self.proc.stdout.read())
+                    raise RuntimeError("mxc-serve exited: " + self._read_log())
                 try:
                     if httpx.get(self.url + "/health", timeout=2).status_code == 200:
                         return self
@@ -79,4 +83,11 @@ in `output`."""
 
     def __exit__(self, *exc):
         self.proc.terminate()
-        self.output = self.proc.communicate(timeout=60)[0]
+        self.proc.wait(timeout=60)
+        self.output = self._read_log()
+        self.log.close()
+
+    def _read_log(self):
+        self.log.flush()
+        self.log.seek(0)
+        return self.log.read()
