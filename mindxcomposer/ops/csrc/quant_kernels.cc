@@ -38,6 +38,12 @@ int64_t count(int ndim, const int64_t *shape) {
 
 #if defined(__AVX512F__)
 inline float hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
+// The 16 values an int4 weight of one group can take, (q - zero) * scale, exactly as dequantized: a nibble
+// looks its value up in this table (`_mm512_permutexvar_ps`).
+inline __m512 int4_table(uint8_t zero, float scale) {
+  const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  return _mm512_mul_ps(_mm512_sub_ps(iota, _mm512_set1_ps(static_cast<float>(zero))), _mm512_set1_ps(scale));
+}
 // Weight streams are prefetched this many bytes ahead (two int4 rows of 4096 inputs). The int4 loop is nearly
 // compute-bound (a table lookup per 16 weights), so the hardware prefetcher alone leaves the core waiting on memory
 // between bursts of arithmetic; measured on the release's shapes (benchmarks/quant_decode_kernels.py): int4 at one
@@ -130,12 +136,9 @@ void int4_rows(const float *xs, int64_t kp, int64_t k, const uint8_t *q, const f
     constexpr int kSums = MR == 1 ? 4 : 2;  // independent sums per row: FMA latency (measured: 16% faster at one row, none gained at more)
     __m512 a[MR][4];
     for (int m = 0; m < MR; ++m) a[m][0] = a[m][1] = a[m][2] = a[m][3] = _mm512_setzero_ps();
-    const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     for (int64_t g0 = 0; g0 + 32 <= k; g0 += gs) {
       const int64_t g = g0 / gs;
-      // the 16 values a weight of this group can take: (q - zero) * scale, exactly as dequantized
-      const __m512 table = _mm512_mul_ps(_mm512_sub_ps(iota, _mm512_set1_ps(static_cast<float>(zeros[g]))),
-                                         _mm512_set1_ps(scales[g]));
+      const __m512 table = int4_table(zeros[g], scales[g]);
       const int64_t end = g0 + gs < k ? g0 + gs : k / 32 * 32;
       for (i = g0; i + 32 <= end;) {
 #pragma GCC unroll 2
@@ -234,12 +237,9 @@ void int4_row_tile(const float *xs, int64_t k, const uint8_t *q, int64_t ldq, co
                    const uint8_t *zeros, int64_t groups, int64_t gs, float *y) {
   __m512 a[NR][2];
   for (int n = 0; n < NR; ++n) a[n][0] = a[n][1] = _mm512_setzero_ps();
-  const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   for (int64_t g0 = 0, g = 0; g0 < k; g0 += gs, ++g) {
     __m512 table[NR];
-    for (int n = 0; n < NR; ++n)
-      table[n] = _mm512_mul_ps(_mm512_sub_ps(iota, _mm512_set1_ps(static_cast<float>(zeros[n * groups + g]))),
-                               _mm512_set1_ps(scales[n * groups + g]));
+    for (int n = 0; n < NR; ++n) table[n] = int4_table(zeros[n * groups + g], scales[n * groups + g]);
     const int64_t end = g0 + gs < k ? g0 + gs : k;
     for (int64_t i = g0; i < end; i += 32) {
       const __m512 x0 = _mm512_loadu_ps(xs + i), x1 = _mm512_loadu_ps(xs + i + 16);
@@ -292,12 +292,9 @@ void int4_tile(const float *xs, int64_t kp, int64_t k, const uint8_t *q, int64_t
   __m512 a[MR][NR];
   for (int m = 0; m < MR; ++m)
     for (int n = 0; n < NR; ++n) a[m][n] = _mm512_setzero_ps();
-  const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   for (int64_t g0 = 0, g = 0; g0 < k; g0 += gs, ++g) {
     __m512 table[NR];
-    for (int n = 0; n < NR; ++n)
-      table[n] = _mm512_mul_ps(_mm512_sub_ps(iota, _mm512_set1_ps(static_cast<float>(zeros[n * groups + g]))),
-                               _mm512_set1_ps(scales[n * groups + g]));
+    for (int n = 0; n < NR; ++n) table[n] = int4_table(zeros[n * groups + g], scales[n * groups + g]);
     const int64_t end = g0 + gs < k ? g0 + gs : k;
     for (int64_t i = g0; i < end; i += 32) {
       __m512 x0[MR], x1[MR];
