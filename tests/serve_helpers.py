@@ -41,8 +41,8 @@ class ServerThread:
 
 class ServeProcess:
     """`python -m mindxcomposer.serve.cli --port P *args` in `cwd` with `env`, on a free port; entering waits
-    until /health answers (or fails with the server's output), leaving terminates it and keeps what it printed
-in `output`."""
+        until /health answers (or fails with the server's output), leaving terminates it and keeps what it printed
+    in `output`."""
 
     def __init__(self, args, cwd, env=None, timeout=180):
         with socket.socket() as s:

@@ -345,12 +345,8 @@ def test_linear_bias_activation_and_residual(mode, products):
             args = (Tensor(x), Tensor(w), bias, products, act, None if res is None else Tensor(res))
             got = wp.linear_bias(*args).asnumpy()
             assert (np.abs(got - ref) <= tol).all()
-            before = wp._kernels
-            wp._kernels = None
-            try:
+            with wp.kernels_disabled():
                 portable = wp.linear_bias(*args).asnumpy()
-            finally:
-                wp._kernels = before
             assert (np.abs(portable - ref) <= tol).all()
         # The epilogue's own arithmetic, tightly: the bias and the residual are one fp32 addition each after
         # the product; quick_gelu is float64's within a few ulps plus the fp32 rounding of its exponent's
@@ -428,12 +424,8 @@ def test_rms_norm_kernel(mode):
         ref = wf * (x64 / np.sqrt((x64 ** 2).mean(-1, keepdims=True) + 1e-6))
         got = wp.rms_norm(Tensor(x), weight, 1e-6).asnumpy()
         assert np.abs(got - ref).max() <= 8 * EPS * np.abs(ref).max()
-        before = wp._kernels
-        wp._kernels = None
-        try:
+        with wp.kernels_disabled():
             portable = wp.rms_norm(Tensor(x), weight, 1e-6).asnumpy()
-        finally:
-            wp._kernels = before
         assert np.abs(portable - got).max() <= 8 * EPS * np.abs(ref).max()
     dx, dw = ms.grad(_NormDot(), grad_position=(0, 1))(Tensor(x), Tensor(w), Tensor(dy))
     tx, tw = (torch.tensor(a, dtype=torch.float64, requires_grad=True) for a in (x, w))
@@ -546,12 +538,8 @@ def test_rope_split_kernel_is_the_portable_path_bit_for_bit(mode, shape):
     assert wp.enable_kernels()
     args = (Tensor(x), Tensor(cos), Tensor(sin), _swap(d))
     kernel = [t.asnumpy() for t in wp.rope_split(*args)]
-    before = wp._kernels
-    wp._kernels = None
-    try:
+    with wp.kernels_disabled():
         portable = [t.asnumpy() for t in wp.rope_split(*args)]
-    finally:
-        wp._kernels = before
     half = d // 2
     y = x * cos + np.concatenate([x[..., half:], x[..., :half]], -1) * sin  # fp32, each operation rounded
     ref = (y[:, :, :, :g].transpose(0, 2, 3, 1, 4).reshape(b, kv * g, n, d), y[:, :, :, g].transpose(0, 2, 1, 3),
@@ -575,12 +563,8 @@ def test_rope_split_gradient_is_the_portable_paths(mode, shape):
     args = [Tensor(a) for a in (x, cos, sin, dq, dk, dv)]
     assert wp.enable_kernels()
     kernel = ms.grad(_RopeDot(d, True), grad_position=0)(*args).asnumpy()
-    before = wp._kernels
-    wp._kernels = None
-    try:
+    with wp.kernels_disabled():
         portable = ms.grad(_RopeDot(d, False), grad_position=0)(*args).asnumpy()
-    finally:
-        wp._kernels = before
     np.testing.assert_array_equal(kernel, portable)
     dy = np.concatenate([dq.reshape(b, kv, g, n, d).transpose(0, 3, 1, 2, 4),
                          dk.transpose(0, 2, 1, 3)[:, :, :, None], dv.transpose(0, 2, 1, 3)[:, :, :, None]], 3)

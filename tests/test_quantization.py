@@ -228,9 +228,8 @@ def test_mxc_chat_and_mxc_serve_with_a_quantized_dir(dirs):
     httpx = pytest.importorskip("httpx")
     pytest.importorskip("fastapi")
     with ServeProcess(["--model", qdir, "--max-batch", "2"], cwd=root, env=env) as server:
-        port = server.port
-        model_id = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=10).json()["data"][0]["id"]
-        reply = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=120, json={
+        model_id = httpx.get(server.url + "/v1/models", timeout=10).json()["data"][0]["id"]
+        reply = httpx.post(server.url + "/v1/chat/completions", timeout=120, json={
             "model": model_id, "messages": [{"role": "user", "content": "Hi"}], "temperature": 0, "max_tokens": 4})
         assert reply.status_code == 200, reply.text
         assert reply.json()["usage"]["completion_tokens"] == 4

@@ -15,8 +15,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_mxc_serve_process_answers_the_openai_client():
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     with ServeProcess(["--max-batch", "2"], cwd=ROOT, env=env) as server:
-        port = server.port
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
         assert [m.id for m in client.models.list().data] == ["mindxcomposer-demo"]
         r = client.chat.completions.create(model="mindxcomposer-demo", messages=[{"role": "user", "content": "Hi"}],
                                            temperature=0, max_tokens=4)

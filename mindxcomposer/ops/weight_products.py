@@ -27,6 +27,8 @@ The paths, chosen per call from static shapes and dtypes:
   arithmetic with fp32 activations, both inputs are first rounded to bf16 (a cast there and back), so
   this path computes the same products as the kernels, only slower.
 """
+import contextlib
+
 import mindspore as ms
 from mindspore import ops
 
@@ -59,6 +61,18 @@ def kernels_enabled() -> bool:
 def kernels():
     """The CPU kernels' primitives (`cpu_kernels.custom_ops()`) when enabled, else None."""
     return _kernels
+
+
+@contextlib.contextmanager
+def kernels_disabled():
+    """Within it, every op takes the portable path (graphs traced meanwhile keep it): for tests and benchmarks
+    that put the kernels against the path they replace."""
+    global _kernels
+    before, _kernels = _kernels, None
+    try:
+        yield
+    finally:
+        _kernels = before
 
 
 def cast_like(p, x):
