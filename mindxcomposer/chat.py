@@ -102,8 +102,9 @@ class ChatMixin:
     @property
     def last_session(self):
         """The session (a `ModelSession`, or what `session_factory` made) of the last `generate` (`chat`,
-        `batch_chat`, `write_*`) this thread ran on this model: its `compile_count` tells how many graphs
-        that call compiled. None before the first."""
+        `batch_chat`, `write_*`) this thread ran on this model: its `compile_count` tells how many distinct
+        graphs it has run (each compiled once in the process: prefill graphs are shared by every session on the
+        model, and a call with the shapes of the last one reuses its session). None before the first."""
         return getattr(self.thread_state, "last_session", None)
 
     def generate(self, inputs_embeds=None, input_ids=None, im_mask=None, attention_mask=None, infer_mode="base",
@@ -127,8 +128,17 @@ class ChatMixin:
         max_new = max(1, config.total_max_length(prompt_len) - prompt_len)
         beams = config.num_beams
         check_cache_size(self.config, rows * beams, length, max_new, self.compute_dtype.itemsize)
-        session = (session_factory or ModelSession)(self, rows * beams, length + max_new, infer_mode=infer_mode,
-                                                    compiled=compiled)
+        last = self.last_session
+        if session_factory is None and isinstance(last, ModelSession) and last.fits(rows * beams, length + max_new,
+                                                                                   compiled):
+            # gpt-fast style: the same shapes decode in the same static cache with the graphs already compiled
+            # (a new session would compile its step again and keep that graph's memory).
+            session = last
+            session.set_infer_mode(infer_mode)
+        else:
+            self.thread_state.last_session = None  # its cache can go before the new one is allocated
+            session = (session_factory or ModelSession)(self, rows * beams, length + max_new, infer_mode=infer_mode,
+                                                        compiled=compiled)
         self.thread_state.last_session = session
         return generate(_BeamReadySession(session, beams), embeds, attention_mask, prompt_ids=prompt_ids,
                         model_inputs={"im_mask": im}, generation_config=config, stopping_criteria=stopping_criteria,

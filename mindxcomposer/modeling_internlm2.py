@@ -154,6 +154,15 @@ class DecoderMath(nn.Cell):
     def adapt(self, res, w, i, x):
         return res
 
+    def prefill_layer(self, x, rot_cos, rot_sin, mask, im_mask, slots, keep, k_cache, v_cache, tasks, image_lora,
+                      *weights):
+        """One layer on prompt rows x [B, n, H] over a cache (`CachedDecoder`); `weights` as
+        `InternLM2DecoderLayer.layer_weights(tasks)`. rot_cos/rot_sin [B, n, 1, G+2, D], im_mask [B, n, 1],
+        slots int32 [n], keep [1, 1, n, 1] (0 on padding rows). `image_lora` False leaves the Partial LoRA
+        out, for rows none of which is an image token (it adds exact zeros there). Returns the layer's output."""
+        return self.layer(weights, x, rot_cos, rot_sin, mask, im_mask, tasks, image_lora, slots, keep, k_cache,
+                          v_cache)
+
     def layer(self, w, x, rot_cos, rot_sin, mask, im_mask, tasks, image_lora, slots=None, keep=None,
               k_cache=None, v_cache=None):
         b, n, _ = x.shape
@@ -270,14 +279,18 @@ class CachedDecoder(nn.Cell):
         self.v_cache = ms.ParameterTuple([ms.Parameter(ops.zeros(shape, compute_dtype), name=f"v_cache.{i}",
                                                        requires_grad=False) for i in range(self.num_layers)])
 
-    def prefill_layer(self, x, rot_cos, rot_sin, mask, im_mask, slots, keep, k_cache, v_cache, tasks, image_lora,
-                      *weights):
-        """One layer on prompt rows x [B, n, H]; `weights` as `InternLM2DecoderLayer.layer_weights(tasks)`.
-        rot_cos/rot_sin [B, n, 1, G+2, D], im_mask [B, n, 1], slots int32 [n], keep [1, 1, n, 1] (0 on
-        padding rows). `image_lora` False leaves the Partial LoRA out, for rows none of which is an image
-        token (it adds exact zeros there). Returns the layer's output."""
-        return self.math.layer(weights, x, rot_cos, rot_sin, mask, im_mask, tasks, image_lora, slots, keep,
-                               k_cache, v_cache)
+    def prefill_layer(self, compiled: bool):
+        """The prefill call `math.prefill_layer` (see there), compiled or op by op. The compiled one is made
+        once per model and shared by every decoder over it: its arguments are all it reads, so one graph per
+        chunk shape serves every session, and a new session (each `chat` makes one) compiles nothing again
+        and keeps no graph memory of its own."""
+        if not compiled:
+            return self.math.prefill_layer
+        jitted = getattr(self.math, "_compiled_prefill_layer", None)
+        if jitted is None:
+            jitted = ms.jit(self.math.prefill_layer)
+            object.__setattr__(self.math, "_compiled_prefill_layer", jitted)  # not a Cell attribute
+        return jitted
 
     def step(self, ids, rot_cos, rot_sin, mask, slot):
         """One token per row at cache slot `slot` (int32 [1]): ids int32 [B, 1] -> float32 logits [B, V]."""

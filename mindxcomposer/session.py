@@ -51,9 +51,7 @@ class ModelSession:
         self.cache_len = round_up(max_len, CACHE_BUCKET)
         self.infer_mode = infer_mode
         self.prefill_bucket = prefill_bucket
-        if compiled is None:
-            compiled = ms.get_context("device_target") != "GPU"
-        self.compiled = compiled
+        self.compiled = self.resolve_compiled(compiled)
         self.decoder = None
         self.set_infer_mode(infer_mode)
         self.signatures = set()  # distinct (kind, shapes, mode) = graphs compiled when `compiled`
@@ -62,12 +60,28 @@ class ModelSession:
         self.prefilled_rows = 0  # prompt rows `prefill` has run through the layers, over the session's life
         self._slots = np.arange(self.cache_len)
 
+    @staticmethod
+    def resolve_compiled(compiled: Optional[bool]) -> bool:
+        return ms.get_context("device_target") != "GPU" if compiled is None else bool(compiled)
+
+    def fits(self, batch_size: int, max_len: int, compiled: Optional[bool] = None) -> bool:
+        """Whether this session is what `ModelSession(model, batch_size, max_len, compiled=compiled)` would
+        be (same rows, cache slots and graphs): then it can serve that call in its place, since `prefill`
+        starts from a cleared cache, with the graphs it has compiled."""
+        return (batch_size == self.batch_size and round_up(max_len, CACHE_BUCKET) == self.cache_len
+                and self.resolve_compiled(compiled) == self.compiled
+                and self.prefill_compiled == (self.compiled and (self.model.dtype == self.model.compute_dtype
+                                                                 or kernels_enabled())))
+
     def set_infer_mode(self, infer_mode: str) -> None:
         """Decode in `infer_mode` from the next prefill on: brings in the task LoRAs the mode needs (and
         drops the others, see `use_task_loras`), and rebuilds the decoder over them, keeping the caches."""
         model = self.model
         self.infer_mode = infer_mode
-        self.tasks = model.use_task_loras(infer_mode)
+        tasks = model.use_task_loras(infer_mode)
+        if self.decoder is not None and tasks == self.tasks and model.task_version == self._task_version:
+            return  # the same weights: keep the decoder and its compiled step (a rebuild compiles it again)
+        self.tasks = tasks
         self._task_version = model.task_version
         caches = None if self.decoder is None else (self.decoder.k_cache, self.decoder.v_cache)
         d = self.decoder = CachedDecoder(model.model, model.output, model.config, self.batch_size, self.cache_len,
@@ -78,8 +92,8 @@ class ModelSession:
         # after its product. The CPU kernels read bf16 weights in place (no cast exists), so with them the
         # prefill layer compiles like the step.
         self.prefill_compiled = self.compiled and (model.dtype == model.compute_dtype or kernels_enabled())
-        self._prefill_layer = ms.jit(d.prefill_layer) if self.prefill_compiled else d.prefill_layer
-        self._step = ms.jit(d.step) if self.compiled else d.step
+        self._prefill_layer = d.prefill_layer(self.prefill_compiled)
+        self._step = None  # made at the first step: a session that only prefills (the server's) has no step graph
 
     def _current_weights(self) -> None:
         """Another session on the same model may have switched its task LoRAs since this one was built:
@@ -195,6 +209,8 @@ class ModelSession:
         cos, sin = packed_rope(self.config, (real_len - 1)[:, None], real_len)
         mask = np.where(self.slot_mask > 0, np.float32(0), _MASK_MIN).astype(np.float32)[:, None, None]
         self.signatures.add(("step", self.batch_size, 1, self.cache_len, self.infer_mode))
+        if self._step is None:
+            self._step = ms.jit(self.decoder.step) if self.compiled else self.decoder.step
         logits = self._step(Tensor(ids), self._tensor(cos), self._tensor(sin), self._tensor(mask),
                             Tensor(np.array([slot], np.int32)))
         return logits.asnumpy()

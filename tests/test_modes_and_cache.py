@@ -156,3 +156,42 @@ def test_beam_copies_equal_prefilling_every_beam(demo_model, compiled, lengths):
         np.testing.assert_array_equal(a, b)
     with pytest.raises(ValueError, match="copied 2 times"):
         once.prefill(emb, im, am, copies=2)
+
+
+def _count_jits(monkeypatch):
+    """Every `mindspore.jit` made from here on (each compiles its graphs afresh and keeps their memory)."""
+    made = []
+    real = ms.jit
+
+    def counting(fn=None, *args, **kwargs):
+        made.append(fn)
+        return real(fn, *args, **kwargs)
+
+    monkeypatch.setattr(ms, "jit", counting)
+    return made
+
+
+def test_graphs_are_compiled_once_per_model(demo_model, monkeypatch):
+    """A second `chat` of the same shapes decodes in the first one's session (its step graph), and a new
+    session of other shapes reuses the model's prefill graphs: neither makes a jit again. Before, every call
+    compiled its graphs anew and the process kept each one's memory (about 13 MB a chat on this model)."""
+    made = _count_jits(monkeypatch)
+    tok = demo_model.tokenizer
+    first = demo_model.chat(tok, "Why is the sky blue?", max_new_tokens=4, do_sample=False)[0]
+    session = demo_model.last_session
+    assert session.compile_count == 2
+    after_first = len(made)
+    again = demo_model.chat(tok, "Why is the sky blue?", max_new_tokens=4, do_sample=False)[0]
+    assert demo_model.last_session is session and again == first
+    assert len(made) == after_first
+    # The same mode again is not a change: the session keeps its decoder and step graph.
+    step_fn = session._step
+    session.set_infer_mode("base")
+    session.step(np.array([5]))
+    assert session._step is step_fn and len(made) == after_first
+    # Other shapes: a session of its own over the model's prefill graphs (its step graph comes at its first step).
+    emb, im = random_prompt(demo_model, 40, 10, 3)
+    other = ModelSession(demo_model, 1, 1024)
+    ref = ModelSession(demo_model, 1, 1024, compiled=False).prefill(emb, im)
+    assert np.abs(other.prefill(emb, im) - ref).max() <= 1e-5 * max(1, np.abs(ref).max())
+    assert len(made) == after_first
