@@ -516,7 +516,8 @@ def test_attention_gradient_memory(tmp_path):
     """The attention gradient, compiled (GRAPH_MODE, as the decoder layer's gradient cell runs it), in a fresh
     process at 3,072 positions: its peak grows by less than one [heads, positions, keys] fp32 tensor (0.21 GiB).
     A compiled graph keeps every intermediate until it returns: written with MindSpore ops by query blocks, the
-    same gradient grew by ~19 such tensors (7.0 GiB at 4,096 positions); the kernel keeps none."""
+    same gradient held every block's weights at once (a tiny model's decoder-layer gradient: +7.6 GiB at 4,288
+    positions, docs/finetune.md); checked by hand, that version fails this test. The kernel keeps none."""
     import os
     import subprocess
     import sys
