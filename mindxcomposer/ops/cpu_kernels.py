@@ -217,12 +217,13 @@ def _gemm_ops(lib, suffix):
     # The attention gradient (dq, dk, dv) is one kernel: it recomputes the weights by blocks of query rows and keeps
     # none of them (`csrc`); written with MindSpore ops, a compiled graph held every block's weights at once.
     three = (lambda *a: (ms.float32,) * 3)
-    attention_grad = _custom(lib, "MxcAttentionGrad" + suffix, lambda q, k, v, m, d, do: (list(q), list(k), list(v)),
-                             out_dtype=three)
-    attention_grad_nomask = _custom(lib, "MxcAttentionGrad" + suffix, lambda q, k, v, d, do: (list(q), list(k), list(v)),
-                                    out_dtype=three)
-    attention_tokens_grad = _custom(lib, "MxcAttentionTokensGrad" + suffix,
-                                    lambda q, k, v, d, do: (list(q), list(k), list(v)), out_dtype=three)
+
+    def qkv_shapes(q, k, v, *rest):
+        return list(q), list(k), list(v)
+
+    attention_grad = _custom(lib, "MxcAttentionGrad" + suffix, qkv_shapes, out_dtype=three)  # + mask
+    attention_grad_nomask = _custom(lib, "MxcAttentionGrad" + suffix, qkv_shapes, out_dtype=three)
+    attention_tokens_grad = _custom(lib, "MxcAttentionTokensGrad" + suffix, qkv_shapes, out_dtype=three)
     attention = _custom(lib, "MxcAttention" + suffix, lambda q, k, v, m, d: list(q), attention_bprop)
     attention_nomask = _custom(lib, "MxcAttention" + suffix, lambda q, k, v, d: list(q), attention_nomask_bprop)
     attention_tokens = _custom(lib, "MxcAttentionTokens" + suffix, lambda q, k, v, d: list(q), attention_tokens_bprop)
