@@ -1,13 +1,14 @@
 """Fine-tuning benchmark: LoRA and full fine-tuning steps of `mxc-finetune` (MindSpore, GRAPH_MODE) against
 upstream's `finetune.py` (PyTorch eager, transformers 4.33.2 Trainer, peft 0.8.2, torch AdamW), in the same run.
 
-    python benchmarks/finetune_benchmark.py [--quick] [--modes lora,full] [--warmup 2] [--steps 4]
+    python benchmarks/finetune_benchmark.py [--quick | --long] [--modes lora,full] [--warmup 2] [--steps 4]
         [--upstream /work/upstream/base --finetune /path/to/InternLM-XComposer/finetune
          --upstream-python /work/venv-ref/bin/python] [--json out.json]
 
 A benchmark, not a test: it prints a table and writes JSON. Both sides train the same seeded random-weight model
 (`mindxcomposer.demo.tiny_config` at a mid size, `--quick`: a small one) on the same data (image samples at
-`--hd-num` and text samples, `--sampling sequential`: the same micro-batches in the same order) with the same
+`--hd-num` and text samples; `--long`: a tiny model on two samples of two images each, ~4,300 positions,
+`--sampling sequential`: the same micro-batches in the same order) with the same
 flags: upstream's `finetune_lora.sh` / `finetune.sh` (LoRA: adapter only; full: LLM, ViT and projector), fp32,
 every dropout 0 (so that the per-step losses of the two sides can be compared: the check that both did the same
 work). Each side of each mode runs in its own process; the first `--warmup` optimizer steps (they compile) are
@@ -49,6 +50,11 @@ GiB = 2 ** 30
 MID = dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=2,
            plora_rank=64, max_position_embeddings=4096,
            vision_config=dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4))
+# --long: long image sequences on a tiny model (3 layers of width 96, the tiny ViT), where attention over ~4,300
+# positions and the per-position head and loss, not the weights, set the memory. max_position_embeddings 8192 keeps
+# upstream's dynamic-NTK RoPE from rescaling, as MID's 4096 does for its shorter sequences.
+LONG = dict(hidden_size=96, intermediate_size=256, num_hidden_layers=3, num_attention_heads=6, num_key_value_heads=2,
+            plora_rank=8, max_position_embeddings=8192)
 QUICK = dict(hidden_size=128, intermediate_size=352, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
              plora_rank=16, max_position_embeddings=4096,
              vision_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2))
@@ -59,9 +65,10 @@ QUICK = dict(hidden_size=128, intermediate_size=352, num_hidden_layers=2, num_at
 COMMON = ["--given_num", "False", "--bf16", "False", "--per_device_train_batch_size", "1",
           "--evaluation_strategy", "no", "--save_strategy", "no", "--weight_decay", "0.1", "--adam_beta2", "0.95",
           "--warmup_ratio", "0.01", "--lr_scheduler_type", "cosine", "--logging_steps", "1", "--report_to", "none",
-          "--max_length", "16384", "--gradient_checkpointing", "True", "--lora_dropout", "0"]
+          "--gradient_checkpointing", "True", "--lora_dropout", "0"]
 MODES = {
-    "lora": ["--fix_vit", "True", "--fix_sampler", "True", "--use_lora", "True", "--learning_rate", "5e-5"],
+    "lora": ["--fix_vit", "True", "--fix_sampler", "True", "--use_lora", "True", "--lora_r", "64", "--lora_alpha", "64",
+             "--learning_rate", "5e-5"],
     "full": ["--fix_vit", "False", "--fix_sampler", "False", "--use_lora", "False", "--learning_rate", "1e-5"],
 }
 
@@ -99,6 +106,28 @@ def write_data(folder):
     data_txt = os.path.join(folder, "data.txt")
     with open(data_txt, "w", encoding="utf-8") as f:
         f.write("".join(p + "\n" for p in paths))
+    return data_txt
+
+
+def write_long_data(folder):
+    """Two samples, each with two images whose HD transform at hd_num 4 gives 2x2 tiles (2061 positions an
+    image): ~4,300 positions a sample."""
+    def a(name):
+        return os.path.join(ASSETS, name)
+
+    records = [dict(id="pair0", image=[a("coffee.png"), a("chelsea.png")],
+                    conversations=_conv("Image1: <ImageHere>; Image2: <ImageHere>. Compare the two images.",
+                                        " ".join(SENTENCES[:3]), "Which one is warmer?", SENTENCES[3])),
+               dict(id="pair1", image=[a("astronaut.png"), a("rocket_portrait.png")],
+                    conversations=_conv("<ImageHere> and <ImageHere>: what links these pictures?",
+                                        " ".join(SENTENCES[1:]), "Describe the second one.", SENTENCES[0]))]
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, "pairs.json")
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(records, f, indent=1)
+    data_txt = os.path.join(folder, "data.txt")
+    with open(data_txt, "w", encoding="utf-8") as f:
+        f.write(path + "\n")
     return data_txt
 
 
@@ -160,6 +189,8 @@ def worker_ours(spec):
         return y
 
     grads.forward_layer = counting_layer
+    if spec.get("trace"):
+        _trace_calls(grads, spec["trace"])
     loss_and_grads = grads.loss_and_grads
 
     def timed_loss_and_grads(batch, scale, seed=0.0):
@@ -187,10 +218,12 @@ def worker_ours(spec):
             rss["after_warmup"] = rss_gib()
 
     opt.step = timed_step
+    load_peak = peak_gib()
     reset = reset_peak()
     start = time.perf_counter()
     trainer.train()
     train_peak = peak_gib() if reset else None
+    vmhwm = max(load_peak, peak_gib())  # the whole process's, build included
     rss["end"] = rss_gib()
     params = list(model.get_parameters())
     held.update(parameters=sum(int(p.nbytes) for p in params),
@@ -202,7 +235,26 @@ def worker_ours(spec):
                 threads=int(ms.get_context("runtime_num_threads")), first_step_s=times[0] - start,
                 **_timing(times, ends, micro, spec["warmup"], spec["batch_size"]),
                 step_losses=_step_losses(micro, ends), micro=micro, rss_gib=rss, train_peak_gib=train_peak,
+                vmhwm_gib=vmhwm,
                 held_bytes=held, trainable_count=sum(int(np.prod(p.shape)) for p in trainer.trainables.params.values())))
+
+
+def _trace_calls(grads, path):
+    """Resident memory after each block call of our trainer, appended to `path` as it goes (a killed run still
+    says where it was): where the memory goes."""
+    f = open(path, "a", encoding="utf-8")
+    t0 = time.perf_counter()
+
+    def traced(fn, name):
+        def call(*a, **k):
+            out = fn(*a, **k)
+            f.write(f"{time.perf_counter() - t0:8.1f} s  rss {rss_gib():6.2f}  peak {peak_gib():6.2f} GiB  {name}\n")
+            f.flush()
+            return out
+        return call
+
+    for name in ("forward_layer", "_head", "layer_grad", "_image_embeddings", "_image_backward", "loss_and_grads"):
+        setattr(grads, name, traced(getattr(grads, name), name))
 
 
 def _step_losses(micro, ends):
@@ -251,6 +303,7 @@ def worker_upstream(spec):
         class Timer(transformers.TrainerCallback):
             def on_train_begin(self, args, state, control, **kw):
                 rss["trainer_built"] = rss_gib()
+                self.load_peak = peak_gib()
                 self.reset = reset_peak()
 
             def on_step_end(self, args, state, control, **kw):
@@ -272,6 +325,7 @@ def worker_upstream(spec):
         start = time.perf_counter()
         finetune.train()
         train_peak = peak_gib() if timer.reset else None
+        vmhwm = max(timer.load_peak, peak_gib())  # the whole process's, build included
         rss["end"] = rss_gib()
         trainer = rec.trainer
         opt = trainer.optimizer
@@ -295,16 +349,36 @@ def worker_upstream(spec):
     _reply(dict(side="upstream", mode=spec["mode"], torch=torch.__version__, transformers=transformers.__version__,
                 peft=__import__("peft").__version__, threads=torch.get_num_threads(), first_step_s=times[0] - start,
                 **_timing(times, ends, micro, spec["warmup"], spec["batch_size"]), step_losses=_step_losses(micro, ends),
-                micro=micro, rss_gib=rss, train_peak_gib=train_peak, held_bytes=held,
+                micro=micro, rss_gib=rss, train_peak_gib=train_peak, vmhwm_gib=vmhwm, held_bytes=held,
                 trainable_count=trainable_count))
 
 
 # ----------------------------------------------------------------------------------------------- orchestrator
-def run_worker(python, side, spec_path, label):
+def _watch_rss(proc, limit_gib, seen):
+    """Kill `proc` once its resident memory passes `limit_gib` (an overrun ends this run, not another process
+    the machine's OOM killer might pick); `seen[0]`: the largest RSS sampled."""
+    while proc.poll() is None:
+        try:
+            with open(f"/proc/{proc.pid}/status") as f:
+                rss = next(int(x.split()[1]) for x in f if x.startswith("VmRSS:")) / 2 ** 20
+        except (OSError, StopIteration):
+            break
+        seen[0] = max(seen[0], rss)
+        if rss > limit_gib:
+            proc.kill()
+            break
+        time.sleep(0.2)
+
+
+def run_worker(python, side, spec_path, label, rss_limit=None):
     t = time.perf_counter()
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.Popen([python, os.path.abspath(__file__), "--worker", side, "--spec", spec_path],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+    seen = [0.0]
+    if rss_limit:
+        import threading
+        threading.Thread(target=_watch_rss, args=(proc, rss_limit, seen), daemon=True).start()
     reply, lines = None, []
     for line in proc.stdout:
         if line.startswith(MARK):
@@ -317,6 +391,8 @@ def run_worker(python, side, spec_path, label):
     res = dict(wall_s=time.perf_counter() - t, peak_rss_gib=usage.ru_maxrss / 2 ** 20, rc=rc)
     if reply is None:
         tail = "".join(lines[-10:]) + err[-3000:]
+        if rss_limit and seen[0] > rss_limit:
+            tail += f"\nkilled above --rss-limit {rss_limit} GiB (largest RSS sampled {seen[0]:.2f} GiB)"
         print(f"[{label}] failed (exit {rc}):\n{tail}", flush=True)
         res["error"] = tail
         return res
@@ -359,16 +435,17 @@ def print_report(args, config, results, why_no_upstream, command):
     print()
     print(f"command: {command}")
     v = config["vision_config"]
+    data = (f"2 samples of two images each (hd_num {args.hd_num})" if args.long
+            else f"2 image samples (hd_num {args.hd_num}) and 2 text samples")
     print(f"model: hidden {config['hidden_size']}, {config['num_hidden_layers']} layers, intermediate "
           f"{config['intermediate_size']}, vocab 92544, PLoRA rank {config['plora_rank']}; ViT width {v['hidden_size']}, "
-          f"{v['num_hidden_layers']} layers, 560-px crops; data: 2 image samples (hd_num {args.hd_num}) and 2 text "
-          f"samples, --batch_size {args.batch_size}, --gradient_accumulation_steps {args.grad_accum} (an optimizer "
+          f"{v['num_hidden_layers']} layers, 560-px crops; data: {data}, --max_length {args.max_length}, --batch_size {args.batch_size}, --gradient_accumulation_steps {args.grad_accum} (an optimizer "
           f"step = {args.grad_accum} micro-batches); {args.warmup} warm-up steps excluded, {args.steps} timed; fp32; "
           f"{args.threads} threads; {os.cpu_count()} CPUs, {platform.machine()}")
     if why_no_upstream:
         print(f"upstream side not run: {why_no_upstream}")
     print()
-    print("| mode | side | s / step | samples/s | tokens/s | peak RSS GiB (process) | training peak GiB | "
+    print("| mode | side | s / step | samples/s | tokens/s | peak RSS GiB (process, VmHWM) | training peak GiB | "
           "first step s (compile) |")
     print("|---|---|---|---|---|---|---|---|")
     for mode in args.modes:
@@ -378,13 +455,13 @@ def print_report(args, config, results, why_no_upstream, command):
                 continue
             name = "ours (MindSpore GRAPH)" if side == "ours" else "upstream (PyTorch eager)"
             print(f"| {mode} | {name} | {r['median_step_s']:.2f} | {r['samples_per_s']:.3f} | {r['tokens_per_s']:.1f} | "
-                  f"{r['peak_rss_gib']:.2f} | {_fmt(r.get('train_peak_gib'))} | {r['first_step_s']:.1f} |")
+                  f"{_fmt(r.get('vmhwm_gib'))} | {_fmt(r.get('train_peak_gib'))} | {r['first_step_s']:.1f} |")
         o, u = results.get(mode, {}).get("ours", {}), results.get(mode, {}).get("upstream", {})
         if "samples_per_s" in o and "samples_per_s" in u:
             print(f"| {mode} | **ours / upstream** | {_fmt(_ratio(o['median_step_s'], u['median_step_s']))} | "
                   f"{_fmt(_ratio(o['samples_per_s'], u['samples_per_s']))} | "
                   f"{_fmt(_ratio(o['tokens_per_s'], u['tokens_per_s']))} | "
-                  f"{_fmt(_ratio(o['peak_rss_gib'], u['peak_rss_gib']))} | "
+                  f"{_fmt(_ratio(o.get('vmhwm_gib'), u.get('vmhwm_gib')))} | "
                   f"{_fmt(_ratio(o.get('train_peak_gib'), u.get('train_peak_gib')))} | "
                   f"{_fmt(_ratio(o['first_step_s'], u['first_step_s']))} |")
     print()
@@ -414,22 +491,33 @@ def print_report(args, config, results, why_no_upstream, command):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="small model, 1 warm-up + 2 timed steps: a smoke run")
+    p.add_argument("--long", action="store_true",
+                   help="long image sequences: 3 layers of width 96, 2 samples of two images each at --hd-num 4 "
+                        "(~4,300 positions), --max_length 8192, an optimizer step = both samples; 1 warm-up + 2 "
+                        "timed steps")
     p.add_argument("--modes", default="lora,full", help="comma-separated: lora, full")
     p.add_argument("--sides", default="upstream,ours", help="comma-separated: upstream, ours (to rerun one side)")
     p.add_argument("--warmup", type=int, default=None, help="optimizer steps excluded from the timing (default 2)")
     p.add_argument("--steps", type=int, default=None, help="timed optimizer steps (default 4)")
     p.add_argument("--batch-size", type=int, default=1, help="--batch_size (samples per micro-batch) of both sides")
     p.add_argument("--grad-accum", type=int, default=None, help="--gradient_accumulation_steps of both sides "
-                   "(default: 4 / --batch-size, so that every optimizer step runs all 4 samples once)")
-    p.add_argument("--hd-num", type=int, default=1, help="--hd_num of both sides")
+                   "(default: the samples of an epoch / --batch-size, 4 or with --long 2: every optimizer step runs "
+                   "each sample once)")
+    p.add_argument("--hd-num", type=int, default=None, help="--hd_num of both sides (default 1, --long: 4)")
+    p.add_argument("--max-length", type=int, default=None, help="--max_length of both sides (default 16384, "
+                   "--long: 8192)")
     p.add_argument("--threads", type=int, default=2, help="MindSpore runtime_num_threads and torch threads")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rss-limit", type=float, default=None, help="GiB: a worker is killed above it (its row is then "
+                   "missing and the reason printed)")
     p.add_argument("--upstream", help="upstream's IXC2.5 model code folder (tools/reference/README.md)")
     p.add_argument("--finetune", help="upstream's finetune/ folder")
     p.add_argument("--upstream-python", default="/work/venv-ref/bin/python" if os.path.exists(
         "/work/venv-ref/bin/python") else None, help="Python with torch, transformers 4.33.2, peft 0.8.2, accelerate")
     p.add_argument("--workdir", help="where the model and data go (default: a temporary folder)")
     p.add_argument("--json", help="write the results here")
+    p.add_argument("--trace", action="store_true", help="our side: RSS after each block call into "
+                   "WORKDIR/MODE.ours.trace (use with --workdir)")
     p.add_argument("--worker", choices=["ours", "upstream"], help=argparse.SUPPRESS)
     p.add_argument("--spec", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -443,11 +531,17 @@ def main(argv=None):
     bad = [m for m in args.modes if m not in MODES]
     if bad:
         p.error(f"--modes: unknown {bad}; choose from {sorted(MODES)}")
-    args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
-    args.steps = args.steps if args.steps is not None else (2 if args.quick else 4)
+    if args.quick and args.long:
+        p.error("--quick and --long: choose one")
+    short = args.quick or args.long
+    args.warmup = args.warmup if args.warmup is not None else (1 if short else 2)
+    args.steps = args.steps if args.steps is not None else (2 if short else 4)
+    args.hd_num = args.hd_num if args.hd_num is not None else (4 if args.long else 1)
+    args.max_length = args.max_length if args.max_length is not None else (8192 if args.long else 16384)
     if args.batch_size not in (1, 2):
         p.error("--batch-size must be 1 or 2 (each data file holds 2 samples)")
-    args.grad_accum = args.grad_accum or 4 // args.batch_size
+    samples = 2 if args.long else 4  # samples an epoch
+    args.grad_accum = args.grad_accum or samples // args.batch_size
     if args.warmup < 1 or args.steps < 1 or args.grad_accum < 1 or args.hd_num < 1:
         p.error("--warmup, --steps, --grad-accum and --hd-num must be >= 1 (the first step compiles)")
     args.sides = [x.strip() for x in args.sides.split(",") if x.strip()]
@@ -459,7 +553,7 @@ def main(argv=None):
 
     from mindxcomposer.demo import save_demo_model, tiny_config
 
-    overrides = QUICK if args.quick else MID
+    overrides = QUICK if args.quick else LONG if args.long else MID
     config = tiny_config(**overrides)
     tmp = None if args.workdir else tempfile.TemporaryDirectory(prefix="ft-bench-")
     work = os.path.abspath(args.workdir or tmp.name)
@@ -467,9 +561,10 @@ def main(argv=None):
     results = {}
     try:
         model_dir = save_demo_model(os.path.join(work, "model"), config, args.seed)
-        data_txt = write_data(os.path.join(work, "data"))
+        data_txt = (write_long_data if args.long else write_data)(os.path.join(work, "data"))
         for mode in args.modes:
             flags = COMMON + MODES[mode] + ["--data_path", data_txt, "--hd_num", str(args.hd_num),
+                                            "--max_length", str(args.max_length),
                                             "--batch_size", str(args.batch_size),
                                             "--gradient_accumulation_steps", str(args.grad_accum),
                                             "--max_steps", str(args.warmup + args.steps)]
@@ -483,15 +578,19 @@ def main(argv=None):
                 path = os.path.join(work, f"{mode}.upstream.json")
                 with open(path, "w", encoding="utf-8") as f:
                     json.dump(spec, f)
-                results[mode]["upstream"] = run_worker(args.upstream_python, "upstream", path, f"{mode} upstream")
+                results[mode]["upstream"] = run_worker(args.upstream_python, "upstream", path, f"{mode} upstream",
+                                                        args.rss_limit)
                 if mode == "lora" and os.path.isdir(spec["save_adapter"]):
                     spec["adapter_dir"] = spec["save_adapter"]
             if "ours" not in args.sides:
                 continue
+            if args.trace:
+                spec["trace"] = os.path.join(work, f"{mode}.ours.trace")
+                print(f"[{mode} ours] tracing RSS per call into {spec['trace']}", flush=True)
             path = os.path.join(work, f"{mode}.ours.json")
             with open(path, "w", encoding="utf-8") as f:
                 json.dump(spec, f)
-            results[mode]["ours"] = run_worker(sys.executable, "ours", path, f"{mode} ours")
+            results[mode]["ours"] = run_worker(sys.executable, "ours", path, f"{mode} ours", args.rss_limit)
     finally:
         if tmp is not None:
             tmp.cleanup()

@@ -155,10 +155,6 @@ def onednn(enable=None) -> bool:
     return ctypes.CDLL(_state["path"]).MxcOnednn(-1 if enable is None else int(bool(enable))) == 1
 
 
-# Score elements (query rows x keys, all heads) per block of the attention gradient: 32M fp32 = 128 MB a tensor.
-GRAD_SCORE_ELEMENTS = 32 * 2 ** 20
-
-
 def _custom(lib, symbol, out_shape, bprop=None, out_dtype=None):
     import mindspore as ms
     from mindspore import ops
@@ -171,6 +167,7 @@ def _gemm_ops(lib, suffix):
     """The GEMM primitives of one arithmetic (`suffix` "" = exact, "Bf16" = bf16 products), with their
     gradients written with the same primitives (a product's gradients are products of the same kind).
     `attention(q, k, v, mask, divisor)` is softmax(q k^T / divisor + mask) v in one kernel (`csrc`)."""
+    import mindspore as ms
     from mindspore import ops
 
     nn_ = _custom(lib, "MxcLinearNN" + suffix, lambda dy, w: list(dy[:-1]) + [w[1]])
@@ -186,51 +183,12 @@ def _gemm_ops(lib, suffix):
     def bnn_bprop(a, b, out, dout):  # out = a b: da = dout b^T, db = a^T dout
         return bnt(dout, b), btn(a, dout)
 
-    def scores_and_probs(q, k, mask, div):
-        """The attention weights the fused kernel computes, recomputed for its gradient."""
-        b, kv, r, _ = q.shape
-        s = bnt(q, k) / div
-        if mask is not None:
-            n, slots = mask.shape[2], mask.shape[3]
-            s = (s.reshape(b, kv, r // n, n, slots) + mask.expand_dims(1)).reshape(b, kv, r, slots)
-        return ops.softmax(s, -1)
-
-    def chunk_grads(q, k, v, mask, div, dout):
-        p = scores_and_probs(q, k, mask, div)
-        dv = btn(p, dout)
-        dp = bnt(dout, v)
-        ds = p * (dp - (dp * p).sum(-1, keepdims=True)) / div
-        return bnn(ds, k), btn(ds, q), dv
-
-    def attention_grads(q, k, v, mask, div, dout):
-        """By blocks of query positions (`GRAD_SCORE_ELEMENTS`): the recomputed weights and their gradient are
-        [heads, block, keys], never [heads, positions, keys]; dk and dv are summed over the blocks."""
-        b, kv, r, d = q.shape
-        slots = k.shape[2]
-        n = r if mask is None else mask.shape[2]  # rows are (query head of the group, position), position fastest
-        g = r // n
-        block = max(GRAD_SCORE_ELEMENTS // (kv * g * slots), 16)
-        if block >= n:
-            return chunk_grads(q, k, v, mask, div, dout)
-        q5, do5 = q.reshape(b, kv, g, n, d), dout.reshape(b, kv, g, n, d)
-        dqs, dk, dv = [], None, None
-        for s0 in range(0, n, block):
-            s1 = min(s0 + block, n)
-            c = s1 - s0
-            dq_c, dk_c, dv_c = chunk_grads(q5[:, :, :, s0:s1].reshape(b, kv, g * c, d), k, v,
-                                           None if mask is None else mask[:, :, s0:s1], div,
-                                           do5[:, :, :, s0:s1].reshape(b, kv, g * c, d))
-            dqs.append(dq_c.reshape(b, kv, g, c, d))
-            dk = dk_c if dk is None else dk + dk_c
-            dv = dv_c if dv is None else dv + dv_c
-        return ops.concat(dqs, 3).reshape(b, kv, r, d), dk, dv
-
     def attention_bprop(q, k, v, mask, div, out, dout):
-        dq, dk, dv = attention_grads(q, k, v, mask, div, dout)
+        dq, dk, dv = attention_grad(q, k, v, mask, div, dout)
         return dq, dk, dv, ops.zeros_like(mask), ops.zeros_like(div)
 
     def attention_nomask_bprop(q, k, v, div, out, dout):
-        dq, dk, dv = attention_grads(q, k, v, None, div, dout)
+        dq, dk, dv = attention_grad_nomask(q, k, v, div, dout)
         return dq, dk, dv, ops.zeros_like(div)
 
     def linear_add_bprop(x, w, c, out, dout):
@@ -249,16 +207,23 @@ def _gemm_ops(lib, suffix):
         return linear_bias_bprop(x, w, b, out, dout * (s + 1.702 * z * s * (1 - s)))
 
     def attention_tokens_bprop(q, k, v, div, out, dout):
-        def heads_first(t):  # [B, S, H, D] -> [B, H, S, D]
-            return t.transpose(0, 2, 1, 3)
-
-        grads = attention_grads(heads_first(q), heads_first(k), heads_first(v), None, div, heads_first(dout))
-        return tuple(heads_first(g) for g in grads) + (ops.zeros_like(div),)
+        dq, dk, dv = attention_tokens_grad(q, k, v, div, dout)
+        return dq, dk, dv, ops.zeros_like(div)
 
     linear = _custom(lib, "MxcLinearNT" + suffix, lambda x, w: list(x[:-1]) + [w[0]], linear_bprop)
     linear_add = _custom(lib, "MxcLinearNTAdd" + suffix, lambda x, w, c: list(c), linear_add_bprop)
     bnt = _custom(lib, "MxcBatchNT" + suffix, lambda a, b: list(a[:-1]) + [b[-2]], bnt_bprop)
     bnn = _custom(lib, "MxcBatchNN" + suffix, lambda a, b: list(a[:-1]) + [b[-1]], bnn_bprop)
+    # The attention gradient (dq, dk, dv) is one kernel: it recomputes the weights by blocks of query rows and keeps
+    # none of them (`csrc`); written with MindSpore ops, a compiled graph held every block's weights at once.
+    three = (lambda *a: (ms.float32,) * 3)
+
+    def qkv_shapes(q, k, v, *rest):
+        return list(q), list(k), list(v)
+
+    attention_grad = _custom(lib, "MxcAttentionGrad" + suffix, qkv_shapes, out_dtype=three)  # + mask
+    attention_grad_nomask = _custom(lib, "MxcAttentionGrad" + suffix, qkv_shapes, out_dtype=three)
+    attention_tokens_grad = _custom(lib, "MxcAttentionTokensGrad" + suffix, qkv_shapes, out_dtype=three)
     attention = _custom(lib, "MxcAttention" + suffix, lambda q, k, v, m, d: list(q), attention_bprop)
     attention_nomask = _custom(lib, "MxcAttention" + suffix, lambda q, k, v, d: list(q), attention_nomask_bprop)
     attention_tokens = _custom(lib, "MxcAttentionTokens" + suffix, lambda q, k, v, d: list(q), attention_tokens_bprop)

@@ -1088,6 +1088,104 @@ void attention(const float *q, const float *k, const float *v, const float *mask
   }
 }
 
+// The gradient of `attention` for the incoming gradient dout (same shapes and layouts as q / out): dq, dk, dv, in
+// one pass over blocks of query rows per head, the weights recomputed as the forward computes them (same packs,
+// same softmax), never [R, S] at once: per block P = softmax(q k^T / divisor + mask), dP = dout v^T,
+// dS = P (dP - rowsum(dP P)) / divisor, dq = dS k, dk += dS^T q, dv += P^T dout. Each product rounds its inputs
+// as the forward's do (bf16 products: to bf16). A compiled graph keeps every intermediate until it returns, so
+// the same computation written with MindSpore ops held all blocks' [heads, block, keys] tensors at once. A row
+// that sees no key (uniform weights over all slots in the forward) is differentiated as the plain softmax is:
+// P = 1 / slots over every slot.
+void attention_grad(const float *q, const float *k, const float *v, const float *mask, float divisor,
+                    const float *dout, float *dq, float *dk, float *dv, int64_t batch, int64_t heads, int64_t rows,
+                    int64_t n, int64_t slots, int64_t d, bool bf16, const Layout &ql, const Layout &kl) {
+  constexpr int64_t RB = 8 * MR;  // query rows per block, as the forward
+  const int64_t items = batch * heads;
+  std::vector<int64_t> last(batch * n, slots);
+  if (mask) {
+    for (int64_t i = 0; i < batch * n; ++i) {
+      const float *mr = mask + i * slots;
+      int64_t l = slots;
+      while (l > 0 && mr[l - 1] <= kHidden) --l;
+      last[i] = l;
+    }
+  }
+  auto rb = [bf16](float x) { return bf16 ? round_bf16(x) : x; };
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int64_t it = 0; it < items; ++it) {
+    thread_local PackedB kt, vt, kp;
+    thread_local std::vector<float> pbuf, sbuf;
+    const int64_t b = it / heads, h = it % heads;
+    const float *qh = q + b * ql.batch + h * ql.head, *doh = dout + b * ql.batch + h * ql.head;
+    const float *kh = k + b * kl.batch + h * kl.head;
+    const float *vh = v + b * kl.batch + h * kl.head;
+    const float *mb = mask ? mask + b * n * slots : nullptr;
+    float *dqh = dq + b * ql.batch + h * ql.head;
+    float *dkh = dk + b * kl.batch + h * kl.head, *dvh = dv + b * kl.batch + h * kl.head;
+    for (int64_t j = 0; j < slots; ++j) {
+      std::memset(dkh + j * kl.row, 0, sizeof(float) * d);
+      std::memset(dvh + j * kl.row, 0, sizeof(float) * d);
+    }
+    int64_t head_limit = 0;
+    for (int64_t i = 0; i < (rows < n ? rows : n); ++i) head_limit = std::max(head_limit, last[b * n + i]);
+    if (head_limit > 0) {
+      pack_b_all(View{kh, 1, kl.row, false}, head_limit, d, bf16, kt);  // B(c, j) = k[j][c]: scores
+      pack_b_all(View{vh, 1, kl.row, false}, head_limit, d, bf16, vt);  // B(c, j) = v[j][c]: dP
+      pack_b_all(View{kh, kl.row, 1, false}, d, head_limit, bf16, kp);  // B(j, c) = k[j][c]: dq
+    }
+    for (int64_t r0 = 0; r0 < rows; r0 += RB) {
+      const int64_t rn = rows - r0 < RB ? rows - r0 : RB;
+      int64_t limit = 0;
+      for (int64_t r = 0; r < rn; ++r) limit = std::max(limit, last[b * n + (r0 + r) % n]);
+      if (limit > 0) {
+        float *p = scratch(pbuf, rn * limit), *ds = scratch(sbuf, rn * limit);
+        const View qb{qh + r0 * ql.row, ql.row, 1, false}, dob{doh + r0 * ql.row, ql.row, 1, false};
+        gemm_packed(qb, rn, kt, limit, d, p, limit, bf16);
+        gemm_packed(dob, rn, vt, limit, d, ds, limit, bf16);
+        for (int64_t r = 0; r < rn; ++r) {
+          float *pr = p + r * limit, *sr = ds + r * limit;
+          if (last[b * n + (r0 + r) % n] == 0) {  // below, on its own
+            std::memset(pr, 0, sizeof(float) * limit);
+            std::memset(sr, 0, sizeof(float) * limit);
+            continue;
+          }
+          softmax_row(pr, mb ? mb + ((r0 + r) % n) * slots : nullptr, limit, divisor);
+          float delta = 0.0f;
+          for (int64_t j = 0; j < limit; ++j) delta += sr[j] * pr[j];
+          for (int64_t j = 0; j < limit; ++j) sr[j] = pr[j] * (sr[j] - delta) / divisor;
+        }
+        gemm_packed(View{ds, limit, 1, false}, rn, kp, d, limit, dqh + r0 * ql.row, ql.row, bf16);
+        gemm_block(View{ds, 1, limit, false}, qb, dkh, kl.row, 0, limit, 0, d, rn, bf16, true);  // dS^T q
+        gemm_block(View{p, 1, limit, false}, dob, dvh, kl.row, 0, limit, 0, d, rn, bf16, true);  // P^T dout
+      }
+      for (int64_t r = 0; r < rn; ++r) {
+        if (last[b * n + (r0 + r) % n] > 0) continue;
+        // Uniform weights over every slot.
+        const float *qr = qh + (r0 + r) * ql.row, *dor = doh + (r0 + r) * ql.row;
+        float *dqr = dqh + (r0 + r) * ql.row;
+        const float pu = 1.0f / static_cast<float>(slots);
+        std::vector<float> dp(slots);
+        float delta = 0.0f;
+        for (int64_t j = 0; j < slots; ++j) {
+          float acc = 0.0f;
+          for (int64_t c = 0; c < d; ++c) acc += rb(dor[c]) * rb(vh[j * kl.row + c]);
+          dp[j] = acc;
+          delta += acc * pu;
+        }
+        for (int64_t c = 0; c < d; ++c) dqr[c] = 0.0f;
+        for (int64_t j = 0; j < slots; ++j) {
+          const float sj = pu * (dp[j] - delta) / divisor;
+          for (int64_t c = 0; c < d; ++c) {
+            dqr[c] += rb(sj) * rb(kh[j * kl.row + c]);
+            dkh[j * kl.row + c] += rb(sj) * rb(qr[c]);
+            dvh[j * kl.row + c] += rb(pu) * rb(dor[c]);
+          }
+        }
+      }
+    }
+  }
+}
+
 // CLIP's activation, x sigmoid(1.702 x), as x / (1 + exp(-1.702 x)) with the softmax's exp.
 inline float quick_gelu(float x) { return x / (1.0f + softmax_exp(-1.702f * x)); }
 
@@ -1305,6 +1403,31 @@ int attention_op(int nparam, void **params, int *ndims, int64_t **shapes, bool b
             static_cast<float *>(params[nparam - 1]), batch, heads, rows, n, slots, d, bf16, ql, kl);
   return 0;
 }
+
+// q, k, v, [mask,] divisor[1], dout -> dq, dk, dv (see `attention_grad`; shapes and layouts as `attention_op`).
+int attention_grad_op(int nparam, void **params, int *ndims, int64_t **shapes, bool bf16, bool tokens = false) {
+  const bool masked = nparam == 9;
+  if ((nparam != 8 && nparam != 9) || ndims[0] != 4 || ndims[1] != 4 || (tokens && masked)) return 1;
+  const int64_t batch = shapes[0][0], d = shapes[0][3];
+  const int64_t heads = shapes[0][tokens ? 2 : 1], rows = shapes[0][tokens ? 1 : 2];
+  const int64_t slots = shapes[1][tokens ? 1 : 2];
+  const int64_t n = masked ? shapes[3][2] : rows;
+  const int in = masked ? 6 : 5;  // inputs; then dq, dk, dv
+  const float divisor = *static_cast<const float *>(params[in - 2]);
+  const Layout ql = tokens ? Layout{rows * heads * d, d, heads * d} : Layout{heads * rows * d, rows * d, d};
+  const Layout kl = tokens ? Layout{slots * heads * d, d, heads * d} : Layout{heads * slots * d, slots * d, d};
+  attention_grad(static_cast<const float *>(params[0]), static_cast<const float *>(params[1]),
+                 static_cast<const float *>(params[2]), masked ? static_cast<const float *>(params[3]) : nullptr,
+                 divisor, static_cast<const float *>(params[in - 1]), static_cast<float *>(params[in]),
+                 static_cast<float *>(params[in + 1]), static_cast<float *>(params[in + 2]), batch, heads, rows, n,
+                 slots, d, bf16, ql, kl);
+  return 0;
+}
+
+MXC_AOT(MxcAttentionGrad) { return attention_grad_op(nparam, params, ndims, shapes, false); }
+MXC_AOT(MxcAttentionGradBf16) { return attention_grad_op(nparam, params, ndims, shapes, true); }
+MXC_AOT(MxcAttentionTokensGrad) { return attention_grad_op(nparam, params, ndims, shapes, false, true); }
+MXC_AOT(MxcAttentionTokensGradBf16) { return attention_grad_op(nparam, params, ndims, shapes, true, true); }
 
 MXC_AOT(MxcAttention) { return attention_op(nparam, params, ndims, shapes, false); }
 MXC_AOT(MxcAttentionBf16) { return attention_op(nparam, params, ndims, shapes, true); }
