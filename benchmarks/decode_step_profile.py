@@ -1,7 +1,7 @@
 """Where one decode step of a release-size model spends its time: the whole step against compiled graphs that run
 only one kind of its work, over the model's own weights.
 
-    python benchmarks/decode_step_profile.py /work/rs/int4 [--steps 12] [--repeat 7]
+    python benchmarks/decode_step_profile.py /work/rs/int4 [--steps 12] [--repeat 7] [--only-linears]
 
 Loads the model (GRAPH_MODE, the CPU kernels, exact products, base mode), prefills a 32-token text prompt in a
 `ModelSession` (batch 1) and times, each as the median of `--repeat` calls after one warm-up:
@@ -14,7 +14,9 @@ Loads the model (GRAPH_MODE, the CPU kernels, exact products, base mode), prefil
   launches as the shapes allow), the two RMSNorms, RoPE + split (`rope_split`), the two cache writes
   (`index_add`) with attention over the cache, SwiGLU, the residual adds; and the head (final RMSNorm + bf16
   output linear) and the embedding row;
-- a graph of 200 chained adds on [1, 4096] (the cost of a launch in a compiled graph).
+- a graph of 200 chained adds on [1, 4096] (the cost of a launch in a compiled graph);
+- the base linears' graph again, alternating with the same kernels called directly on the same weights (ctypes,
+  no graph): what the graph adds to them.
 
 The read bandwidth is probed in the same process (`release_scale.read_bandwidth_gbs`). "rest" is the step graph
 minus the parts listed. A benchmark, not a test: run it alone on the machine (exclusive lock).
@@ -45,11 +47,43 @@ def timed(fn, args, repeat):
     return float(np.median([once() for _ in range(repeat)]))
 
 
+def direct_linears(d, math_, base_parts):
+    """The step's base linears, layer by layer, as direct calls of the decode kernels (AOT calling convention,
+    `quant_decode_kernels._Call`) on the model's own weight memory."""
+    import ctypes
+
+    import mindspore as ms
+
+    from mindxcomposer.ops import cpu_kernels
+    from quant_decode_kernels import _Call, _kernel
+
+    lib = ctypes.CDLL(cpu_kernels.build())
+    fmt = {8: "int8", 4: "int4"}.get(math_.quant_bits, "bf16")
+    fn = _kernel(lib, fmt)
+    calls = []
+    for w in d.layer_weights:
+        for o in math_.offsets:
+            arrays = []
+            for p in w[o:o + base_parts]:
+                a = p.asnumpy()
+                if a.ctypes.data != p.data_ptr():
+                    raise RuntimeError("asnumpy() copied a weight: the direct calls would not read the model's memory")
+                arrays.append(a.view(np.uint16) if p.dtype == ms.bfloat16 else a)
+            if fmt == "int4":
+                arrays.append(np.array([math_.group_size], np.int32))
+            k = arrays[0].shape[1] * (2 if fmt == "int4" else 1)
+            x = np.random.default_rng(0).standard_normal((1, k)).astype(np.float32)
+            calls.append(_Call(fn, [x] + arrays + [np.empty((1, arrays[0].shape[0]), np.float32)]))
+    return calls
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model")
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--repeat", type=int, default=7)
+    ap.add_argument("--only-linears", action="store_true",
+                    help="the step graph and the base linears (graph, then alternating with direct calls) alone")
     args = ap.parse_args(argv)
 
     import mindspore as ms
@@ -168,24 +202,44 @@ def main(argv=None):
         ("embedding row", ms.jit(probe.embed), (step_in[0],)),
         ("200 adds [1, 4096] (launches)", ms.jit(probe.adds), (x,)),
     ]
+    if args.only_linears:
+        parts = parts[:2]
     res = {}
     for name, fn, a in parts:
         res[name] = timed(fn, a, args.repeat) * 1e3
         print(f"  {name}: {res[name]:.2f} ms", flush=True)
+    # The same kernels on the same weights called directly (ctypes, no graph), alternating with the graph of
+    # them, so that a difference is the graph's and not the machine's state at another moment.
+    direct = direct_linears(d, math_, base_parts)
+    graph_lin, direct_lin = [], []
+    linears_graph = parts[1][1]
+    for _ in range(args.repeat):
+        graph_lin.append(timed(linears_graph, parts[1][2], 1))
+        t = time.perf_counter()
+        for call in direct:
+            call()
+        direct_lin.append(time.perf_counter() - t)
+    res["linears graph (alternating)"] = float(np.median(graph_lin)) * 1e3
+    res["linears direct (alternating)"] = float(np.median(direct_lin)) * 1e3
     bw = max(read_bandwidth_gbs().values())
     step = res["step graph (d.step)"]
     listed = sum(v for k, v in res.items() if k not in ("step graph (d.step)", "200 adds [1, 4096] (launches)"))
+    # (with --only-linears "rest" is everything but the linears)
 
     print(f"\nread bandwidth probe: {bw:.1f} GB/s; model {args.model}\n")
     print("| part | per step | ms | % of step graph |")
     print("|---|---|---|---|")
     print(f"| session.step (as quantized_release.py times it) | 1 | {session_ms:.1f} | {100 * session_ms / step:.0f}% |")
     print(f"| step graph alone | 1 | {step:.1f} | 100% |")
-    for name, _, _ in parts[1:-1]:
+    for name, _, _ in (parts[1:2] if args.only_linears else parts[1:-1]):
         per = "1" if name.startswith(("head", "embedding")) else str(nl)
         print(f"| {name} | {per} | {res[name]:.1f} | {100 * res[name] / step:.0f}% |")
+    listed -= res["linears graph (alternating)"] + res["linears direct (alternating)"]
     print(f"| rest (step graph - parts above) | | {step - listed:.1f} | {100 * (step - listed) / step:.0f}% |")
-    print(f"| 200 adds [1, 4096] (launch cost) | | {res['200 adds [1, 4096] (launches)']:.1f} | |")
+    print(f"| base linears graph, alternating with: | {nl} | {res['linears graph (alternating)']:.1f} | |")
+    print(f"| the same kernels called directly (no graph) | {nl} | {res['linears direct (alternating)']:.1f} | |")
+    if not args.only_linears:
+        print(f"| 200 adds [1, 4096] (launch cost) | | {res['200 adds [1, 4096] (launches)']:.1f} | |")
 
 
 if __name__ == "__main__":
