@@ -205,8 +205,9 @@ void int4_rows(const float *xs, int64_t kp, int64_t k, const uint8_t *q, const f
 // dwords shifted right by 0, 4, ..., 28 bits are the 8 index vectors: no widening shuffle (vpmovzxbd, one per
 // 32 weights in `int4_rows`) competes with the lookups for the shuffle unit. Index vector t holds the weights
 // k = 8 j + t (j = 0..15) of the chunk, so x is first reordered per 128 inputs into that order (`split_128`).
-// One sum per index vector: 8 independent FMA chains. Measured (benchmarks/quant_decode_kernels.py, and in L2 on
-// one core) about 10% faster than `int4_rows` at K = 4096; tables and weights as `int4_rows` (exact values).
+// One sum per index vector: 8 independent FMA chains. Tables and weights as `int4_rows` (exact values). Measured
+// with benchmarks/quant_decode_kernels.py --rows 1 (docs/quantization.md, run 6): the K = 4096 shapes from 23-24
+// to 24-26 GB/s; the loop is still bound by its instructions (a lookup and an FMA per 16 weights).
 void split_128(const float *x, int64_t k, float *xs) {
   for (int64_t c = 0; c < k; c += 128)
     for (int t = 0; t < 8; ++t)
