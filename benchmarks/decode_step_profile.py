@@ -229,7 +229,8 @@ def main(argv=None):
     print(f"\nread bandwidth probe: {bw:.1f} GB/s; model {args.model}\n")
     print("| part | per step | ms | % of step graph |")
     print("|---|---|---|---|")
-    print(f"| session.step (as quantized_release.py times it) | 1 | {session_ms:.1f} | {100 * session_ms / step:.0f}% |")
+    print(f"| session.step (as quantized_release.py times it) | 1 | {session_ms:.1f} | "
+          f"{100 * session_ms / step:.0f}% |")
     print(f"| step graph alone | 1 | {step:.1f} | 100% |")
     for name, _, _ in (parts[1:2] if args.only_linears else parts[1:-1]):
         per = "1" if name.startswith(("head", "embedding")) else str(nl)

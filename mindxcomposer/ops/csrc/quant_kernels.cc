@@ -202,8 +202,8 @@ void int4_rows(const float *xs, int64_t kp, int64_t k, const uint8_t *q, const f
 #if defined(__AVX512F__)
 // One activation row, K and the groups multiples of 128 (the release: groups of 128, K = 4096): a 64-byte load
 // holds 128 weights as 16 dwords of 8 nibbles, and vpermps reads only the low 4 bits of each dword lane, so the
-// dwords shifted right by 0, 4, ..., 28 bits are the 8 index vectors: no widening shuffle (vpmovzxbd, one per
-// 32 weights in `int4_rows`) competes with the lookups for the shuffle unit. Index vector t holds the weights
+// dwords shifted right by 0, 4, ..., 28 bits are the 8 index vectors: no widening (vpmovzxbd, one per 32 weights
+// in `int4_rows`, a shuffle like the lookups themselves). Index vector t holds the weights
 // k = 8 j + t (j = 0..15) of the chunk, so x is first reordered per 128 inputs into that order (`split_128`).
 // One sum per index vector: 8 independent FMA chains. Tables and weights as `int4_rows` (exact values). Measured
 // with benchmarks/quant_decode_kernels.py --rows 1 (docs/quantization.md, run 6): the K = 4096 shapes from 23-24
@@ -225,9 +225,9 @@ float int4_row128(const float *xs, int64_t k, const uint8_t *q, const float *sca
       _mm_prefetch(reinterpret_cast<const char *>(qi) + kAhead, _MM_HINT_T0);
       const __m512i v = _mm512_loadu_si512(qi);
       a[0] = _mm512_fmadd_ps(_mm512_permutexvar_ps(v, table), _mm512_loadu_ps(xs + i), a[0]);
-#define MXC_NIBBLE(t)                                                                                         \
-  a[t] = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(v, 4 * (t)), table), _mm512_loadu_ps(xs + i + 16 * (t)), \
-                         a[t]);
+#define MXC_NIBBLE(t)                                                                                  \
+  a[t] = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(v, 4 * (t)), table),                  \
+                         _mm512_loadu_ps(xs + i + 16 * (t)), a[t]);
       MXC_NIBBLE(1) MXC_NIBBLE(2) MXC_NIBBLE(3) MXC_NIBBLE(4) MXC_NIBBLE(5) MXC_NIBBLE(6) MXC_NIBBLE(7)
 #undef MXC_NIBBLE
     }
@@ -452,7 +452,8 @@ int MxcLinearInt4(int nparam, void **params, int *ndims, int64_t **shapes, const
     std::vector<float> xs(k);
     split_128(x, k, xs.data());
 #pragma omp parallel for schedule(static)
-    for (int64_t j = 0; j < n; ++j) y[j] = int4_row128(xs.data(), k, q + j * ld, scales + j * groups, zeros + j * groups, gs);
+    for (int64_t j = 0; j < n; ++j)
+      y[j] = int4_row128(xs.data(), k, q + j * ld, scales + j * groups, zeros + j * groups, gs);
     return 0;
   }
 #endif
