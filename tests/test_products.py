@@ -252,6 +252,39 @@ def test_fused_attention(products):
 
 
 @pytest.mark.parametrize("products", wp.PRODUCT_MODES)
+def test_decode_attention_goes_through_the_kernel_exactly(products):
+    """A decode step's attention (one query per row, a static cache with empty slots after the last written one,
+    a left-padded row) goes through the CPU kernel, with exact products in either arithmetic (as decode-sized
+    batch products): against float64, against the portable path it replaced, and the same in both modes."""
+    from mindxcomposer.ops.attention import attention
+
+    assert wp.enable_kernels()
+    rng = np.random.default_rng(12)
+    b, h, kv, d, slots, filled = 2, 8, 2, 16, 64, 21
+    q = rng.standard_normal((b, h, 1, d), dtype=np.float32)
+    k, v = (rng.standard_normal((b, kv, slots, d), dtype=np.float32) for _ in range(2))
+    visible = np.broadcast_to(np.arange(slots) < filled, (b, slots)).copy()
+    visible[1, :5] = False  # row 1 left-padded by 5 slots
+    mask = np.where(visible, 0, np.finfo(np.float32).min).astype(np.float32)[:, None, None]
+    div = float(np.sqrt(d))
+    args = (Tensor(q), Tensor(k), Tensor(v), Tensor(mask), div)
+    calls = []
+    real = wp.kernels().gemm["exact"].attention
+    wp.kernels().gemm["exact"].attention = lambda *a: calls.append(1) or real(*a)
+    try:
+        got = attention(*args, products=products).asnumpy()
+    finally:
+        wp.kernels().gemm["exact"].attention = real
+    assert calls, "decode attention did not take the kernel"
+    ref = _attention_ref(q, k, v, mask, div)
+    assert np.abs(got - ref).max() <= 2e-6 * np.abs(ref).max()
+    with wp.kernels_disabled():
+        portable = attention(*args, products=products).asnumpy()
+    assert np.abs(got - portable).max() <= 2e-6 * np.abs(ref).max()
+    np.testing.assert_array_equal(got, attention(*args, products=wp.EXACT).asnumpy())
+
+
+@pytest.mark.parametrize("products", wp.PRODUCT_MODES)
 def test_portable_path_computes_the_same_products(monkeypatch, products):
     """Without the CPU kernels (no g++, MXC_PORTABLE_KERNELS=1) MindSpore's MatMul serves, with both inputs
     rounded to bf16 in the bf16 arithmetic: the kernels' products up to the order of the sums."""

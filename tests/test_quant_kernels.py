@@ -11,9 +11,11 @@ from mindxcomposer.ops import cpu_kernels, weight_products as wp
 
 ARCHS = ["native", "avx2", "portable"]
 # (bits, group size, K): the release's 128 (K a multiple and not), groups not a multiple of 32, odd K; K above
-# `kTileAbove` (6144: one activation row against tiles of weight rows) a multiple of 32 and not
+# `kTileAbove` (6144: one activation row against tiles of weight rows) a multiple of 32 and not; K and the groups
+# multiples of 128 up to it (one row: `int4_row128`, the release's K = 4096), groups of 256 among them
 CASES = [(8, -1, 4096), (8, -1, 77), (4, 128, 512), (4, 128, 176), (4, 32, 96), (4, 48, 200), (4, 128, 65),
-         (8, -1, 6176), (8, -1, 6165), (4, 128, 6272), (4, 32, 6176), (4, 128, 6163)]
+         (8, -1, 6176), (8, -1, 6165), (4, 128, 6272), (4, 32, 6176), (4, 128, 6163), (4, 128, 4096), (4, 256, 1024),
+         (4, 128, 6144)]
 
 
 def _compiler():

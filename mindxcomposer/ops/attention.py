@@ -41,15 +41,18 @@ def portable_attention(q, k, v, mask, scale_divisor, products=EXACT, layout=BNSD
     b, h, n, d = q.shape
     kv, s = k.shape[1], k.shape[2]
     g = h // kv
-    if cpu is not None and q.dtype == ms.float32 and g * n > KERNEL_MAX_ROWS:
-        # Prompt-sized rows on CPU: one kernel (products, scale, mask, softmax) that skips the keys no row of
-        # a block sees and never holds [heads, n, S] scores; the same arithmetic up to rounding.
+    if cpu is not None and q.dtype == ms.float32:
+        # On CPU: one kernel (products, scale, mask, softmax) that skips the keys no row of a block sees and never
+        # holds [heads, n, S] scores; the same arithmetic up to rounding. Decode-sized rows too: a decode step
+        # then reads the cache only up to its last visible slot, in one launch instead of six, with exact
+        # products (as `batch_nt` / `batch_nn` keep decode-sized rows).
+        mode = products if g * n > KERNEL_MAX_ROWS else EXACT
         div = ops.full((1,), scale_divisor, dtype=ms.float32)
         qs = q.reshape(b, kv, g * n, d)
         if mask is None:
-            out = cpu.gemm[products].attention_nomask(qs, k, v, div)
+            out = cpu.gemm[mode].attention_nomask(qs, k, v, div)
         else:
-            out = cpu.gemm[products].attention(qs, k, v, mask.astype(ms.float32), div)
+            out = cpu.gemm[mode].attention(qs, k, v, mask.astype(ms.float32), div)
         return out.reshape(b, h, n, d)
     scores = batch_nt(q.reshape(b, kv, g * n, d), k, products)
     if scale_divisor != 1:

@@ -200,6 +200,44 @@ void int4_rows(const float *xs, int64_t kp, int64_t k, const uint8_t *q, const f
 }
 
 #if defined(__AVX512F__)
+// One activation row, K and the groups multiples of 128 (the release: groups of 128, K = 4096): a 64-byte load
+// holds 128 weights as 16 dwords of 8 nibbles, and vpermps reads only the low 4 bits of each dword lane, so the
+// dwords shifted right by 0, 4, ..., 28 bits are the 8 index vectors: no widening (vpmovzxbd, one per 32 weights
+// in `int4_rows`, a shuffle like the lookups themselves). Index vector t holds the weights
+// k = 8 j + t (j = 0..15) of the chunk, so x is first reordered per 128 inputs into that order (`split_128`).
+// One sum per index vector: 8 independent FMA chains. Tables and weights as `int4_rows` (exact values). Measured
+// with benchmarks/quant_decode_kernels.py --rows 1 (docs/quantization.md, run 6): the K = 4096 shapes from 23-24
+// to 24-26 GB/s; the loop is still bound by its instructions (a lookup and an FMA per 16 weights).
+void split_128(const float *x, int64_t k, float *xs) {
+  for (int64_t c = 0; c < k; c += 128)
+    for (int t = 0; t < 8; ++t)
+      for (int j = 0; j < 16; ++j) xs[c + 16 * t + j] = x[c + 8 * j + t];
+}
+
+float int4_row128(const float *xs, int64_t k, const uint8_t *q, const float *scales, const uint8_t *zeros,
+                  int64_t gs) {
+  __m512 a[8];
+  for (int t = 0; t < 8; ++t) a[t] = _mm512_setzero_ps();
+  for (int64_t g0 = 0, g = 0; g0 < k; g0 += gs, ++g) {
+    const __m512 table = int4_table(zeros[g], scales[g]);
+    for (int64_t i = g0; i < g0 + gs; i += 128) {
+      const uint8_t *qi = q + i / 2;
+      _mm_prefetch(reinterpret_cast<const char *>(qi) + kAhead, _MM_HINT_T0);
+      const __m512i v = _mm512_loadu_si512(qi);
+      a[0] = _mm512_fmadd_ps(_mm512_permutexvar_ps(v, table), _mm512_loadu_ps(xs + i), a[0]);
+#define MXC_NIBBLE(t)                                                                                  \
+  a[t] = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(v, 4 * (t)), table),                  \
+                         _mm512_loadu_ps(xs + i + 16 * (t)), a[t]);
+      MXC_NIBBLE(1) MXC_NIBBLE(2) MXC_NIBBLE(3) MXC_NIBBLE(4) MXC_NIBBLE(5) MXC_NIBBLE(6) MXC_NIBBLE(7)
+#undef MXC_NIBBLE
+    }
+  }
+  return hsum(_mm512_add_ps(_mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3])),
+                            _mm512_add_ps(_mm512_add_ps(a[4], a[5]), _mm512_add_ps(a[6], a[7]))));
+}
+#endif
+
+#if defined(__AVX512F__)
 // Batch-1 decode (`row_tiles`): weight rows are taken kTile at a time, each stream prefetched kPrefetch bytes
 // ahead (measured on the release's shapes, benchmarks/quant_decode_kernels.py: without the prefetch, tiles are
 // slower than single rows where the activations fit in L1; with it, as fast, and w2 twice as fast).
@@ -409,6 +447,16 @@ int MxcLinearInt4(int nparam, void **params, int *ndims, int64_t **shapes, const
   const int64_t k = shapes[0][ndims[0] - 1], n = shapes[1][0], m = count(ndims[0], shapes[0]) / k;
   const int64_t ld = shapes[1][1], groups = shapes[2][1], kp = padded(k);
   if (gs <= 0 || ld != (k + 1) / 2 || groups != (k + gs - 1) / gs) return 1;
+#if defined(__AVX512F__)
+  if (m == 1 && k % 128 == 0 && gs % 128 == 0 && k <= kTileAbove) {
+    std::vector<float> xs(k);
+    split_128(x, k, xs.data());
+#pragma omp parallel for schedule(static)
+    for (int64_t j = 0; j < n; ++j)
+      y[j] = int4_row128(xs.data(), k, q + j * ld, scales + j * groups, zeros + j * groups, gs);
+    return 0;
+  }
+#endif
   std::vector<float> xs(m * kp);
   split_pairs(x, m, k, xs.data());
 #if defined(__AVX512F__)
