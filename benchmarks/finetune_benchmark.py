@@ -38,7 +38,7 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
-from benchmarks.memory_probe import peak_gib, reset_peak, rss_gib  # noqa: E402
+from benchmarks.memory_probe import peak_gib, reset_peak, rss_gib, watch_rss  # noqa: E402
 REFERENCE = os.path.join(REPO, "tools", "reference")
 ASSETS = os.path.join(REPO, "tests", "assets")
 MARK = "@@bench "
@@ -354,20 +354,6 @@ def worker_upstream(spec):
 
 
 # ----------------------------------------------------------------------------------------------- orchestrator
-def _watch_rss(proc, limit_gib, seen):
-    """Kill `proc` once its resident memory passes `limit_gib` (an overrun ends this run, not another process
-    the machine's OOM killer might pick); `seen[0]`: the largest RSS sampled."""
-    while proc.poll() is None:
-        try:
-            with open(f"/proc/{proc.pid}/status") as f:
-                rss = next(int(x.split()[1]) for x in f if x.startswith("VmRSS:")) / 2 ** 20
-        except (OSError, StopIteration):
-            break
-        seen[0] = max(seen[0], rss)
-        if rss > limit_gib:
-            proc.kill()
-            break
-        time.sleep(0.2)
 
 
 def run_worker(python, side, spec_path, label, rss_limit=None):
@@ -378,7 +364,7 @@ def run_worker(python, side, spec_path, label, rss_limit=None):
     seen = [0.0]
     if rss_limit:
         import threading
-        threading.Thread(target=_watch_rss, args=(proc, rss_limit, seen), daemon=True).start()
+        threading.Thread(target=watch_rss, args=(proc, rss_limit, seen), daemon=True).start()
     reply, lines = None, []
     for line in proc.stdout:
         if line.startswith(MARK):

@@ -27,7 +27,7 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
-from benchmarks.memory_probe import peak_gib, rss_gib  # noqa: E402
+from benchmarks.memory_probe import peak_gib, rss_gib, watch_rss  # noqa: E402
 MARK = "@@mem "
 GiB = 2 ** 30
 
@@ -161,20 +161,7 @@ def run_guarded(cmd, limit_gib):
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     import threading
     seen = [0.0]
-
-    def watch():
-        while proc.poll() is None:
-            try:
-                with open(f"/proc/{proc.pid}/status") as f:
-                    rss = next(int(x.split()[1]) for x in f if x.startswith("VmRSS:")) / 2 ** 20
-            except (OSError, StopIteration):
-                break
-            seen[0] = max(seen[0], rss)
-            if rss > limit_gib:
-                proc.kill()
-                break
-            time.sleep(0.2)
-    t = threading.Thread(target=watch, daemon=True)
+    t = threading.Thread(target=watch_rss, args=(proc, limit_gib, seen), daemon=True)
     t.start()
     out, err = proc.communicate()
     t.join()

@@ -30,3 +30,22 @@ def reset_peak():
         return True
     except OSError:
         return False
+
+
+def watch_rss(proc, limit_gib, seen):
+    """Kills `proc` (a subprocess.Popen) once its resident memory passes `limit_gib`: an overrun ends this run,
+    not another process the machine's OOM killer might pick. `seen[0]`: the largest RSS sampled, GiB. Returns
+    when the process ends; run it in a thread."""
+    import time
+
+    while proc.poll() is None:
+        try:
+            with open(f"/proc/{proc.pid}/status") as f:
+                rss = next(int(x.split()[1]) for x in f if x.startswith("VmRSS:")) / 2 ** 20
+        except (OSError, StopIteration):
+            break
+        seen[0] = max(seen[0], rss)
+        if rss > limit_gib:
+            proc.kill()
+            break
+        time.sleep(0.2)

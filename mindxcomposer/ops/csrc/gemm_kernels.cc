@@ -1033,21 +1033,27 @@ struct Layout {
   int64_t batch, head, row;
 };
 
-void attention(const float *q, const float *k, const float *v, const float *mask, float divisor, float *out,
-               int64_t batch, int64_t heads, int64_t rows, int64_t n, int64_t slots, int64_t d, bool bf16,
-               const Layout &ql, const Layout &kl) {
-  constexpr int64_t RB = 8 * MR;  // query rows per block
-  const int64_t items = batch * heads;
-  // One past the last slot each query sees (0: none), shared by the heads.
-  std::vector<int64_t> last(batch * n, slots);
+// One past the last slot each of `rows_total` query rows sees through its additive mask (0: none; `slots`
+// without a mask), shared by the heads: the forward and the gradient stop there.
+std::vector<int64_t> last_visible(const float *mask, int64_t rows_total, int64_t slots) {
+  std::vector<int64_t> last(rows_total, slots);
   if (mask) {
-    for (int64_t i = 0; i < batch * n; ++i) {
+    for (int64_t i = 0; i < rows_total; ++i) {
       const float *mr = mask + i * slots;
       int64_t l = slots;
       while (l > 0 && mr[l - 1] <= kHidden) --l;
       last[i] = l;
     }
   }
+  return last;
+}
+
+void attention(const float *q, const float *k, const float *v, const float *mask, float divisor, float *out,
+               int64_t batch, int64_t heads, int64_t rows, int64_t n, int64_t slots, int64_t d, bool bf16,
+               const Layout &ql, const Layout &kl) {
+  constexpr int64_t RB = 8 * MR;  // query rows per block
+  const int64_t items = batch * heads;
+  const std::vector<int64_t> last = last_visible(mask, batch * n, slots);
 #pragma omp parallel for schedule(dynamic, 1)
   for (int64_t it = 0; it < items; ++it) {
     thread_local PackedB kt, vp;
@@ -1101,15 +1107,7 @@ void attention_grad(const float *q, const float *k, const float *v, const float 
                     int64_t n, int64_t slots, int64_t d, bool bf16, const Layout &ql, const Layout &kl) {
   constexpr int64_t RB = 8 * MR;  // query rows per block, as the forward
   const int64_t items = batch * heads;
-  std::vector<int64_t> last(batch * n, slots);
-  if (mask) {
-    for (int64_t i = 0; i < batch * n; ++i) {
-      const float *mr = mask + i * slots;
-      int64_t l = slots;
-      while (l > 0 && mr[l - 1] <= kHidden) --l;
-      last[i] = l;
-    }
-  }
+  const std::vector<int64_t> last = last_visible(mask, batch * n, slots);
   auto rb = [bf16](float x) { return bf16 ? round_bf16(x) : x; };
 #pragma omp parallel for schedule(dynamic, 1)
   for (int64_t it = 0; it < items; ++it) {
