@@ -70,8 +70,15 @@ class ModelSession:
         starts from a cleared cache, with the graphs it has compiled."""
         return (batch_size == self.batch_size and round_up(max_len, CACHE_BUCKET) == self.cache_len
                 and self.resolve_compiled(compiled) == self.compiled
-                and self.prefill_compiled == (self.compiled and (self.model.dtype == self.model.compute_dtype
-                                                                 or kernels_enabled())))
+                and self.prefill_compiled == self._prefill_compiles())
+
+    def _prefill_compiles(self) -> bool:
+        # With weights stored in another dtype than the arithmetic (bf16 on CPU) and no CPU kernels, the
+        # prefill runs op by op even when `compiled`: a layer graph would keep the compute-dtype casts of all
+        # the layer's weights alive until it returns (0.9 GB at release width); op by op each cast is freed
+        # after its product. The CPU kernels read bf16 weights in place (no cast exists), so with them the
+        # prefill layer compiles like the step.
+        return self.compiled and (self.model.dtype == self.model.compute_dtype or kernels_enabled())
 
     def set_infer_mode(self, infer_mode: str) -> None:
         """Decode in `infer_mode` from the next prefill on: brings in the task LoRAs the mode needs (and
@@ -86,12 +93,7 @@ class ModelSession:
         caches = None if self.decoder is None else (self.decoder.k_cache, self.decoder.v_cache)
         d = self.decoder = CachedDecoder(model.model, model.output, model.config, self.batch_size, self.cache_len,
                                          model.compute_dtype, self.tasks, caches)
-        # With weights stored in another dtype than the arithmetic (bf16 on CPU) and no CPU kernels, the
-        # prefill runs op by op even when `compiled`: a layer graph would keep the compute-dtype casts of all
-        # the layer's weights alive until it returns (0.9 GB at release width); op by op each cast is freed
-        # after its product. The CPU kernels read bf16 weights in place (no cast exists), so with them the
-        # prefill layer compiles like the step.
-        self.prefill_compiled = self.compiled and (model.dtype == model.compute_dtype or kernels_enabled())
+        self.prefill_compiled = self._prefill_compiles()
         self._prefill_layer = d.prefill_layer(self.prefill_compiled)
         self._step = None  # made at the first step: a session that only prefills (the server's) has no step graph
 
