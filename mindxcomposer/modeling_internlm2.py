@@ -165,19 +165,34 @@ class DecoderMath(nn.Cell):
 
     def layer(self, w, x, rot_cos, rot_sin, mask, im_mask, tasks, image_lora, slots=None, keep=None,
               k_cache=None, v_cache=None):
-        b, n, _ = x.shape
-        g, kv, d = self.groups, self.num_kv_heads, self.head_dim
-        h = rms_norm(x, w[self.num_base - 2], self.eps)
-        qkv = self.plora_linear(w, 0, h, im_mask, tasks, image_lora).reshape(b, n, kv, g + 2, d)
-        q, k, v = rope_split(qkv, rot_cos, rot_sin, self.swap_halves)
+        q, k, v = self.attention_inputs(w, x, rot_cos, rot_sin, im_mask, tasks, image_lora)
         if k_cache is not None:
             if keep is not None:
                 k, v = k * keep, v * keep
             # The result is the updated cache: reading it orders the write before the reads.
             k = ops.index_add(k_cache, slots, k, 2)
             v = ops.index_add(v_cache, slots, v, 2)
+        return self.layer_output(w, x, self.attend(q, k, v, mask), im_mask, tasks, image_lora)
+
+    # The layer in three parts, for fine-tuning's row-chunked recomputation (`finetune.layer_grads`): the first
+    # and the last act on each row alone, so they can run a block of rows at a time; only `attend` mixes rows.
+    def attention_inputs(self, w, x, rot_cos, rot_sin, im_mask, tasks, image_lora):
+        """x [B, n, H] -> RoPE'd q [B, heads, n, D], k and v [B, kv heads, n, D]."""
+        b, n, _ = x.shape
+        h = rms_norm(x, w[self.num_base - 2], self.eps)
+        qkv = self.plora_linear(w, 0, h, im_mask, tasks, image_lora).reshape(
+            b, n, self.num_kv_heads, self.groups + 2, self.head_dim)
+        return rope_split(qkv, rot_cos, rot_sin, self.swap_halves)
+
+    def attend(self, q, k, v, mask):
+        """Attention of q [B, heads, n, D] over k / v -> [B, n, heads * D], the rows' order."""
+        b, _, n, _ = q.shape
         out = attention(q, k, v, mask, self.scale_divisor, self.use_fused_attention, self.products)
-        out = out.reshape(b, n, self.hidden_size) if n == 1 else out.transpose(0, 2, 1, 3).reshape(b, n, self.hidden_size)
+        return out.reshape(b, n, self.hidden_size) if n == 1 else out.transpose(0, 2, 1, 3).reshape(b, n, self.hidden_size)
+
+    def layer_output(self, w, x, out, im_mask, tasks, image_lora):
+        """The layer's input rows x and their attention output `out` -> the layer's output rows: `wo` and the
+        residual, then the MLP and its residual."""
         x = x + self.plora_linear(w, 1, out, im_mask, tasks, image_lora)
         h = rms_norm(x, w[self.num_base - 1], self.eps)
         gate = swiglu(self.plora_linear(w, 2, h, im_mask, tasks, image_lora),

@@ -68,11 +68,43 @@ def noise_driven(trainer, record):
     trainer.optimizer.step = recording_step
 
 
+def count_blocks(trainer, seen):
+    """Record how many row blocks each decoder-layer call ran."""
+    blocks = trainer.grads.layer_blocks
+    split = blocks._blocks
+
+    def recording(x, w):
+        out = split(x, w)
+        seen.append(len(out))
+        return out
+    blocks._blocks = recording
+
+
 @pytest.mark.parametrize("case", CASES, ids=[c["name"] for c in CASES])
 def test_training_matches_upstream(case, tmp_path, graph_mode, caplog):
+    check_training(case, tmp_path, caplog)
+
+
+@pytest.mark.parametrize("name", ["lora_image", "full_mixed"])
+def test_training_by_blocks_of_rows_matches_upstream(name, tmp_path, graph_mode, caplog, monkeypatch):
+    """The decoder layers' forward and gradient by blocks of 64 rows (several per sequence here) train as
+    upstream's run does: the same golden outputs, the same tolerances."""
+    import mindxcomposer.finetune.backprop as backprop
+    monkeypatch.setattr(backprop, "LAYER_ROWS", 64)
+    seen = []
+    check_training(next(c for c in CASES if c["name"] == name), tmp_path, caplog, lambda t: count_blocks(t, seen))
+    assert seen and max(seen) >= 3, seen
+
+
+def check_training(case, tmp_path, caplog, before=None):
     noisy = {}
+
+    def before_train(t):
+        noise_driven(t, noisy)
+        if before is not None:
+            before(t)
     with caplog.at_level(logging.WARNING, logger="mindxcomposer.finetune"):
-        trainer, result, ref = run_case(case, tmp_path, before_train=lambda t: noise_driven(t, noisy))
+        trainer, result, ref = run_case(case, tmp_path, before_train=before_train)
     if case["name"] == "lora_cut":  # samples cut by max_length are trained as upstream does, each warned about once
         warned = [r.getMessage() for r in caplog.records]
         cut = [m.split("(id '")[1][:2] for m in warned if "cuts every supervised token" in m]

@@ -21,18 +21,21 @@ from mindspore import Tensor, nn, ops
 
 from ..modeling_clip import LAYER_WEIGHTS
 from ..constants import LINEARS
-from ..modeling_internlm2 import _UncachedLayer
 from ..modeling_xcomposer2 import causal_mask
 from ..ops import embedding, kernels_enabled, linear, rms_norm
 from ..rope import packed_rope
 from ..vision import PROJECTOR_CHUNK
 from .labels import IGNORE_INDEX
 from .lora import adapter_name
-from .layer_grads import ChainGrad, ClipLayerGrad, DecoderLayerGrad, HeadLossGrad, TrainingMath
+from .layer_grads import ChainGrad, ClipLayerGrad, DecoderLayerBlocks, HeadLossGrad, TrainingMath
 from .trainables import Trainables
 
 LENGTH_BUCKET = 64
 HEAD_CHUNK = 512  # positions per head-and-loss call (a multiple of LENGTH_BUCKET)
+# Positions per call of a decoder layer's row-wise parts, forward and gradient (`DecoderLayerBlocks`; a multiple of
+# LENGTH_BUCKET): at the release's width a block's gradient graph holds ~0.8 GiB at 256 rows, and the products
+# still run at the GEMM's full rate.
+LAYER_ROWS = 256
 VOCAB_CHUNK = 8192  # vocabulary rows per slice of a frozen head in another dtype (`_frozen_head`)
 
 
@@ -65,7 +68,6 @@ class MicroBatchGradients:
         self.math = TrainingMath(self.config, targets, lora.scaling if lora else 1.0,
                                  lora.lora_dropout if lora else 0.0, plora_dropout,
                                  model.model.math.use_fused_attention, model.products)
-        self.forward_layer = _UncachedLayer(self.math)
         key = trainables.key
         # Per layer: the trained name of each weight in the layer's weight tuple (None: frozen).
         self.layer_keys = []
@@ -77,7 +79,7 @@ class MicroBatchGradients:
         self.adapter_names = [[k for k in keys if k is not None and ".lora_" in k] for keys in self.layer_keys]
         # Trainable positions in a layer's weight tuple: the same for every layer.
         self.layer_trainable = [i for i, k in enumerate(self.layer_keys[0]) if k is not None]
-        self.layer_grad = DecoderLayerGrad(self.math, self.layer_trainable)
+        self.layer_blocks = DecoderLayerBlocks(self.math, self.layer_trainable, LAYER_ROWS)
         m = model.model
         self.head_keys = (key(m.norm.weight), key(model.output.weight))
         self.train_head = self.head_keys[1] is not None
@@ -107,6 +109,14 @@ class MicroBatchGradients:
                 self.stem_keys = [key(p) for p in self.stem_params]
                 self.stem_grad = ChainGrad((stem,), self.stem_params, input_grad=False)
         self.rope_length = 0  # the longest sequence seen (upstream's cached dynamic-NTK table)
+
+    # ------------------------------------------------------------------ a decoder layer
+    def forward_layer(self, x, rot_cos, rot_sin, mask, im_mask, w):
+        return self.layer_blocks.forward(x, rot_cos, rot_sin, mask, im_mask, w)
+
+    def layer_grad(self, x, dy, rot_cos, rot_sin, mask, im_mask, w):
+        """(dx, gradient of each trainable weight of the layer, in `layer_trainable` order)."""
+        return self.layer_blocks.grad(x, dy, rot_cos, rot_sin, mask, im_mask, w)
 
     # ------------------------------------------------------------------ inputs
     def _layer_weights(self, li: int, seed: Optional[float]) -> tuple:
@@ -164,7 +174,7 @@ class MicroBatchGradients:
         seeds = [seed * 1000.0 + li for li in range(num_layers)]
         xs = [Tensor(x0).astype(dt)]
         for li in range(num_layers):
-            xs.append(self.forward_layer(xs[-1], cos_t, sin_t, mask_t, im_t, (), *self._layer_weights(li, seeds[li])))
+            xs.append(self.forward_layer(xs[-1], cos_t, sin_t, mask_t, im_t, self._layer_weights(li, seeds[li])))
 
         # head and loss
         next_labels = np.full((b, n_pad), IGNORE_INDEX, np.int64)
@@ -186,7 +196,7 @@ class MicroBatchGradients:
         # decoder layers, last first
         for li in reversed(range(num_layers)):
             w = self._layer_weights(li, seeds[li])
-            out = self.layer_grad(xs[li], dy, cos_t, sin_t, mask_t, im_t, *w)
+            out = self.layer_grad(xs[li], dy, cos_t, sin_t, mask_t, im_t, w)
             dy = out[0]
             for k, gi in zip(self.layer_trainable, out[1:]):
                 grads[self.layer_keys[li][k]] = gi

@@ -16,20 +16,24 @@ scaling` on top of the Partial-LoRA linear) and dropout on the LoRA inputs.
 """
 from typing import Sequence
 
+import numpy as np
 import mindspore as ms
-from mindspore import nn, ops
+from mindspore import Tensor, nn, ops
 
 from ..modeling_internlm2 import DecoderMath
 from ..ops import EXACT, linear, rms_norm
 
 
-def hash_dropout(x, p, seed, salt):
+def hash_dropout(x, p, seed, salt, row_base):
     """Dropout whose mask is a pure function of (seed, salt, element position): recomputing a block
     in its gradient cell draws the same mask as its forward did (a stateful RNG would not).
-    The mask comes from the classic sin-hash, fractional part of sin(a r + b c + s) * 43758.5453."""
+    The mask comes from the classic sin-hash, fractional part of sin(a r + b c + s) * 43758.5453, where r is the
+    element's row in the micro-batch's [B * n] rows: x [B, m, cols] holds rows row_base[b] + 0..m-1 of sample b
+    (row_base float32 [B, 1]), so a block of rows draws the mask the whole sequence draws there."""
     cols = x.shape[-1]
     rows = x.size // cols
-    r = ops.arange(rows).astype(ms.float32).reshape(rows, 1)
+    m = rows // row_base.shape[0]
+    r = (row_base + ops.arange(m).astype(ms.float32).reshape(1, m)).reshape(rows, 1)
     c = ops.arange(cols).astype(ms.float32).reshape(1, cols)
     u = ops.sin(r * 12.9898 + c * 78.233 + (seed + salt)) * 43758.5453
     u = u - ops.floor(u)
@@ -41,7 +45,8 @@ class TrainingMath(DecoderMath):
     """`DecoderMath` with a trained LoRA adapter and dropout.
 
     Weight tuple: the layer's base weights (`InternLM2DecoderLayer.layer_weights()`), then (A, B) for
-    each adapter target in `LINEARS` order, then, when a dropout is on, a float32 scalar seed."""
+    each adapter target in `LINEARS` order, then, when a dropout is on, a float32 scalar seed and the float32
+    [B, 1] row of the micro-batch's [B * n] rows where each sample's given rows start (`hash_dropout`)."""
 
     def __init__(self, config, targets: Sequence[bool] = (False,) * 5, scaling=1.0, lora_dropout=0.0,
                  plora_dropout=0.0, use_fused_attention=False, products=EXACT):
@@ -61,7 +66,7 @@ class TrainingMath(DecoderMath):
         p = self.plora_p if branch == 0 else self.lora_p
         if p == 0:
             return x
-        return hash_dropout(x, p, w[len(w) - 1], float(i * 2 + branch) * 1.618)
+        return hash_dropout(x, p, w[len(w) - 2], float(i * 2 + branch) * 1.618, w[len(w) - 1])
 
     def adapt(self, res, w, i, x):
         k = self.adapter_slots[i]
@@ -70,25 +75,173 @@ class TrainingMath(DecoderMath):
         return self.add_lora(res, linear(self.lora_input(x, w, i, 1), w[k], self.products), w[k + 1], self.scaling)
 
 
-class _LayerDot(nn.Cell):
+class _AttentionInputs(nn.Cell):
     def __init__(self, math_cell):
         super().__init__()
         self.math = math_cell
 
-    def construct(self, x, dy, rot_cos, rot_sin, mask, im_mask, *w):
-        return (self.math.layer(w, x, rot_cos, rot_sin, mask, im_mask, (), True) * dy).sum()
+    def construct(self, x, rot_cos, rot_sin, im_mask, *w):
+        return self.math.attention_inputs(w, x, rot_cos, rot_sin, im_mask, (), True)
 
 
-class DecoderLayerGrad(nn.Cell):
-    """(dx, d trainable weights) of one decoder layer; `trainable` indexes the weight tuple."""
-
-    def __init__(self, math_cell: TrainingMath, trainable: Sequence[int]):
+class _Attend(nn.Cell):
+    def __init__(self, math_cell):
         super().__init__()
-        self.trainable = tuple(trainable)
-        self.grad = ms.grad(_LayerDot(math_cell), grad_position=(0,) + tuple(6 + i for i in self.trainable))
+        self.math = math_cell
 
-    def construct(self, x, dy, rot_cos, rot_sin, mask, im_mask, *w):
-        return self.grad(x, dy, rot_cos, rot_sin, mask, im_mask, *w)
+    def construct(self, q, k, v, mask):
+        return self.math.attend(q, k, v, mask)
+
+
+class _LayerOutput(nn.Cell):
+    def __init__(self, math_cell):
+        super().__init__()
+        self.math = math_cell
+
+    def construct(self, x, out, im_mask, *w):
+        return self.math.layer_output(w, x, out, im_mask, (), True)
+
+
+class _InputsDot(nn.Cell):
+    def __init__(self, math_cell):
+        super().__init__()
+        self.math = math_cell
+
+    def construct(self, x, dq, dk, dv, rot_cos, rot_sin, im_mask, *w):
+        q, k, v = self.math.attention_inputs(w, x, rot_cos, rot_sin, im_mask, (), True)
+        return (q * dq).sum() + (k * dk).sum() + (v * dv).sum()
+
+
+class _AttendDot(nn.Cell):
+    def __init__(self, math_cell):
+        super().__init__()
+        self.math = math_cell
+
+    def construct(self, q, k, v, dout, mask):
+        return (self.math.attend(q, k, v, mask) * dout).sum()
+
+
+class _OutputDot(nn.Cell):
+    def __init__(self, math_cell):
+        super().__init__()
+        self.math = math_cell
+
+    def construct(self, x, out, dy, im_mask, *w):
+        return (self.math.layer_output(w, x, out, im_mask, (), True) * dy).sum()
+
+
+class _Grad(nn.Cell):
+    """A compiled `ms.grad` of `cell` at `positions`."""
+
+    def __init__(self, cell, positions):
+        super().__init__()
+        self.grad = ms.grad(cell, grad_position=tuple(positions))
+
+    def construct(self, *args):
+        return self.grad(*args)
+
+
+def _part_weights(math_cell: TrainingMath):
+    """The positions in the weight tuple that `attention_inputs` and `layer_output` read (two disjoint sets)."""
+    ends = tuple(math_cell.offsets[1:]) + (math_cell.num_base - 2,)
+    used = [set(range(o, e)) for o, e in zip(math_cell.offsets, ends)]
+    for i, k in enumerate(math_cell.adapter_slots):
+        if k >= 0:
+            used[i] |= {k, k + 1}
+    inputs = used[0] | {math_cell.num_base - 2}
+    output = set().union(*used[1:]) | {math_cell.num_base - 1}
+    return inputs, output
+
+
+class DecoderLayerBlocks:
+    """A decoder layer's forward and its vector-Jacobian product (dx, d trainable weights), `rows` rows at a time.
+
+    The layer's arithmetic is `DecoderMath.layer` in its three parts: `attention_inputs` (RMSNorm, `wqkv`, RoPE)
+    and `layer_output` (`wo`, residual, RMSNorm, MLP, residual) act on each row alone and run as compiled graphs on
+    blocks of `rows` rows; `attend` mixes the rows and runs once over the whole sequence (on CPU one kernel that
+    keeps no [heads, n, n] weights, forward and gradient). A compiled graph keeps every intermediate until it
+    returns: at the release's width the whole layer's gradient graph held ~4.5 GiB at 1,400 positions, growing
+    with the length; by blocks, a call holds one block's intermediates (fixed by `rows`), and what spans the
+    sequence is q, k, v, the attention output and their gradients. The sums over rows of a weight's gradient add
+    the blocks' partial sums (rounding-level differences from one product over all rows).
+
+    `trainable` indexes the weight tuple (`TrainingMath`); a dropout's row index is carried per block (the
+    tuple's last entry, `hash_dropout`), so a block draws the masks the whole sequence draws."""
+
+    def __init__(self, math_cell: TrainingMath, trainable: Sequence[int], rows: int):
+        self.math = math_cell
+        self.rows = int(rows)
+        self.trainable = tuple(trainable)
+        used_in, used_out = _part_weights(math_cell)
+        self.t_in = tuple(i for i in self.trainable if i in used_in)
+        self.t_out = tuple(i for i in self.trainable if i in used_out)
+        if set(self.t_in) | set(self.t_out) != set(self.trainable):
+            raise ValueError("a trainable weight is read by neither part of the decoder layer")
+        self.inputs = _AttentionInputs(math_cell)
+        self.attend = _Attend(math_cell)
+        self.output = _LayerOutput(math_cell)
+        self.inputs_grad = _Grad(_InputsDot(math_cell), (0,) + tuple(7 + i for i in self.t_in))
+        self.attend_grad = _Grad(_AttendDot(math_cell), (0, 1, 2))
+        self.output_grad = _Grad(_OutputDot(math_cell), (0, 1) + tuple(4 + i for i in self.t_out))
+
+    def _blocks(self, x, w):
+        """[(rows slice, the weight tuple with that block's dropout rows)] over x's rows."""
+        b, n = x.shape[0], x.shape[1]
+        base = np.arange(b, dtype=np.float32).reshape(b, 1) * np.float32(n)
+        out = []
+        for s in range(0, n, self.rows):
+            part = slice(s, min(s + self.rows, n))
+            out.append((part, tuple(w) + ((Tensor(base + np.float32(s)),) if self.math.has_seed else ())))
+        return out
+
+    @staticmethod
+    def _rows(t, part, axis=1):
+        if part.start == 0 and part.stop == t.shape[axis]:
+            return t
+        return t[:, part] if axis == 1 else t[:, :, part]
+
+    def _attention_inputs(self, x, rot_cos, rot_sin, im_mask, blocks):
+        parts = [self.inputs(self._rows(x, p), self._rows(rot_cos, p), self._rows(rot_sin, p),
+                             self._rows(im_mask, p), *wb) for p, wb in blocks]
+        if len(parts) == 1:
+            return parts[0]
+        return tuple(ops.concat([qkv[j] for qkv in parts], 2) for j in range(3))
+
+    def forward(self, x, rot_cos, rot_sin, mask, im_mask, w):
+        blocks = self._blocks(x, w)
+        out = self.attend(*self._attention_inputs(x, rot_cos, rot_sin, im_mask, blocks), mask)
+        ys = [self.output(self._rows(x, p), self._rows(out, p), self._rows(im_mask, p), *wb) for p, wb in blocks]
+        return ys[0] if len(ys) == 1 else ops.concat(ys, 1)
+
+    def grad(self, x, dy, rot_cos, rot_sin, mask, im_mask, w):
+        """(dx, d weight for each of `trainable`, in its order), recomputing the layer's forward."""
+        blocks = self._blocks(x, w)
+        q, k, v = self._attention_inputs(x, rot_cos, rot_sin, im_mask, blocks)
+        out = self.attend(q, k, v, mask)
+        g = {}
+
+        def add(keys, values):
+            for key, val in zip(keys, values):
+                g[key] = val if key not in g else g[key] + val
+        dxs, douts = [], []
+        for p, wb in blocks:
+            r = self.output_grad(self._rows(x, p), self._rows(out, p), self._rows(dy, p), self._rows(im_mask, p), *wb)
+            r = r if isinstance(r, tuple) else (r,)  # one position gives the gradient itself
+            dxs.append(r[0])
+            douts.append(r[1])
+            add(self.t_out, r[2:])
+        del out
+        dout = douts[0] if len(douts) == 1 else ops.concat(douts, 1)
+        dq, dk, dv = self.attend_grad(q, k, v, dout, mask)
+        del q, k, v, dout
+        for j, (p, wb) in enumerate(blocks):
+            r = self.inputs_grad(self._rows(x, p), self._rows(dq, p, 2), self._rows(dk, p, 2), self._rows(dv, p, 2),
+                                 self._rows(rot_cos, p), self._rows(rot_sin, p), self._rows(im_mask, p), *wb)
+            r = r if isinstance(r, tuple) else (r,)
+            dxs[j] = dxs[j] + r[0]
+            add(self.t_in, r[1:])
+        dx = dxs[0] if len(dxs) == 1 else ops.concat(dxs, 1)
+        return (dx,) + tuple(g[i] for i in self.trainable)
 
 
 class _HeadLoss(nn.Cell):
