@@ -155,17 +155,20 @@ def traced(fn, name):
     return call
 
 
-def run_guarded(cmd, limit_gib):
+def run_guarded(cmd, limit_gib, stderr_path):
     """Run `cmd`, killing it if its resident memory passes `limit_gib` (rather than the machine's OOM killer
-    taking whatever it picks) -> (returncode, stdout, stderr, its largest sampled RSS in GiB)."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    taking whatever it picks) -> (returncode, stdout, stderr, its largest sampled RSS in GiB). Its stderr goes to
+    `stderr_path` as it comes (a long run can be followed there)."""
     import threading
-    seen = [0.0]
-    t = threading.Thread(target=watch_rss, args=(proc, limit_gib, seen), daemon=True)
-    t.start()
-    out, err = proc.communicate()
-    t.join()
-    return proc.returncode, out, err, seen[0]
+    with open(stderr_path, "w") as err_file:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err_file, text=True)
+        seen = [0.0]
+        t = threading.Thread(target=watch_rss, args=(proc, limit_gib, seen), daemon=True)
+        t.start()
+        out, _ = proc.communicate()
+        t.join()
+    with open(stderr_path) as f:
+        return proc.returncode, out, f.read(), seen[0]
 
 
 def full_depth(args):
@@ -176,7 +179,7 @@ def full_depth(args):
         [sys.executable, os.path.abspath(__file__), "--work", args.work, "--_worker", args.model, data,
          os.path.join(args.work, "out-full"), str(args.steps), str(args.hd_num), str(args.bf16), str(args.truncate),
          args.mode],
-        args.rss_limit)
+        args.rss_limit, os.path.join(args.work, f"stderr-{args.truncate or 'full'}.log"))
     line = [x for x in out.splitlines() if x.startswith(MARK)]
     traces = "\n".join(x for x in err.splitlines() if x.startswith("@@trace"))
     with open(os.path.join(args.work, f"trace-{args.truncate or 'full'}.log"), "w") as f:
