@@ -117,10 +117,6 @@ def worker(model_dir, data, out, steps="1", hd_num="18", bf16="False", layers="0
     positions = int(np.asarray(batch["attention_mask"]).sum())
     trace(f"loaded in {load_s:.0f} s, peak {loaded:.2f} GiB; {positions} positions")
     grads = trainer.grads
-    for owner, names in ((grads.layer_grad, ("attention", "mlp_grad", "attention_grad")),
-                         (grads.forward_layer, ("attention", "mlp"))):  # inside a layer: its blocks
-        for name in (x for x in names if hasattr(owner, x)):
-            setattr(owner, name, traced(getattr(owner, name), f"  {type(owner).__name__}.{name}"))
     for name in ("forward_layer", "_head", "layer_grad", "_image_embeddings", "loss_and_grads"):
         setattr(grads, name, traced(getattr(grads, name), name))  # where the memory goes, as it goes
     ends = []

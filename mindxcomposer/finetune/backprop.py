@@ -33,8 +33,8 @@ from .trainables import Trainables
 LENGTH_BUCKET = 64
 HEAD_CHUNK = 512  # positions per head-and-loss call (a multiple of LENGTH_BUCKET)
 # Positions per call of a decoder layer's row-wise parts, forward and gradient (`DecoderLayerBlocks`; a multiple of
-# LENGTH_BUCKET): at the release's width a block's gradient graph holds ~0.8 GiB at 256 rows, and the products
-# still run at the GEMM's full rate.
+# LENGTH_BUCKET): at the release's width and 1,375 positions the first layer's gradient added 1.1 GiB this way,
+# against 4.5 GiB as one graph over all rows (docs/finetune.md), and 256 rows keep the products at the GEMM's rate.
 LAYER_ROWS = 256
 VOCAB_CHUNK = 8192  # vocabulary rows per slice of a frozen head in another dtype (`_frozen_head`)
 

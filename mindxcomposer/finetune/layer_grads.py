@@ -75,57 +75,41 @@ class TrainingMath(DecoderMath):
         return self.add_lora(res, linear(self.lora_input(x, w, i, 1), w[k], self.products), w[k + 1], self.scaling)
 
 
-class _AttentionInputs(nn.Cell):
+class _OnMath(nn.Cell):
+    """A cell over the layer arithmetic `math_cell` (a `TrainingMath`); subclasses define `construct`."""
+
     def __init__(self, math_cell):
         super().__init__()
         self.math = math_cell
 
+
+class _AttentionInputs(_OnMath):
     def construct(self, x, rot_cos, rot_sin, im_mask, *w):
         return self.math.attention_inputs(w, x, rot_cos, rot_sin, im_mask, (), True)
 
 
-class _Attend(nn.Cell):
-    def __init__(self, math_cell):
-        super().__init__()
-        self.math = math_cell
-
+class _Attend(_OnMath):
     def construct(self, q, k, v, mask):
         return self.math.attend(q, k, v, mask)
 
 
-class _LayerOutput(nn.Cell):
-    def __init__(self, math_cell):
-        super().__init__()
-        self.math = math_cell
-
+class _LayerOutput(_OnMath):
     def construct(self, x, out, im_mask, *w):
         return self.math.layer_output(w, x, out, im_mask, (), True)
 
 
-class _InputsDot(nn.Cell):
-    def __init__(self, math_cell):
-        super().__init__()
-        self.math = math_cell
-
+class _InputsDot(_OnMath):
     def construct(self, x, dq, dk, dv, rot_cos, rot_sin, im_mask, *w):
         q, k, v = self.math.attention_inputs(w, x, rot_cos, rot_sin, im_mask, (), True)
         return (q * dq).sum() + (k * dk).sum() + (v * dv).sum()
 
 
-class _AttendDot(nn.Cell):
-    def __init__(self, math_cell):
-        super().__init__()
-        self.math = math_cell
-
+class _AttendDot(_OnMath):
     def construct(self, q, k, v, dout, mask):
         return (self.math.attend(q, k, v, mask) * dout).sum()
 
 
-class _OutputDot(nn.Cell):
-    def __init__(self, math_cell):
-        super().__init__()
-        self.math = math_cell
-
+class _OutputDot(_OnMath):
     def construct(self, x, out, dy, im_mask, *w):
         return (self.math.layer_output(w, x, out, im_mask, (), True) * dy).sum()
 
@@ -226,7 +210,6 @@ class DecoderLayerBlocks:
         dxs, douts = [], []
         for p, wb in blocks:
             r = self.output_grad(self._rows(x, p), self._rows(out, p), self._rows(dy, p), self._rows(im_mask, p), *wb)
-            r = r if isinstance(r, tuple) else (r,)  # one position gives the gradient itself
             dxs.append(r[0])
             douts.append(r[1])
             add(self.t_out, r[2:])
@@ -237,7 +220,7 @@ class DecoderLayerBlocks:
         for j, (p, wb) in enumerate(blocks):
             r = self.inputs_grad(self._rows(x, p), self._rows(dq, p, 2), self._rows(dk, p, 2), self._rows(dv, p, 2),
                                  self._rows(rot_cos, p), self._rows(rot_sin, p), self._rows(im_mask, p), *wb)
-            r = r if isinstance(r, tuple) else (r,)
+            r = r if isinstance(r, tuple) else (r,)  # one position (no trained weight here) gives dx itself
             dxs[j] = dxs[j] + r[0]
             add(self.t_in, r[1:])
         dx = dxs[0] if len(dxs) == 1 else ops.concat(dxs, 1)
