@@ -32,14 +32,18 @@ MARK = "@@mem "
 GiB = 2 ** 30
 
 
-def write_checkpoint(path, layers, seed=0):
-    """A release-width bf16 checkpoint (safetensors) with `layers` decoder layers and seeded weights."""
+def write_checkpoint(path, layers, seed=0, task_loras=True, shard_gib=2.0):
+    """A release-width bf16 checkpoint (sharded safetensors and an index) with `layers` decoder layers and seeded
+    weights, written shard by shard (memory bounded by a shard). Without `task_loras` it leaves out the task LoRAs,
+    which a base LoRA run never loads (they load on demand), so that the full depth fits a smaller disk."""
     from benchmarks.release_scale import release_config
     from mindxcomposer.demo import TOKENIZER_FILE
-    from mindxcomposer.weights import fp32_to_bf16, parameter_shapes, write_safetensors
+    from mindxcomposer.weights import fp32_to_bf16, iter_shards, parameter_shapes, write_safetensors
     import shutil
 
     config = release_config(llm_layers=layers)
+    if not task_loras:
+        config.task_lora_ranks = {}
     os.makedirs(path, exist_ok=True)
     cfg = config.to_dict()
     vision = cfg.pop("vision_config")
@@ -50,16 +54,24 @@ def write_checkpoint(path, layers, seed=0):
     shutil.copyfile(TOKENIZER_FILE, os.path.join(path, "tokenizer.model"))
     rng = np.random.default_rng(seed)
     shapes = parameter_shapes(config)
-    tensors = {}
-    for name, shape in shapes.items():
-        scale = 0.1 if "norm" in name else (1.0 if name.endswith(("_GN", "embeddings.weight", "embedding")) else
-                                            1.0 / np.sqrt(shape[-1]))
-        x = rng.standard_normal(shape, dtype=np.float32) * np.float32(scale)
-        if "norm" in name and name.endswith("weight"):
-            x += 1
-        tensors[name] = fp32_to_bf16(x)
-    write_safetensors(os.path.join(path, "model.safetensors"), tensors, metadata={"format": "pt"},
-                      dtypes={n: "BF16" for n in tensors})
+    shards = iter_shards(shapes, {n: 2 * int(np.prod(s)) for n, s in shapes.items()}, int(shard_gib * GiB))
+    files = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    weight_map = {}
+    for names, file in zip(shards, files):
+        tensors = {}
+        for name in names:
+            shape = shapes[name]
+            scale = 0.1 if "norm" in name else (1.0 if name.endswith(("_GN", "embeddings.weight", "embedding")) else
+                                                1.0 / np.sqrt(shape[-1]))
+            x = rng.standard_normal(shape, dtype=np.float32) * np.float32(scale)
+            if "norm" in name and name.endswith("weight"):
+                x += 1
+            tensors[name] = fp32_to_bf16(x)
+            weight_map[name] = file
+        write_safetensors(os.path.join(path, file), tensors, metadata={"format": "pt"},
+                          dtypes={n: "BF16" for n in tensors})
+    json.dump({"metadata": {"total_size": sum(2 * int(np.prod(s)) for s in shapes.values())},
+               "weight_map": weight_map}, open(os.path.join(path, "model.safetensors.index.json"), "w"), indent=1)
 
 
 def write_data(path, positions, image=None):
@@ -225,7 +237,7 @@ def main(argv=None):
     results = {}
     for layers in args.layers:
         model_dir = os.path.join(args.work, f"release-{layers}l")
-        if not os.path.isfile(os.path.join(model_dir, "model.safetensors")):
+        if not os.path.isfile(os.path.join(model_dir, "model.safetensors.index.json")):
             write_checkpoint(model_dir, layers)
         proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--work", args.work, "--_worker", model_dir,
                                data, os.path.join(args.work, f"out-{layers}")], capture_output=True, text=True)

@@ -96,7 +96,41 @@ def test_training_by_blocks_of_rows_matches_upstream(name, tmp_path, graph_mode,
     assert seen and max(seen) >= 3, seen
 
 
-def check_training(case, tmp_path, caplog, before=None):
+@pytest.mark.parametrize("name", ["lora_image", "full_mixed"])
+def test_training_with_layer_inputs_on_disk_matches_upstream(name, tmp_path, graph_mode, caplog, monkeypatch):
+    """`--layer_inputs disk`: each decoder layer's input goes to a file in the forward and comes back for its
+    gradient; upstream's golden outputs at the same tolerances, and no file left behind."""
+    import mindxcomposer.finetune.layer_inputs as li
+    written = []
+    put = li.LayerInputs.put
+
+    def recording_put(self, i, x):
+        put(self, i, x)
+        written.append(os.path.getsize(self._files[i][0]))  # a file per input (KeyError in memory)
+    monkeypatch.setattr(li.LayerInputs, "put", recording_put)
+    case = next(c for c in CASES if c["name"] == name)
+    check_training(case, tmp_path, caplog, extra=("--layer_inputs", "disk"))
+    assert written and min(written) > 0
+    out = tmp_path / "out"
+    assert not [p for p in os.listdir(out) if p.startswith(".layer-inputs-")], os.listdir(out)
+
+
+def test_layer_inputs_store_choice():
+    from mindxcomposer.finetune.layer_inputs import AUTO_DISK_BYTES, choose_store
+    assert choose_store("memory", 32, 10 ** 5, 4096) == "memory"
+    assert choose_store("disk", 1, 64, 8) == "disk"
+    small = AUTO_DISK_BYTES // (33 * 4096 * 4)
+    assert choose_store("auto", 32, small, 4096) == "memory"
+    assert choose_store("auto", 32, small + 64, 4096) == "disk"
+    with pytest.raises(ValueError, match="layer_inputs must be one of"):
+        choose_store("ram", 32, 64, 8)
+    from mindxcomposer.finetune.training_args import TrainingArguments
+    with pytest.raises(ValueError, match="layer_inputs must be one of"):
+        TrainingArguments(model_name_or_path="m", output_dir="o", max_steps=1, per_device_train_batch_size=1,
+                          layer_inputs="ram").check()
+
+
+def check_training(case, tmp_path, caplog, before=None, extra=()):
     noisy = {}
 
     def before_train(t):
@@ -104,7 +138,7 @@ def check_training(case, tmp_path, caplog, before=None):
         if before is not None:
             before(t)
     with caplog.at_level(logging.WARNING, logger="mindxcomposer.finetune"):
-        trainer, result, ref = run_case(case, tmp_path, before_train=before_train)
+        trainer, result, ref = run_case(case, tmp_path, extra, before_train=before_train)
     if case["name"] == "lora_cut":  # samples cut by max_length are trained as upstream does, each warned about once
         warned = [r.getMessage() for r in caplog.records]
         cut = [m.split("(id '")[1][:2] for m in warned if "cuts every supervised token" in m]

@@ -28,6 +28,7 @@ from ..vision import PROJECTOR_CHUNK
 from .labels import IGNORE_INDEX
 from .lora import adapter_name
 from .layer_grads import ChainGrad, ClipLayerGrad, DecoderLayerBlocks, HeadLossGrad, TrainingMath
+from .layer_inputs import LayerInputs, choose_store
 from .trainables import Trainables
 
 LENGTH_BUCKET = 64
@@ -55,9 +56,13 @@ class _FinalNorm(nn.Cell):
 
 
 class MicroBatchGradients:
-    """`loss_and_grads(batch, scale, seed)` for a model and its `Trainables`."""
+    """`loss_and_grads(batch, scale, seed)` for a model and its `Trainables`. `layer_inputs` (`auto`, `memory`,
+    `disk`) and `spill_dir`: where the decoder layers' inputs wait for the backward (`layer_inputs.LayerInputs`)."""
 
-    def __init__(self, model, trainables: Trainables, plora_dropout: float = 0.0):
+    def __init__(self, model, trainables: Trainables, plora_dropout: float = 0.0, layer_inputs: str = "auto",
+                 spill_dir: Optional[str] = None):
+        choose_store(layer_inputs, 0, 0, 0)  # the name checked before any work
+        self.layer_inputs, self.spill_dir = layer_inputs, spill_dir
         self.model = model
         self.config = model.config
         self.trainables = trainables
@@ -169,12 +174,41 @@ class MicroBatchGradients:
         mask_t = Tensor(causal_mask(am, n_pad)).astype(dt)
         im_t = Tensor(im[..., None]).astype(dt)
 
-        # forward, keeping each layer's input
         num_layers = cfg.num_hidden_layers
+        store = choose_store(self.layer_inputs, num_layers, b * n_pad, cfg.hidden_size)
+        if store == "disk" and not self.spill_dir:
+            raise ValueError("layer_inputs disk needs a directory for its files")
+        with LayerInputs(self.spill_dir if store == "disk" else None) as xs:
+            loss, dy, grads = self._decoder(xs, Tensor(x0).astype(dt), cos_t, sin_t, mask_t, im_t, labels, scale,
+                                            seed)
+
+        dx0 = dy.astype(ms.float32)
+        if self.embedding_key is not None:
+            text = (ids >= 0) & (np.arange(n)[None, :] < n)
+            rows = np.nonzero(text.reshape(-1))[0]
+            flat_ids = tok[:, :n].reshape(-1)[rows]
+            d_rows = dx0[:, :n].reshape(b * n, -1)[Tensor(rows.astype(np.int32))]
+            table = self.model.model.tok_embeddings.weight
+            grads[self.embedding_key] = ops.zeros(table.shape, ms.float32).index_add(0, Tensor(flat_ids.astype(np.int32)), d_rows)
+        has_vision = False
+        if self.needs_vision_grad and images:
+            dx0_np = dx0.asnumpy()
+            has_vision = True
+            for row, start, kept, ctx in images:
+                d_emb = np.zeros((ctx["merged"].shape[0], cfg.hidden_size), np.float32)
+                d_emb[:kept] = dx0_np[row, start:start + kept]
+                self._image_backward(ctx, d_emb, grads)
+        return loss, grads, has_vision
+
+    def _decoder(self, xs: LayerInputs, x, cos_t, sin_t, mask_t, im_t, labels, scale, seed):
+        """Decoder layers, head and loss, and their backward -> (loss, d embeddings, gradients by name). Each
+        layer's input waits in `xs` from the forward to its gradient."""
+        b, n_pad = labels.shape
+        num_layers = self.config.num_hidden_layers
         seeds = [seed * 1000.0 + li for li in range(num_layers)]
-        xs = [Tensor(x0).astype(dt)]
         for li in range(num_layers):
-            xs.append(self.forward_layer(xs[-1], cos_t, sin_t, mask_t, im_t, self._layer_weights(li, seeds[li])))
+            xs.put(li, x)
+            x = self.forward_layer(x, cos_t, sin_t, mask_t, im_t, self._layer_weights(li, seeds[li]))
 
         # head and loss
         next_labels = np.full((b, n_pad), IGNORE_INDEX, np.int64)
@@ -184,7 +218,8 @@ class MicroBatchGradients:
         m = self.model.model
         # No target left (every sample cut by max_length): upstream's CrossEntropyLoss is NaN (0 / 0) and its
         # gradients are zeros, which the backward below gives exactly (dy = 0, every head chunk skipped).
-        loss, dy, d_norm, d_head = self._head(xs[-1], next_labels, valid, max(count, 1), scale)
+        loss, dy, d_norm, d_head = self._head(x, next_labels, valid, max(count, 1), scale)
+        del x
         if count == 0:
             loss = float("nan")
         grads: Dict[str, Tensor] = {}
@@ -196,29 +231,12 @@ class MicroBatchGradients:
         # decoder layers, last first
         for li in reversed(range(num_layers)):
             w = self._layer_weights(li, seeds[li])
-            out = self.layer_grad(xs[li], dy, cos_t, sin_t, mask_t, im_t, w)
+            out = self.layer_grad(xs.get(li), dy, cos_t, sin_t, mask_t, im_t, w)
+            xs.drop(li)
             dy = out[0]
             for k, gi in zip(self.layer_trainable, out[1:]):
                 grads[self.layer_keys[li][k]] = gi
-        del xs
-
-        dx0 = dy.astype(ms.float32)
-        if self.embedding_key is not None:
-            text = (ids >= 0) & (np.arange(n)[None, :] < n)
-            rows = np.nonzero(text.reshape(-1))[0]
-            flat_ids = tok[:, :n].reshape(-1)[rows]
-            d_rows = dx0[:, :n].reshape(b * n, -1)[Tensor(rows.astype(np.int32))]
-            table = m.tok_embeddings.weight
-            grads[self.embedding_key] = ops.zeros(table.shape, ms.float32).index_add(0, Tensor(flat_ids.astype(np.int32)), d_rows)
-        has_vision = False
-        if self.needs_vision_grad and images:
-            dx0_np = dx0.asnumpy()
-            has_vision = True
-            for row, start, kept, ctx in images:
-                d_emb = np.zeros((ctx["merged"].shape[0], cfg.hidden_size), np.float32)
-                d_emb[:kept] = dx0_np[row, start:start + kept]
-                self._image_backward(ctx, d_emb, grads)
-        return loss, grads, has_vision
+        return loss, dy, grads
 
     def _head(self, x, next_labels, valid, count, scale):
         """Head and loss over `HEAD_CHUNK` positions at a time: the fp32 logits and their gradient,

@@ -103,7 +103,9 @@ class Trainer:
         # Every sample is checked here, before any training work.
         self.data = FinetuneData(data_args, self.model.tokenizer, self.world.size, self.world.rank, root=data_root)
         self.trainables = self._trainables()
-        self.grads = MicroBatchGradients(self.model, self.trainables, args.plora_dropout)
+        # Layer inputs written to disk go to a directory of their own inside output_dir (removed after each micro-batch).
+        self.grads = MicroBatchGradients(self.model, self.trainables, args.plora_dropout, args.layer_inputs,
+                                         args.output_dir)
         t = self.trainables
         self.optimizer = AdamW(t.params, args.learning_rate, (args.adam_beta1, args.adam_beta2), args.adam_epsilon,
                                args.weight_decay, dict(zip(t.names, t.decay_mask())))

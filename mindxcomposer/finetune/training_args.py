@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import List, Optional, Sequence
 
 from .arguments import add_data_arguments, data_arguments, parse_bool
+from .layer_inputs import STORES
 from .lora import DEFAULT_TARGETS, LoraSettings
 from .optim import SCHEDULES
 
@@ -62,6 +63,8 @@ class TrainingArguments:
     gradient_checkpointing: bool = False
     bf16: bool = False
     fp16: bool = False
+    # this project's: where the decoder layers' inputs wait for the backward (`finetune.layer_inputs`)
+    layer_inputs: str = "auto"
 
     def check(self):
         if not self.model_name_or_path:
@@ -75,6 +78,8 @@ class TrainingArguments:
                 f"per_device_train_batch_size={self.per_device_train_batch_size}: only 1 is supported (upstream's "
                 "scripts use 1; above 1 upstream trains only the first item of an image batch). Put more samples "
                 "in a micro-batch with --batch_size")
+        if self.layer_inputs not in STORES:
+            raise ValueError(f"layer_inputs must be one of {STORES}, got {self.layer_inputs!r}")
         if self.fp16:
             raise ValueError("--fp16 is not supported; use --bf16 (Ascend) or fp32")
         if self.lr_scheduler_type not in SCHEDULES:

@@ -1,0 +1,84 @@
+"""Where a micro-batch's decoder layer inputs wait between the forward and the backward.
+
+The backward recomputes each decoder layer from its input (upstream's gradient checkpointing), so the forward keeps
+one input per layer: positions x hidden x 4 bytes each, 33 of them at the release's depth (0.73 GB at 1,400
+positions, 4.4 GB at 8,200). `LayerInputs` holds them in memory (`memory`), or writes each to a file as the forward
+makes it and reads it back when its layer's gradient runs (`disk`), so that what stays resident no longer grows with
+depth or length (DeepSpeed's activation checkpointing offers the same trade with its CPU/NVMe offload). The values
+are the same bits either way: a file holds the tensor's fp32 bytes. Either way an input is dropped as soon as its
+layer's gradient has used it.
+"""
+import os
+import shutil
+import tempfile
+from typing import Dict, Optional
+
+import numpy as np
+import mindspore as ms
+from mindspore import Tensor
+
+STORES = ("auto", "memory", "disk")
+# `auto` writes the inputs to disk when they would hold more than this in memory.
+AUTO_DISK_BYTES = 512 * 2 ** 20
+
+
+def choose_store(store: str, layers: int, positions: int, hidden: int) -> str:
+    """`memory` or `disk` for `--layer_inputs` `store` and a micro-batch of `positions` (padded) x `hidden`."""
+    if store not in STORES:
+        raise ValueError(f"layer_inputs must be one of {STORES}, got {store!r}")
+    if store != "auto":
+        return store
+    return "disk" if (layers + 1) * positions * hidden * 4 > AUTO_DISK_BYTES else "memory"
+
+
+class LayerInputs:
+    """Tensors by layer index: `put(i, x)`, `get(i)`, `drop(i)`; `close()` removes what is left (files included).
+
+    `directory`: where `disk` files go (a fresh subdirectory, removed by `close`); None keeps them in memory."""
+
+    def __init__(self, directory: Optional[str] = None):
+        self._held: Dict[int, Tensor] = {}
+        self._files: Dict[int, tuple] = {}
+        self._dir = None
+        if directory is not None:
+            os.makedirs(directory, exist_ok=True)
+            self._dir = tempfile.mkdtemp(prefix=".layer-inputs-", dir=directory)
+
+    @property
+    def on_disk(self) -> bool:
+        return self._dir is not None
+
+    def put(self, i: int, x: Tensor) -> None:
+        if self._dir is None:
+            self._held[i] = x
+            return
+        # fp32 bytes whatever the arithmetic's dtype (numpy has no bf16); `get` gives the dtype back.
+        arr = x.astype(ms.float32).asnumpy() if x.dtype != ms.float32 else x.asnumpy()
+        path = os.path.join(self._dir, f"{i}.f32")
+        arr.tofile(path)
+        self._files[i] = (path, arr.shape, x.dtype)
+
+    def get(self, i: int) -> Tensor:
+        if self._dir is None:
+            return self._held[i]
+        path, shape, dtype = self._files[i]
+        x = Tensor(np.fromfile(path, np.float32).reshape(shape))
+        return x if dtype == ms.float32 else x.astype(dtype)
+
+    def drop(self, i: int) -> None:
+        self._held.pop(i, None)
+        if i in self._files:
+            os.remove(self._files.pop(i)[0])
+
+    def close(self) -> None:
+        self._held.clear()
+        self._files.clear()
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
