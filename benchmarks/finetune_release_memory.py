@@ -107,8 +107,12 @@ def _first_layers(n):
     config_cls.from_pretrained = classmethod(config)
 
 
-def worker(model_dir, data, out, steps="1", hd_num="18", bf16="False", layers="0", mode="graph"):
+def worker(model_dir, data, out, steps="1", hd_num="18", bf16="False", layers="0", mode="graph", layer_inputs="auto",
+           layer_rows="0", head_chunk="0"):
     import mindspore as ms
+    import mindxcomposer.finetune.backprop as backprop
+    backprop.LAYER_ROWS = int(layer_rows) or backprop.LAYER_ROWS  # 0: the trainer's own
+    backprop.HEAD_CHUNK = int(head_chunk) or backprop.HEAD_CHUNK
     ms.set_context(mode=ms.PYNATIVE_MODE if mode == "pynative" else ms.GRAPH_MODE)
     if int(layers):
         _first_layers(int(layers))
@@ -121,7 +125,7 @@ def worker(model_dir, data, out, steps="1", hd_num="18", bf16="False", layers="0
             "--lora_r", "64", "--lora_alpha", "64", "--fix_vit", "True", "--fix_sampler", "True", "--hd_num", hd_num,
             "--batch_size", "1", "--per_device_train_batch_size", "1", "--max_steps", steps, "--save_strategy", "no",
             "--sampling", "sequential", "--max_length", "16384", "--progress", "False", "--logging_steps", "1",
-            "--bf16", bf16]
+            "--bf16", bf16, "--layer_inputs", layer_inputs]
     trainer = Trainer(*parse_args(argv))
     loaded = peak_gib()
     load_s = time.perf_counter() - t0
@@ -129,6 +133,9 @@ def worker(model_dir, data, out, steps="1", hd_num="18", bf16="False", layers="0
     positions = int(np.asarray(batch["attention_mask"]).sum())
     trace(f"loaded in {load_s:.0f} s, peak {loaded:.2f} GiB; {positions} positions")
     grads = trainer.grads
+    stores = []  # what `auto` chose
+    choose = backprop.choose_store
+    backprop.choose_store = lambda *a: stores.append(choose(*a)) or stores[-1]
     for name in ("forward_layer", "_head", "layer_grad", "_image_embeddings", "loss_and_grads"):
         setattr(grads, name, traced(getattr(grads, name), name))  # where the memory goes, as it goes
     ends = []
@@ -145,6 +152,8 @@ def worker(model_dir, data, out, steps="1", hd_num="18", bf16="False", layers="0
                                         "step_s": time.perf_counter() - t1, "positions": positions,
                                         "steps_s": list(np.diff([t1] + ends)),
                                         "losses": [e["loss"] for e in result.log_history if "grad_norm" in e],
+                                        "layer_rows": backprop.LAYER_ROWS, "head_chunk": backprop.HEAD_CHUNK,
+                                        "layer_inputs": layer_inputs + (f" ({stores[0]})" if stores else ""),
                                         "adapter_params": int(sum(np.prod(s) for s in trainer.shapes.values()))})
                      + "\n")
 
@@ -180,36 +189,47 @@ def run_guarded(cmd, limit_gib, stderr_path):
 
 
 def full_depth(args):
-    """Full depth on a converted checkpoint (`--model`): peak RSS and seconds per optimizer step."""
+    """Full depth on a converted checkpoint (`--model`): peak RSS and seconds per optimizer step, one run per
+    `--layer-rows` value."""
     data = os.path.join(args.work, f"data-{args.positions}.json")
     write_data(data, args.positions, args.image)
-    rc, out, err, seen = run_guarded(
-        [sys.executable, os.path.abspath(__file__), "--work", args.work, "--_worker", args.model, data,
-         os.path.join(args.work, "out-full"), str(args.steps), str(args.hd_num), str(args.bf16), str(args.truncate),
-         args.mode],
-        args.rss_limit, os.path.join(args.work, f"stderr-{args.truncate or 'full'}.log"))
-    line = [x for x in out.splitlines() if x.startswith(MARK)]
-    traces = "\n".join(x for x in err.splitlines() if x.startswith("@@trace"))
-    with open(os.path.join(args.work, f"trace-{args.truncate or 'full'}.log"), "w") as f:
-        f.write(traces + "\n")
-    if rc or not line:
-        print(err[-3000:], file=sys.stderr)
-        print(traces, file=sys.stderr)
-        raise SystemExit(f"the run failed (status {rc}; largest RSS seen {seen:.2f} GiB, limit {args.rss_limit})")
-    r = json.loads(line[0][len(MARK):])
+    results = []
+    for rows in args.layer_rows:
+        tag = f"{args.truncate or 'full'}" + (f"-rows{rows}" if rows else "")
+        rc, out, err, seen = run_guarded(
+            [sys.executable, os.path.abspath(__file__), "--work", args.work, "--_worker", args.model, data,
+             os.path.join(args.work, "out-full"), str(args.steps), str(args.hd_num), str(args.bf16),
+             str(args.truncate), args.mode, args.layer_inputs, str(rows), str(args.head_chunk)],
+            args.rss_limit, os.path.join(args.work, f"stderr-{tag}.log"))
+        line = [x for x in out.splitlines() if x.startswith(MARK)]
+        traces = "\n".join(x for x in err.splitlines() if x.startswith("@@trace"))
+        with open(os.path.join(args.work, f"trace-{tag}.log"), "w") as f:
+            f.write(traces + "\n")
+        if rc or not line:
+            print(err[-3000:], file=sys.stderr)
+            print(traces, file=sys.stderr)
+            raise SystemExit(f"the run failed (status {rc}; largest RSS seen {seen:.2f} GiB, limit {args.rss_limit})")
+        results.append(json.loads(line[0][len(MARK):]))
+    r = results[0]
     image = f", image {os.path.basename(args.image)} at hd_num {args.hd_num}" if args.image else ""
     print(f"command: python benchmarks/finetune_release_memory.py --work {args.work} --model {args.model} "
           f"--positions {args.positions} --steps {args.steps}" + (f" --image {args.image} --hd_num {args.hd_num}"
                                                                    if args.image else "")
-          + (" --bf16" if args.bf16 else "") + (f" --truncate {args.truncate}" if args.truncate else ""))
+          + (" --bf16" if args.bf16 else "") + (f" --truncate {args.truncate}" if args.truncate else "")
+          + f" --layer-inputs {args.layer_inputs}"
+          + (f" --layer-rows {' '.join(map(str, args.layer_rows))}" if any(args.layer_rows) else "")
+          + (f" --head-chunk {args.head_chunk}" if args.head_chunk else ""))
     depth = f"its first {args.truncate} decoder layers" if args.truncate else "full depth"
     print(f"LoRA r 64 on the five linears (upstream's flags), {depth}, {r['positions']} positions{image}, "
-          f"{'bf16' if args.bf16 else 'exact'} products\n")
-    print("| positions | peak after load (GiB) | peak after the steps (GiB) | s / optimizer step | load (s) | losses |")
+          f"{'bf16' if args.bf16 else 'exact'} products, layer inputs: {r['layer_inputs']}, "
+          f"head chunks of {r['head_chunk']} positions\n")
+    print("| rows per block | peak after load (GiB) | peak after the steps (GiB) | s / optimizer step | load (s) | "
+          "losses |")
     print("|---|---|---|---|---|---|")
-    print(f"| {r['positions']} | {r['load_peak_gib']:.2f} | {r['step_peak_gib']:.2f} | "
-          f"{', '.join(f'{s:.0f}' for s in r['steps_s'])} | {r['load_s']:.0f} | "
-          f"{', '.join(f'{x:.4f}' for x in r['losses'])} |")
+    for r in results:
+        print(f"| {r['layer_rows']} | {r['load_peak_gib']:.2f} | {r['step_peak_gib']:.2f} | "
+              f"{', '.join(f'{s:.0f}' for s in r['steps_s'])} | {r['load_s']:.0f} | "
+              f"{', '.join(f'{x:.4f}' for x in r['losses'])} |")
 
 
 def main(argv=None):
@@ -224,6 +244,11 @@ def main(argv=None):
     ap.add_argument("--bf16", action="store_true", help="--bf16 True: bf16 products")
     ap.add_argument("--mode", choices=("graph", "pynative"), default="graph", help="with --model: MindSpore's mode")
     ap.add_argument("--truncate", type=int, default=0, help="with --model: its first N decoder layers only")
+    ap.add_argument("--layer-inputs", choices=("auto", "memory", "disk"), default="auto",
+                    help="with --model: mxc-finetune's --layer_inputs")
+    ap.add_argument("--layer-rows", type=int, nargs="+", default=[0],
+                    help="with --model: decoder rows per block (backprop.LAYER_ROWS; 0: its default), a run each")
+    ap.add_argument("--head-chunk", type=int, default=0, help="with --model: backprop.HEAD_CHUNK (0: its default)")
     ap.add_argument("--rss-limit", type=float, default=21.5, help="GiB; the run is killed above it")
     ap.add_argument("--_worker", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)

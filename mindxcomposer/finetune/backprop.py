@@ -28,15 +28,17 @@ from ..vision import PROJECTOR_CHUNK
 from .labels import IGNORE_INDEX
 from .lora import adapter_name
 from .layer_grads import ChainGrad, ClipLayerGrad, DecoderLayerBlocks, HeadLossGrad, TrainingMath
-from .layer_inputs import LayerInputs, choose_store
+from .spill import LayerInputs, choose_store, layer_input_bytes
 from .trainables import Trainables
 
 LENGTH_BUCKET = 64
-HEAD_CHUNK = 512  # positions per head-and-loss call (a multiple of LENGTH_BUCKET)
+HEAD_CHUNK = 256  # positions per head-and-loss call (a multiple of LENGTH_BUCKET)
 # Positions per call of a decoder layer's row-wise parts, forward and gradient (`DecoderLayerBlocks`; a multiple of
-# LENGTH_BUCKET): at the release's width and 1,375 positions the first layer's gradient added 1.1 GiB this way,
-# against 4.5 GiB as one graph over all rows (docs/finetune.md), and 256 rows keep the products at the GEMM's rate.
-LAYER_ROWS = 256
+# LENGTH_BUCKET). What a call holds adds to the memory pool's high-water mark, which freed blocks of other sizes do
+# not bring down: at the release's width, 2 layers and 1,375 positions, one micro-batch added 3.0 GiB over the
+# loaded model with blocks of 256 rows (and 512-position head chunks), 1.8 GiB with 128 (and 256), 1.6 GiB with 64,
+# at 27, 27 and 30 s (docs/finetune.md); as one graph over all rows the first layer's gradient alone added 4.5 GiB.
+LAYER_ROWS = 128
 VOCAB_CHUNK = 8192  # vocabulary rows per slice of a frozen head in another dtype (`_frozen_head`)
 
 
@@ -57,11 +59,11 @@ class _FinalNorm(nn.Cell):
 
 class MicroBatchGradients:
     """`loss_and_grads(batch, scale, seed)` for a model and its `Trainables`. `layer_inputs` (`auto`, `memory`,
-    `disk`) and `spill_dir`: where the decoder layers' inputs wait for the backward (`layer_inputs.LayerInputs`)."""
+    `disk`) and `spill_dir`: where the decoder layers' inputs wait for the backward (`spill.LayerInputs`)."""
 
     def __init__(self, model, trainables: Trainables, plora_dropout: float = 0.0, layer_inputs: str = "auto",
                  spill_dir: Optional[str] = None):
-        choose_store(layer_inputs, 0, 0, 0)  # the name checked before any work
+        choose_store(layer_inputs, 0)  # the name checked before any work
         self.layer_inputs, self.spill_dir = layer_inputs, spill_dir
         self.model = model
         self.config = model.config
@@ -175,7 +177,7 @@ class MicroBatchGradients:
         im_t = Tensor(im[..., None]).astype(dt)
 
         num_layers = cfg.num_hidden_layers
-        store = choose_store(self.layer_inputs, num_layers, b * n_pad, cfg.hidden_size)
+        store = choose_store(self.layer_inputs, layer_input_bytes(num_layers, b * n_pad, cfg.hidden_size))
         if store == "disk" and not self.spill_dir:
             raise ValueError("layer_inputs disk needs a directory for its files")
         with LayerInputs(self.spill_dir if store == "disk" else None) as xs:

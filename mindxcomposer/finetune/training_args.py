@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import List, Optional, Sequence
 
 from .arguments import add_data_arguments, data_arguments, parse_bool
-from .layer_inputs import STORES
+from .spill import STORES
 from .lora import DEFAULT_TARGETS, LoraSettings
 from .optim import SCHEDULES
 
@@ -63,8 +63,10 @@ class TrainingArguments:
     gradient_checkpointing: bool = False
     bf16: bool = False
     fp16: bool = False
-    # this project's: where the decoder layers' inputs wait for the backward (`finetune.layer_inputs`)
+    # this project's: where the decoder layers' inputs wait for the backward, and where AdamW's moments live
+    # (`finetune.spill`): auto, memory or disk
     layer_inputs: str = "auto"
+    optimizer_state: str = "auto"
 
     def check(self):
         if not self.model_name_or_path:
@@ -78,8 +80,9 @@ class TrainingArguments:
                 f"per_device_train_batch_size={self.per_device_train_batch_size}: only 1 is supported (upstream's "
                 "scripts use 1; above 1 upstream trains only the first item of an image batch). Put more samples "
                 "in a micro-batch with --batch_size")
-        if self.layer_inputs not in STORES:
-            raise ValueError(f"layer_inputs must be one of {STORES}, got {self.layer_inputs!r}")
+        for name in ("layer_inputs", "optimizer_state"):
+            if getattr(self, name) not in STORES:
+                raise ValueError(f"{name} must be one of {STORES}, got {getattr(self, name)!r}")
         if self.fp16:
             raise ValueError("--fp16 is not supported; use --bf16 (Ascend) or fp32")
         if self.lr_scheduler_type not in SCHEDULES:

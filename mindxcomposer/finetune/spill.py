@@ -1,4 +1,7 @@
-"""Where a micro-batch's decoder layer inputs wait between the forward and the backward.
+"""What a fine-tuning run may keep in files instead of memory: the decoder layers' inputs (`LayerInputs`) and
+AdamW's moments (`optim.AdamW`'s `state_dir`); `choose_store` decides for `auto`.
+
+Layer inputs: where a micro-batch's decoder layer inputs wait between the forward and the backward.
 
 The backward recomputes each decoder layer from its input (upstream's gradient checkpointing), so the forward keeps
 one input per layer: positions x hidden x 4 bytes each, 33 of them at the release's depth (0.73 GB at 1,400
@@ -18,17 +21,22 @@ import mindspore as ms
 from mindspore import Tensor
 
 STORES = ("auto", "memory", "disk")
-# `auto` writes the inputs to disk when they would hold more than this in memory.
+# `auto` writes to disk what would hold more than this in memory.
 AUTO_DISK_BYTES = 512 * 2 ** 20
 
 
-def choose_store(store: str, layers: int, positions: int, hidden: int) -> str:
-    """`memory` or `disk` for `--layer_inputs` `store` and a micro-batch of `positions` (padded) x `hidden`."""
+def choose_store(store: str, nbytes: int, flag: str = "layer_inputs") -> str:
+    """`memory` or `disk` for `--<flag> store` and what would hold `nbytes` in memory."""
     if store not in STORES:
-        raise ValueError(f"layer_inputs must be one of {STORES}, got {store!r}")
+        raise ValueError(f"{flag} must be one of {STORES}, got {store!r}")
     if store != "auto":
         return store
-    return "disk" if (layers + 1) * positions * hidden * 4 > AUTO_DISK_BYTES else "memory"
+    return "disk" if nbytes > AUTO_DISK_BYTES else "memory"
+
+
+def layer_input_bytes(layers: int, positions: int, hidden: int) -> int:
+    """What a micro-batch's layer inputs hold in fp32: one per layer (`positions` padded)."""
+    return layers * positions * hidden * 4
 
 
 class LayerInputs:
