@@ -108,7 +108,7 @@ def _first_layers(n):
 
 
 def worker(model_dir, data, out, steps="1", hd_num="18", bf16="False", layers="0", mode="graph", layer_inputs="auto",
-           layer_rows="0", head_chunk="0"):
+           layer_rows="0", head_chunk="0", optimizer_state="auto"):
     import mindspore as ms
     import mindxcomposer.finetune.backprop as backprop
     backprop.LAYER_ROWS = int(layer_rows) or backprop.LAYER_ROWS  # 0: the trainer's own
@@ -125,7 +125,7 @@ def worker(model_dir, data, out, steps="1", hd_num="18", bf16="False", layers="0
             "--lora_r", "64", "--lora_alpha", "64", "--fix_vit", "True", "--fix_sampler", "True", "--hd_num", hd_num,
             "--batch_size", "1", "--per_device_train_batch_size", "1", "--max_steps", steps, "--save_strategy", "no",
             "--sampling", "sequential", "--max_length", "16384", "--progress", "False", "--logging_steps", "1",
-            "--bf16", bf16, "--layer_inputs", layer_inputs]
+            "--bf16", bf16, "--layer_inputs", layer_inputs, "--optimizer_state", optimizer_state]
     trainer = Trainer(*parse_args(argv))
     loaded = peak_gib()
     load_s = time.perf_counter() - t0
@@ -153,6 +153,8 @@ def worker(model_dir, data, out, steps="1", hd_num="18", bf16="False", layers="0
                                         "steps_s": list(np.diff([t1] + ends)),
                                         "losses": [e["loss"] for e in result.log_history if "grad_norm" in e],
                                         "layer_rows": backprop.LAYER_ROWS, "head_chunk": backprop.HEAD_CHUNK,
+                                        "optimizer_state": optimizer_state + (
+                                            " (disk)" if trainer.optimizer.on_disk else " (memory)"),
                                         "layer_inputs": layer_inputs + (f" ({stores[0]})" if stores else ""),
                                         "adapter_params": int(sum(np.prod(s) for s in trainer.shapes.values()))})
                      + "\n")
@@ -199,7 +201,7 @@ def full_depth(args):
         rc, out, err, seen = run_guarded(
             [sys.executable, os.path.abspath(__file__), "--work", args.work, "--_worker", args.model, data,
              os.path.join(args.work, "out-full"), str(args.steps), str(args.hd_num), str(args.bf16),
-             str(args.truncate), args.mode, args.layer_inputs, str(rows), str(args.head_chunk)],
+             str(args.truncate), args.mode, args.layer_inputs, str(rows), str(args.head_chunk), args.optimizer_state],
             args.rss_limit, os.path.join(args.work, f"stderr-{tag}.log"))
         line = [x for x in out.splitlines() if x.startswith(MARK)]
         traces = "\n".join(x for x in err.splitlines() if x.startswith("@@trace"))
@@ -216,12 +218,13 @@ def full_depth(args):
           f"--positions {args.positions} --steps {args.steps}" + (f" --image {args.image} --hd_num {args.hd_num}"
                                                                    if args.image else "")
           + (" --bf16" if args.bf16 else "") + (f" --truncate {args.truncate}" if args.truncate else "")
-          + f" --layer-inputs {args.layer_inputs}"
+          + f" --layer-inputs {args.layer_inputs} --optimizer-state {args.optimizer_state}"
           + (f" --layer-rows {' '.join(map(str, args.layer_rows))}" if any(args.layer_rows) else "")
           + (f" --head-chunk {args.head_chunk}" if args.head_chunk else ""))
     depth = f"its first {args.truncate} decoder layers" if args.truncate else "full depth"
     print(f"LoRA r 64 on the five linears (upstream's flags), {depth}, {r['positions']} positions{image}, "
-          f"{'bf16' if args.bf16 else 'exact'} products, layer inputs: {r['layer_inputs']}, "
+          f"{'bf16' if args.bf16 else 'exact'} products, layer inputs: {r['layer_inputs']}, AdamW moments: "
+          f"{r['optimizer_state']}, "
           f"head chunks of {r['head_chunk']} positions\n")
     print("| rows per block | peak after load (GiB) | peak after the steps (GiB) | s / optimizer step | load (s) | "
           "losses |")
@@ -246,6 +249,8 @@ def main(argv=None):
     ap.add_argument("--truncate", type=int, default=0, help="with --model: its first N decoder layers only")
     ap.add_argument("--layer-inputs", choices=("auto", "memory", "disk"), default="auto",
                     help="with --model: mxc-finetune's --layer_inputs")
+    ap.add_argument("--optimizer-state", choices=("auto", "memory", "disk"), default="auto",
+                    help="with --model: mxc-finetune's --optimizer_state")
     ap.add_argument("--layer-rows", type=int, nargs="+", default=[0],
                     help="with --model: decoder rows per block (backprop.LAYER_ROWS; 0: its default), a run each")
     ap.add_argument("--head-chunk", type=int, default=0, help="with --model: backprop.HEAD_CHUNK (0: its default)")

@@ -23,6 +23,7 @@ import mindspore as ms
 from mindspore import Parameter, Tensor, ops
 
 from ..constants import LINEARS, TASK_LORAS
+from ..weights import LazyArrays
 from .lora import SEPARATORS, LoraSettings, adapter_name
 
 _LAYERNORM_PARTS = (".layer_norm1.", ".layer_norm2.", ".pre_layrnorm.", ".post_layernorm.")
@@ -57,6 +58,10 @@ class Trainables:
 
     def numpy(self) -> Dict[str, np.ndarray]:
         return {n: p.asnumpy().astype(np.float32) for n, p in self.params.items()}
+
+    def arrays(self) -> LazyArrays:
+        """The trained tensors as fp32 arrays made one at a time when read (for writing them out)."""
+        return LazyArrays(self.params, lambda n: self.params[n].asnumpy().astype(np.float32, copy=False))
 
     def assign(self, values: Dict[str, np.ndarray]) -> None:
         for n, v in values.items():

@@ -175,12 +175,12 @@ class Trainer:
             return
         out = self.args.output_dir
         os.makedirs(out, exist_ok=True)
-        trained = self.trainables.numpy()
-        if self.trainables.is_lora:
-            save_adapter(os.path.join(out, ".adapter.tmp"), trained, self.trainables.lora, self.args.model_name_or_path)
+        if self.trainables.is_lora:  # written one tensor at a time
+            save_adapter(os.path.join(out, ".adapter.tmp"), self.trainables.arrays(), self.trainables.lora,
+                         self.args.model_name_or_path)
             tmp = os.path.join(out, ".adapter.tmp")
         else:
-            tmp = save_model_dir(self.args.model_name_or_path, os.path.join(out, ".model.tmp"), trained)
+            tmp = save_model_dir(self.args.model_name_or_path, os.path.join(out, ".model.tmp"), self.trainables.numpy())
         # Each file is complete when it appears (rename); the weights' index, if any, comes last.
         names = sorted(os.listdir(tmp), key=lambda f: f.endswith(".index.json"))
         for f in names:
