@@ -115,8 +115,20 @@ def test_training_with_layer_inputs_on_disk_matches_upstream(name, tmp_path, gra
     assert not [p for p in os.listdir(out) if p.startswith(".layer-inputs-")], os.listdir(out)
 
 
-def test_spill_store_choice():
+def test_spill_store_choice(tmp_path, monkeypatch):
+    import mindxcomposer.finetune.spill as spill
     from mindxcomposer.finetune.spill import AUTO_DISK_BYTES, choose_store, layer_input_bytes
+    big = AUTO_DISK_BYTES + 1
+    where = str(tmp_path / "out" / "not-yet")  # free space of the nearest existing parent
+    assert spill.free_bytes(where) > 0
+    monkeypatch.setattr(spill, "free_bytes", lambda d: 2 * big)
+    assert choose_store("auto", big, "layer_inputs", where) == "disk"
+    monkeypatch.setattr(spill, "free_bytes", lambda d: 2 * big - 1)  # no room: auto keeps it in memory
+    assert choose_store("auto", big, "layer_inputs", where) == "memory"
+    monkeypatch.setattr(spill, "free_bytes", lambda d: big - 1)  # no room: disk is an error before any write
+    with pytest.raises(ValueError, match=r"--optimizer_state disk: .* MiB to write in .*not-yet, which has .* free"):
+        choose_store("disk", big, "optimizer_state", where)
+    monkeypatch.undo()
     assert choose_store("memory", 10 ** 12) == "memory"
     assert choose_store("disk", 1) == "disk"
     assert choose_store("auto", AUTO_DISK_BYTES) == "memory"

@@ -177,9 +177,10 @@ class MicroBatchGradients:
         im_t = Tensor(im[..., None]).astype(dt)
 
         num_layers = cfg.num_hidden_layers
-        store = choose_store(self.layer_inputs, layer_input_bytes(num_layers, b * n_pad, cfg.hidden_size))
-        if store == "disk" and not self.spill_dir:
+        if self.layer_inputs == "disk" and not self.spill_dir:
             raise ValueError("layer_inputs disk needs a directory for its files")
+        store = choose_store(self.layer_inputs, layer_input_bytes(num_layers, b * n_pad, cfg.hidden_size),
+                             "layer_inputs", self.spill_dir)
         with LayerInputs(self.spill_dir if store == "disk" else None) as xs:
             loss, dy, grads = self._decoder(xs, Tensor(x0).astype(dt), cos_t, sin_t, mask_t, im_t, labels, scale,
                                             seed)

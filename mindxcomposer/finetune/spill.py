@@ -25,13 +25,31 @@ STORES = ("auto", "memory", "disk")
 AUTO_DISK_BYTES = 512 * 2 ** 20
 
 
-def choose_store(store: str, nbytes: int, flag: str = "layer_inputs") -> str:
-    """`memory` or `disk` for `--<flag> store` and what would hold `nbytes` in memory."""
+def free_bytes(directory: str) -> int:
+    """Free space of the filesystem that holds `directory` (or would: its nearest existing parent)."""
+    path = os.path.abspath(directory)
+    while not os.path.isdir(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    return shutil.disk_usage(path).free
+
+
+def choose_store(store: str, nbytes: int, flag: str = "layer_inputs", directory: Optional[str] = None) -> str:
+    """`memory` or `disk` for `--<flag> store` and what would hold `nbytes` in memory; with `directory`, where the
+    files would go, `auto` keeps in memory what that disk has no room for (twice the bytes: room for the rest),
+    and `disk` without the room is an error, before any of it is written."""
     if store not in STORES:
         raise ValueError(f"{flag} must be one of {STORES}, got {store!r}")
-    if store != "auto":
-        return store
-    return "disk" if nbytes > AUTO_DISK_BYTES else "memory"
+    if store == "memory" or (store == "auto" and nbytes <= AUTO_DISK_BYTES):
+        return "memory"
+    if directory is None:
+        return "disk"
+    free = free_bytes(directory)
+    if store == "auto":
+        return "disk" if free >= 2 * nbytes else "memory"
+    if free < nbytes:
+        raise ValueError(f"--{flag} disk: {nbytes / 2 ** 20:.0f} MiB to write in {directory}, which has "
+                         f"{free / 2 ** 20:.0f} MiB free")
+    return "disk"
 
 
 def layer_input_bytes(layers: int, positions: int, hidden: int) -> int:

@@ -110,7 +110,7 @@ class Trainer:
         t = self.trainables
         # AdamW's two fp32 moments per trained value; in files inside output_dir when they are large (`spill`).
         moments = 8 * sum(int(np.prod(p.shape)) for p in t.params.values())
-        on_disk = choose_store(args.optimizer_state, moments, "optimizer_state") == "disk"
+        on_disk = choose_store(args.optimizer_state, moments, "optimizer_state", args.output_dir) == "disk"
         self.optimizer = AdamW(t.params, args.learning_rate, (args.adam_beta1, args.adam_beta2), args.adam_epsilon,
                                args.weight_decay, dict(zip(t.names, t.decay_mask())),
                                state_dir=args.output_dir if on_disk else None)
