@@ -16,13 +16,14 @@
 import math
 import os
 import shutil
-import tempfile
 import weakref
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import mindspore as ms
 from mindspore import Parameter, Tensor, ops
+
+from .spill import spill_directory
 
 SCHEDULES = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
              "inverse_sqrt")
@@ -98,10 +99,8 @@ class AdamW:
         self.steps: Dict[str, int] = {}
         self.exp_avg: Dict[str, Parameter] = {}
         self.exp_avg_sq: Dict[str, Parameter] = {}
-        self._dir = None
-        if state_dir is not None:
-            os.makedirs(state_dir, exist_ok=True)
-            self._dir = tempfile.mkdtemp(prefix=".optimizer-state-", dir=state_dir)
+        self._dir = spill_directory(state_dir, ".optimizer-state-") if state_dir is not None else None
+        if self._dir is not None:
             self._file_of = {name: i for i, name in enumerate(params)}
             weakref.finalize(self, shutil.rmtree, self._dir, True)
 

@@ -52,6 +52,12 @@ def choose_store(store: str, nbytes: int, flag: str = "layer_inputs", directory:
     return "disk"
 
 
+def spill_directory(parent: str, prefix: str) -> str:
+    """A fresh hidden directory in `parent` (made if need be) for one store's files."""
+    os.makedirs(parent, exist_ok=True)
+    return tempfile.mkdtemp(prefix=prefix, dir=parent)
+
+
 def layer_input_bytes(layers: int, positions: int, hidden: int) -> int:
     """What a micro-batch's layer inputs hold in fp32: one per layer (`positions` padded)."""
     return layers * positions * hidden * 4
@@ -65,10 +71,7 @@ class LayerInputs:
     def __init__(self, directory: Optional[str] = None):
         self._held: Dict[int, Tensor] = {}
         self._files: Dict[int, tuple] = {}
-        self._dir = None
-        if directory is not None:
-            os.makedirs(directory, exist_ok=True)
-            self._dir = tempfile.mkdtemp(prefix=".layer-inputs-", dir=directory)
+        self._dir = spill_directory(directory, ".layer-inputs-") if directory is not None else None
 
     @property
     def on_disk(self) -> bool:
