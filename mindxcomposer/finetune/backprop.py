@@ -34,10 +34,10 @@ from .trainables import Trainables
 LENGTH_BUCKET = 64
 HEAD_CHUNK = 256  # positions per head-and-loss call (a multiple of LENGTH_BUCKET)
 # Positions per call of a decoder layer's row-wise parts, forward and gradient (`DecoderLayerBlocks`; a multiple of
-# LENGTH_BUCKET). What a call holds adds to the memory pool's high-water mark, which freed blocks of other sizes do
-# not bring down: at the release's width, 2 layers and 1,375 positions, one micro-batch added 3.0 GiB over the
-# loaded model with blocks of 256 rows (and 512-position head chunks), 1.8 GiB with 128 (and 256), 1.6 GiB with 64,
-# at 27, 27 and 30 s (docs/finetune.md); as one graph over all rows the first layer's gradient alone added 4.5 GiB.
+# LENGTH_BUCKET). A call's working set adds to the memory pool's high-water mark (freed blocks of one size do not
+# serve the next stage's other sizes): at the release's width, 2 layers and 1,375 positions, two LoRA steps peaked
+# 3.32 GiB above the loaded model with 256 rows, 2.33 with 128 and 2.08 with 64, at about the same speed
+# (docs/finetune.md, "Rows per block"); as one graph over all rows the first layer's gradient alone added 4.5 GiB.
 LAYER_ROWS = 128
 VOCAB_CHUNK = 8192  # vocabulary rows per slice of a frozen head in another dtype (`_frozen_head`)
 
