@@ -4,8 +4,8 @@ AdamW's moments (`optim.AdamW`'s `state_dir`); `choose_store` decides for `auto`
 Layer inputs: where a micro-batch's decoder layer inputs wait between the forward and the backward.
 
 The backward recomputes each decoder layer from its input (upstream's gradient checkpointing), so the forward keeps
-one input per layer: positions x hidden x 4 bytes each, 33 of them at the release's depth (0.73 GB at 1,400
-positions, 4.4 GB at 8,200). `LayerInputs` holds them in memory (`memory`), or writes each to a file as the forward
+one input per layer: positions x hidden x 4 bytes each, 32 of them at the release's depth (0.74 GB at 1,408
+padded positions, 4.3 GB at 8,256). `LayerInputs` holds them in memory (`memory`), or writes each to a file as the forward
 makes it and reads it back when its layer's gradient runs (`disk`), so that what stays resident no longer grows with
 depth or length (DeepSpeed's activation checkpointing offers the same trade with its CPU/NVMe offload). The values
 are the same bits either way: a file holds the tensor's fp32 bytes. Either way an input is dropped as soon as its
