@@ -189,6 +189,15 @@ def test_optimizer_state_on_disk_is_the_same_state(tmp_path):
         np.testing.assert_array_equal(s_mem[k], s_disk[k])
     assert s_mem["step/b"] == 2 and s_mem["step/a"] == 3
     resumed = make(str(tmp_path))
+    broken = [({k: v for k, v in s_mem.items() if k != "exp_avg_sq/a"}, "optimizer state of a lacks exp_avg_sq"),
+              ({k: v for k, v in s_mem.items() if k != "step/b"}, "optimizer state of b lacks step"),
+              ({**s_mem, "exp_avg/a": s_mem["exp_avg/a"][:2]}, r"exp_avg/a has shape \(2, 5\), the parameter \(3, 5\)"),
+              ({**s_mem, "momentum/a": s_mem["exp_avg/a"]}, "entry this optimizer does not keep: momentum/a"),
+              ({**s_mem, "step/c": np.asarray(1)}, "parameter that does not train here: c")]
+    for state, message in broken:
+        with pytest.raises(ValueError, match=message):
+            resumed.load_state_dict(state)
+        assert not resumed.steps, "a refused state is not applied in part"
     resumed.load_state_dict(s_mem)
     for n in init:
         resumed.params[n].set_data(Tensor(mem.params[n].asnumpy()))

@@ -28,7 +28,7 @@ from ..vision import PROJECTOR_CHUNK
 from .labels import IGNORE_INDEX
 from .lora import adapter_name
 from .layer_grads import ChainGrad, ClipLayerGrad, DecoderLayerBlocks, HeadLossGrad, TrainingMath
-from .spill import LayerInputs, choose_store, layer_input_bytes
+from .spill import LayerInputs, check_store, choose_store, layer_input_bytes
 from .trainables import Trainables
 
 LENGTH_BUCKET = 64
@@ -63,7 +63,7 @@ class MicroBatchGradients:
 
     def __init__(self, model, trainables: Trainables, plora_dropout: float = 0.0, layer_inputs: str = "auto",
                  spill_dir: Optional[str] = None):
-        choose_store(layer_inputs, 0)  # the name checked before any work
+        check_store(layer_inputs, "layer_inputs")  # before any work
         self.layer_inputs, self.spill_dir = layer_inputs, spill_dir
         self.model = model
         self.config = model.config

@@ -166,20 +166,30 @@ class AdamW:
         return out
 
     def load_state_dict(self, state: Dict[str, np.ndarray]) -> None:
-        moments: Dict[str, Dict[str, np.ndarray]] = {}
+        """Takes what `state_dict` wrote: each parameter's step and both moments, or nothing of it (not stepped
+        yet); anything else is an error naming the parameter, before any of it is applied."""
+        entries: Dict[str, Dict[str, np.ndarray]] = {}
         for key, value in state.items():
-            kind, name = key.split("/", 1)
+            kind, _, name = key.partition("/")
+            if kind not in ("step", "exp_avg", "exp_avg_sq"):
+                raise ValueError(f"optimizer state has an entry this optimizer does not keep: {key}")
             if name not in self.params:
                 raise ValueError(f"optimizer state names a parameter that does not train here: {name}")
-            if kind == "step":
-                self.steps[name] = int(value)
-            else:
-                moments.setdefault(name, {})[kind] = np.asarray(value, np.float32)
-        for name, mv in moments.items():
+            entries.setdefault(name, {})[kind] = value
+        for name, e in entries.items():
+            missing = {"step", "exp_avg", "exp_avg_sq"} - set(e)
+            if missing:
+                raise ValueError(f"optimizer state of {name} lacks {', '.join(sorted(missing))}")
             shape = tuple(self.params[name].shape)
-            m, v = self._moments(name) if len(mv) < 2 else (None, None)
-            self._keep(name, Tensor(mv["exp_avg"].reshape(shape)) if "exp_avg" in mv else m,
-                       Tensor(mv["exp_avg_sq"].reshape(shape)) if "exp_avg_sq" in mv else v)
+            for kind in ("exp_avg", "exp_avg_sq"):
+                if np.asarray(e[kind]).size != int(np.prod(shape)):
+                    raise ValueError(f"optimizer state {kind}/{name} has shape {np.asarray(e[kind]).shape}, "
+                                     f"the parameter {shape}")
+        for name, e in entries.items():
+            shape = tuple(self.params[name].shape)
+            self._keep(name, Tensor(np.asarray(e["exp_avg"], np.float32).reshape(shape)),
+                       Tensor(np.asarray(e["exp_avg_sq"], np.float32).reshape(shape)))
+            self.steps[name] = int(e["step"])
 
 
 def global_norm(grads: List[Tensor]) -> float:

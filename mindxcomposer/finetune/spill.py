@@ -33,12 +33,17 @@ def free_bytes(directory: str) -> int:
     return shutil.disk_usage(path).free
 
 
+def check_store(store: str, flag: str) -> None:
+    """The one check of a `--<flag>` value (`--layer_inputs`, `--optimizer_state`)."""
+    if store not in STORES:
+        raise ValueError(f"--{flag} must be one of {', '.join(STORES)}, got {store!r}")
+
+
 def choose_store(store: str, nbytes: int, flag: str = "layer_inputs", directory: Optional[str] = None) -> str:
     """`memory` or `disk` for `--<flag> store` and what would hold `nbytes` in memory; with `directory`, where the
     files would go, `auto` keeps in memory what that disk has no room for (twice the bytes: room for the rest),
     and `disk` without the room is an error, before any of it is written."""
-    if store not in STORES:
-        raise ValueError(f"{flag} must be one of {STORES}, got {store!r}")
+    check_store(store, flag)
     if store == "memory" or (store == "auto" and nbytes <= AUTO_DISK_BYTES):
         return "memory"
     if directory is None:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import List, Optional, Sequence
 
 from .arguments import add_data_arguments, data_arguments, parse_bool
-from .spill import STORES
+from .spill import check_store
 from .lora import DEFAULT_TARGETS, LoraSettings
 from .optim import SCHEDULES
 
@@ -81,8 +81,7 @@ class TrainingArguments:
                 "scripts use 1; above 1 upstream trains only the first item of an image batch). Put more samples "
                 "in a micro-batch with --batch_size")
         for name in ("layer_inputs", "optimizer_state"):
-            if getattr(self, name) not in STORES:
-                raise ValueError(f"{name} must be one of {STORES}, got {getattr(self, name)!r}")
+            check_store(getattr(self, name), name)
         if self.fp16:
             raise ValueError("--fp16 is not supported; use --bf16 (Ascend) or fp32")
         if self.lr_scheduler_type not in SCHEDULES:
