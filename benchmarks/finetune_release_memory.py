@@ -233,6 +233,38 @@ def full_depth(args):
         print(f"| {r['layer_rows']} | {r['load_peak_gib']:.2f} | {r['step_peak_gib']:.2f} | "
               f"{', '.join(f'{s:.0f}' for s in r['steps_s'])} | {r['load_s']:.0f} | "
               f"{', '.join(f'{x:.4f}' for x in r['losses'])} |")
+    # Seconds per step against the machine: the decoder's products are the forward's 2 x positions x weights, the
+    # gradient's recomputation of it and the input gradients (the adapters' products add ~2%, attention's grow
+    # with the square of the length and are left out).
+    flop = 3 * 2.0 * r["positions"] * decoder_linear_params(args.model, args.truncate)
+    rates = machine_rates()
+    mode = "bf16" if args.bf16 else "exact"
+    best = min(s for r in results for s in r["steps_s"])
+    print(f"\nA step's decoder products: {flop / 1e12:.1f} TFLOP, {flop / best / 1e9:.0f} GFLOP/s at the fastest "
+          f"step ({best:.0f} s). This machine in this run ({rates['isa']}), one product [512 x 4096] x "
+          f"[4096 x 14336]: " + ", ".join(f"ours {m} {v:.0f}" for m, v in rates["ours"].items())
+          + ", " + ", ".join(f"{m} {v:.0f}" for m, v in rates["ref"].items())
+          + f" GFLOP/s: the step runs its products at {flop / best / 1e9 / rates['ours'][mode]:.0%} of ours {mode}.")
+
+
+def decoder_linear_params(model_dir, layers=0):
+    """The decoder's base linear weights (wqkv, wo, w1, w2, w3 over its layers, or its first `layers`)."""
+    with open(os.path.join(model_dir, "config.json")) as f:
+        c = json.load(f)
+    h, d = c["hidden_size"], c["hidden_size"] // c["num_attention_heads"]
+    qkv = h * (c["num_attention_heads"] + 2 * c["num_key_value_heads"]) * d
+    per_layer = qkv + c["num_attention_heads"] * d * h + 3 * h * c["intermediate_size"]
+    return per_layer * (layers or c["num_hidden_layers"])
+
+
+def machine_rates():
+    """This machine's GEMM rates in this run (`prefill_profile`: one product [512 x 4096] x [4096 x 14336], our
+    kernel exact and bf16, numpy fp32), measured in a process of their own after the training runs."""
+    code = ("import json, sys; sys.path.insert(0, 'benchmarks'); from prefill_profile import kernel_rates, "
+            "reference_rates; from mindxcomposer.ops import cpu_kernels; "
+            "print(json.dumps({'isa': cpu_kernels.isa(), 'ours': kernel_rates(), 'ref': reference_rates()}))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def main(argv=None):

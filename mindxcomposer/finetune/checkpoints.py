@@ -10,12 +10,12 @@ import json
 import os
 import re
 import shutil
-from typing import Dict, Optional
+from typing import Dict, Mapping, Optional
 
 import numpy as np
 
 from ..atomic import atomic_dir, write_json
-from ..weights import SafetensorsFile, write_safetensors
+from ..weights import LazyArrays, SafetensorsFile, write_safetensors
 from .lora import LoraSettings, load_adapter, write_adapter
 
 PREFIX = "checkpoint-"
@@ -41,22 +41,24 @@ def latest_checkpoint(output_dir: str) -> Optional[str]:
     return dirs[-1][1] if dirs else None
 
 
-def _write_arrays(path: str, arrays: Dict[str, np.ndarray]) -> None:
-    out = {}
-    for k, v in arrays.items():
-        v = np.asarray(v)
-        out[k] = v if v.dtype in (np.float32, np.int64) else v.astype(np.float32)
-    write_safetensors(path, out, metadata={"format": "mxc"})
+def _write_arrays(path: str, arrays: Mapping[str, np.ndarray]) -> None:
+    """fp32 (int64 kept), made one array at a time as the file is written (`arrays` may be a `LazyArrays`)."""
+    def make(k):
+        v = np.asarray(arrays[k])
+        return v if v.dtype in (np.float32, np.int64) else v.astype(np.float32)
+    write_safetensors(path, LazyArrays(arrays, make), metadata={"format": "mxc"})
 
 
-def _read_arrays(path: str) -> Dict[str, np.ndarray]:
+def _read_arrays(path: str) -> LazyArrays:
+    """The file's arrays, each read when it is asked for (an optimizer state is 2.25 GB at the release's size)."""
     sf = SafetensorsFile(path)
-    return {k: sf.raw(k) if sf.dtype(k) == "I64" else sf.get(k, np.float32) for k in sf.keys()}
+    return LazyArrays(sf.keys(), lambda k: sf.raw(k) if sf.dtype(k) == "I64" else sf.get(k, np.float32))
 
 
-def save_checkpoint(output_dir: str, step: int, trained: Dict[str, np.ndarray], lora: Optional[LoraSettings],
-                    optimizer_state: Dict[str, np.ndarray], state: dict, base_model: str,
+def save_checkpoint(output_dir: str, step: int, trained: Mapping[str, np.ndarray], lora: Optional[LoraSettings],
+                    optimizer_state: Mapping[str, np.ndarray], state: dict, base_model: str,
                     save_total_limit: Optional[int]) -> str:
+    """`trained` and `optimizer_state` may be `LazyArrays`: each array is made when it is written, one at a time."""
     path = os.path.join(output_dir, f"{PREFIX}{step}")
     with atomic_dir(path) as tmp:
         if lora is not None:
@@ -72,7 +74,7 @@ def save_checkpoint(output_dir: str, step: int, trained: Dict[str, np.ndarray], 
 
 
 def load_checkpoint(path: str, lora: Optional[LoraSettings], config):
-    """-> (trained tensors, optimizer state, trainer state)."""
+    """-> (trained tensors, optimizer state, trainer state); the tensors and the state are read when asked for."""
     state_file = os.path.join(path, STATE_FILE)
     if not os.path.isfile(state_file):
         raise ValueError(f"{path} is not a checkpoint (no {STATE_FILE})")

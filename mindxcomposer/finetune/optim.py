@@ -17,12 +17,13 @@ import math
 import os
 import shutil
 import weakref
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 import mindspore as ms
 from mindspore import Parameter, Tensor, ops
 
+from ..weights import LazyArrays
 from .spill import spill_directory
 
 SCHEDULES = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
@@ -157,39 +158,52 @@ class AdamW:
 
     # -- state for checkpoints (torch's layout: per-parameter step, exp_avg, exp_avg_sq) --------------
     def state_dict(self) -> Dict[str, np.ndarray]:
-        out = {}
-        for name, step in self.steps.items():
-            m, v = self._moments(name)
-            out[f"step/{name}"] = np.asarray(step, np.int64)
-            out[f"exp_avg/{name}"] = m.asnumpy()
-            out[f"exp_avg_sq/{name}"] = v.asnumpy()
-        return out
+        return dict(self.state_arrays())
 
-    def load_state_dict(self, state: Dict[str, np.ndarray]) -> None:
+    def state_arrays(self) -> LazyArrays:
+        """`state_dict`'s entries, each read when it is asked for: writing a checkpoint then holds one moment at a
+        time (the adapter's moments are 2.25 GB at the release's size)."""
+        names = [f"{kind}/{name}" for name in self.steps for kind in ("step", "exp_avg", "exp_avg_sq")]
+
+        def make(key):
+            kind, name = key.split("/", 1)
+            if kind == "step":
+                return np.asarray(self.steps[name], np.int64)
+            if self._dir is None:
+                m, v = self._state(name)
+                return (m if kind == "exp_avg" else v).asnumpy()
+            f = self._paths(name)[0 if kind == "exp_avg" else 1]
+            return np.fromfile(f, np.float32).reshape(tuple(self.params[name].shape))
+        return LazyArrays(names, make)
+
+    def load_state_dict(self, state: Mapping[str, np.ndarray]) -> None:
         """Takes what `state_dict` wrote: each parameter's step and both moments, or nothing of it (not stepped
-        yet); anything else is an error naming the parameter, before any of it is applied."""
-        entries: Dict[str, Dict[str, np.ndarray]] = {}
-        for key, value in state.items():
+        yet); anything else is an error naming the parameter, before any of it is applied. `state` may be lazy
+        (a checkpoint's file): each moment is read when used, so resuming holds one at a time."""
+        entries: Dict[str, set] = {}
+        for key in state:
             kind, _, name = key.partition("/")
             if kind not in ("step", "exp_avg", "exp_avg_sq"):
                 raise ValueError(f"optimizer state has an entry this optimizer does not keep: {key}")
             if name not in self.params:
                 raise ValueError(f"optimizer state names a parameter that does not train here: {name}")
-            entries.setdefault(name, {})[kind] = value
-        for name, e in entries.items():
-            missing = {"step", "exp_avg", "exp_avg_sq"} - set(e)
+            entries.setdefault(name, set()).add(kind)
+        for name, kinds in entries.items():
+            missing = {"step", "exp_avg", "exp_avg_sq"} - kinds
             if missing:
                 raise ValueError(f"optimizer state of {name} lacks {', '.join(sorted(missing))}")
             shape = tuple(self.params[name].shape)
             for kind in ("exp_avg", "exp_avg_sq"):
-                if np.asarray(e[kind]).size != int(np.prod(shape)):
-                    raise ValueError(f"optimizer state {kind}/{name} has shape {np.asarray(e[kind]).shape}, "
-                                     f"the parameter {shape}")
-        for name, e in entries.items():
-            shape = tuple(self.params[name].shape)
-            self._keep(name, Tensor(np.asarray(e["exp_avg"], np.float32).reshape(shape)),
-                       Tensor(np.asarray(e["exp_avg_sq"], np.float32).reshape(shape)))
-            self.steps[name] = int(e["step"])
+                size = np.asarray(state[f"{kind}/{name}"]).size
+                if size != int(np.prod(shape)):
+                    raise ValueError(f"optimizer state {kind}/{name} has {size} values, the parameter's shape is "
+                                     f"{shape}")
+
+        def moment(kind, name):
+            return Tensor(np.asarray(state[f"{kind}/{name}"], np.float32).reshape(tuple(self.params[name].shape)))
+        for name in entries:
+            self._keep(name, moment("exp_avg", name), moment("exp_avg_sq", name))
+            self.steps[name] = int(np.asarray(state[f"step/{name}"]))
 
 
 def global_norm(grads: List[Tensor]) -> float:

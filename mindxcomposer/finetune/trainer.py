@@ -165,8 +165,8 @@ class Trainer:
     def _save_checkpoint(self, log_history, global_step, epoch_float, max_steps, position):
         if not self.world.is_main:
             return
-        save_checkpoint(self.args.output_dir, global_step, self.trainables.numpy(), self.trainables.lora,
-                        self.optimizer.state_dict(), self._state(log_history, global_step, epoch_float, max_steps,
+        save_checkpoint(self.args.output_dir, global_step, self.trainables.arrays(), self.trainables.lora,
+                        self.optimizer.state_arrays(), self._state(log_history, global_step, epoch_float, max_steps,
                                                                  position),
                         self.args.model_name_or_path, self.args.save_total_limit)
 
