@@ -120,10 +120,13 @@ def worker(model_dir, data, out, steps="1", hd_num="18", bf16="False", layers="0
     from mindxcomposer.finetune.training_args import parse_args
 
     t0 = time.perf_counter()
-    # Upstream's LoRA flags (finetune_lora.sh); dropout as upstream's defaults.
+    # Upstream's LoRA flags (finetune_lora.sh); dropout as upstream's defaults. Its `--save_strategy epoch
+    # --save_total_limit 1`: the data is one sample, so each optimizer step ends an epoch and writes a checkpoint
+    # (adapter and AdamW's moments), whose memory the step's peak then includes.
     argv = ["--model_name_or_path", model_dir, "--output_dir", out, "--data_path", data, "--use_lora", "True",
             "--lora_r", "64", "--lora_alpha", "64", "--fix_vit", "True", "--fix_sampler", "True", "--hd_num", hd_num,
-            "--batch_size", "1", "--per_device_train_batch_size", "1", "--max_steps", steps, "--save_strategy", "no",
+            "--batch_size", "1", "--per_device_train_batch_size", "1", "--max_steps", steps,
+            "--save_strategy", "epoch", "--save_total_limit", "1",
             "--sampling", "sequential", "--max_length", "16384", "--progress", "False", "--logging_steps", "1",
             "--bf16", bf16, "--layer_inputs", layer_inputs, "--optimizer_state", optimizer_state]
     trainer = Trainer(*parse_args(argv))
@@ -146,6 +149,7 @@ def worker(model_dir, data, out, steps="1", hd_num="18", bf16="False", layers="0
         ends.append(time.perf_counter())
         trace(f"optimizer step {len(ends)}")
     trainer.optimizer.step = timed_step
+    trainer._save_checkpoint = traced(trainer._save_checkpoint, "checkpoint written")
     t1 = time.perf_counter()
     result = trainer.train()
     sys.stdout.write(MARK + json.dumps({"load_peak_gib": loaded, "step_peak_gib": peak_gib(), "load_s": load_s,
