@@ -436,37 +436,58 @@ void ukr_f32(int64_t kc, const float *a, const float *b, float *c, int64_t ldc, 
   store_tile512(r, c, ldc, mv, nv, acc);
 }
 #elif defined(__AVX2__) && defined(__FMA__)
-void ukr_f32(int64_t kc, const float *a, const float *b, float *c, int64_t ldc, int mv, int nv, bool acc) {
-  __m256 r[MR][2];
-  const bool full = mv == MR && nv == NR;
-  alignas(64) float tile[MR * NR];
-  for (int i = 0; i < MR; ++i) r[i][0] = r[i][1] = _mm256_setzero_ps();
-  for (int64_t k = 0; k < kc; ++k) {
-    const __m256 b0 = _mm256_loadu_ps(b + k * NR), b1 = _mm256_loadu_ps(b + k * NR + 8);
-    const float *ak = a + k * MR;
-#pragma GCC unroll 6
+// The AVX2 micro-kernel's accumulators to C, as `store_tile512`.
+inline void store_tile256(const __m256 (&r)[MR][2], float *c, int64_t ldc, int mv, int nv, bool acc) {
+  if (mv == MR && nv == NR) {
     for (int i = 0; i < MR; ++i) {
-      const __m256 av = _mm256_broadcast_ss(ak + i);
-      r[i][0] = _mm256_fmadd_ps(av, b0, r[i][0]);
-      r[i][1] = _mm256_fmadd_ps(av, b1, r[i][1]);
-    }
-  }
-  if (full) {
-    for (int i = 0; i < MR; ++i) {
+      __m256 lo = r[i][0], hi = r[i][1];
       if (acc) {
-        r[i][0] = _mm256_add_ps(_mm256_loadu_ps(c + i * ldc), r[i][0]);
-        r[i][1] = _mm256_add_ps(_mm256_loadu_ps(c + i * ldc + 8), r[i][1]);
+        lo = _mm256_add_ps(_mm256_loadu_ps(c + i * ldc), lo);
+        hi = _mm256_add_ps(_mm256_loadu_ps(c + i * ldc + 8), hi);
       }
-      _mm256_storeu_ps(c + i * ldc, r[i][0]);
-      _mm256_storeu_ps(c + i * ldc + 8, r[i][1]);
+      _mm256_storeu_ps(c + i * ldc, lo);
+      _mm256_storeu_ps(c + i * ldc + 8, hi);
     }
     return;
   }
+  alignas(64) float tile[MR * NR];
   for (int i = 0; i < MR; ++i) {
     _mm256_store_ps(tile + i * NR, r[i][0]);
     _mm256_store_ps(tile + i * NR + 8, r[i][1]);
   }
   store_tile(tile, c, ldc, mv, nv, acc);
+}
+
+void ukr_f32(int64_t kc, const float *a, const float *b, float *c, int64_t ldc, int mv, int nv, bool acc) {
+  static_assert(MR == 6 && NR == 16, "the AVX2 micro-kernel is written for 6 x 16 tiles");
+  // Twelve named accumulators, not an array: with `__m256 r[MR][2]` GCC 12 kept the array in memory and stored
+  // all 12 accumulators at every k step (a store per FMA: about half the FMA rate where one store retires a cycle).
+  __m256 r0a = _mm256_setzero_ps(), r0b = r0a, r1a = r0a, r1b = r0a, r2a = r0a, r2b = r0a, r3a = r0a, r3b = r0a,
+         r4a = r0a, r4b = r0a, r5a = r0a, r5b = r0a;
+  for (int64_t k = 0; k < kc; ++k) {
+    const __m256 b0 = _mm256_loadu_ps(b + k * NR), b1 = _mm256_loadu_ps(b + k * NR + 8);
+    const float *ak = a + k * MR;
+    __m256 av = _mm256_broadcast_ss(ak);
+    r0a = _mm256_fmadd_ps(av, b0, r0a);
+    r0b = _mm256_fmadd_ps(av, b1, r0b);
+    av = _mm256_broadcast_ss(ak + 1);
+    r1a = _mm256_fmadd_ps(av, b0, r1a);
+    r1b = _mm256_fmadd_ps(av, b1, r1b);
+    av = _mm256_broadcast_ss(ak + 2);
+    r2a = _mm256_fmadd_ps(av, b0, r2a);
+    r2b = _mm256_fmadd_ps(av, b1, r2b);
+    av = _mm256_broadcast_ss(ak + 3);
+    r3a = _mm256_fmadd_ps(av, b0, r3a);
+    r3b = _mm256_fmadd_ps(av, b1, r3b);
+    av = _mm256_broadcast_ss(ak + 4);
+    r4a = _mm256_fmadd_ps(av, b0, r4a);
+    r4b = _mm256_fmadd_ps(av, b1, r4b);
+    av = _mm256_broadcast_ss(ak + 5);
+    r5a = _mm256_fmadd_ps(av, b0, r5a);
+    r5b = _mm256_fmadd_ps(av, b1, r5b);
+  }
+  const __m256 r[MR][2] = {{r0a, r0b}, {r1a, r1b}, {r2a, r2b}, {r3a, r3b}, {r4a, r4b}, {r5a, r5b}};
+  store_tile256(r, c, ldc, mv, nv, acc);
 }
 #else
 void ukr_f32(int64_t kc, const float *a, const float *b, float *c, int64_t ldc, int mv, int nv, bool acc) {
