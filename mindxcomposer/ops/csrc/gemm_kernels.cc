@@ -467,24 +467,15 @@ void ukr_f32(int64_t kc, const float *a, const float *b, float *c, int64_t ldc, 
   for (int64_t k = 0; k < kc; ++k) {
     const __m256 b0 = _mm256_loadu_ps(b + k * NR), b1 = _mm256_loadu_ps(b + k * NR + 8);
     const float *ak = a + k * MR;
-    __m256 av = _mm256_broadcast_ss(ak);
-    r0a = _mm256_fmadd_ps(av, b0, r0a);
-    r0b = _mm256_fmadd_ps(av, b1, r0b);
-    av = _mm256_broadcast_ss(ak + 1);
-    r1a = _mm256_fmadd_ps(av, b0, r1a);
-    r1b = _mm256_fmadd_ps(av, b1, r1b);
-    av = _mm256_broadcast_ss(ak + 2);
-    r2a = _mm256_fmadd_ps(av, b0, r2a);
-    r2b = _mm256_fmadd_ps(av, b1, r2b);
-    av = _mm256_broadcast_ss(ak + 3);
-    r3a = _mm256_fmadd_ps(av, b0, r3a);
-    r3b = _mm256_fmadd_ps(av, b1, r3b);
-    av = _mm256_broadcast_ss(ak + 4);
-    r4a = _mm256_fmadd_ps(av, b0, r4a);
-    r4b = _mm256_fmadd_ps(av, b1, r4b);
-    av = _mm256_broadcast_ss(ak + 5);
-    r5a = _mm256_fmadd_ps(av, b0, r5a);
-    r5b = _mm256_fmadd_ps(av, b1, r5b);
+// One row of the tile: broadcast a's element, two FMAs into that row's pair of accumulators.
+#define MXC_AVX2_ROW(i)                                     \
+  {                                                         \
+    const __m256 av = _mm256_broadcast_ss(ak + i);          \
+    r##i##a = _mm256_fmadd_ps(av, b0, r##i##a);             \
+    r##i##b = _mm256_fmadd_ps(av, b1, r##i##b);             \
+  }
+    MXC_AVX2_ROW(0) MXC_AVX2_ROW(1) MXC_AVX2_ROW(2) MXC_AVX2_ROW(3) MXC_AVX2_ROW(4) MXC_AVX2_ROW(5)
+#undef MXC_AVX2_ROW
   }
   const __m256 r[MR][2] = {{r0a, r0b}, {r1a, r1b}, {r2a, r2b}, {r3a, r3b}, {r4a, r4b}, {r5a, r5b}};
   store_tile256(r, c, ldc, mv, nv, acc);
