@@ -19,7 +19,7 @@ from mindspore import Tensor, nn, ops
 
 from .configuration import CLIPVisionConfig
 from .layers import LayerNorm, Linear, lazy_param
-from .ops import EXACT, QUICK_GELU, attention, cast_like, linear_bias
+from .ops import EXACT, QUICK_GELU, attention, cast_like, linear, linear_bias
 from .ops.attention import BSND
 from .vision_pauses import VIT, vision_call_done
 
@@ -43,24 +43,31 @@ class CLIPVisionEmbeddings(nn.Cell):
 
     def construct(self, pixel_values):
         b = pixel_values.shape[0]
-        patches = self.patch_embedding(pixel_values)  # [B, C, g, g]
-        patches = patches.reshape(b, patches.shape[1], -1).transpose(0, 2, 1)
+        patches = self.patch_embedding(pixel_values)  # [B, g * g, C]
         cls = ops.broadcast_to(cast_like(self.class_embedding, patches).reshape(1, 1, -1), (b, 1, patches.shape[-1]))
         pos = cast_like(self.position_embedding.weight, patches)
         return ops.concat((cls, patches), 1) + pos.reshape((1,) + pos.shape)
 
 
 class _PatchEmbedding(nn.Cell):
-    """Conv2d(3, C, patch, stride=patch, no bias) with `weight` [C, 3, p, p] in the storage dtype."""
+    """Conv2d(3, C, patch, stride=patch, no bias) with `weight` [C, 3, p, p] in the storage dtype, computed as what
+    it is: each p x p patch (channels, rows, columns: the weight's order) times the weight, one product through
+    the model's kernels -> [B, patches, C] in the patches' row-major order (the conv's flattened output). Exact
+    products, as the conv computed in the input's dtype. Not MindSpore's Conv2D: on AVX2 CPUs its result for a
+    crop depended on how many crops shared the call (2.6e-6 at 32 channels), which made the ViT's micro-batches
+    differ."""
 
     def __init__(self, cfg: CLIPVisionConfig, dtype):
         super().__init__()
-        p = cfg.patch_size
-        self.weight = lazy_param((cfg.hidden_size, cfg.num_channels, p, p), dtype, "weight")
-        self.conv = ops.Conv2D(cfg.hidden_size, p, pad_mode="valid", stride=p)
+        self.patch = cfg.patch_size
+        self.weight = lazy_param((cfg.hidden_size, cfg.num_channels, self.patch, self.patch), dtype, "weight")
 
     def construct(self, x):
-        return self.conv(x, cast_like(self.weight, x))
+        b, c, h, w = x.shape
+        p = self.patch
+        gh, gw = h // p, w // p
+        x = x[:, :, :gh * p, :gw * p].reshape(b, c, gh, p, gw, p).transpose(0, 2, 4, 1, 3, 5)
+        return linear(x.reshape(b, gh * gw, c * p * p), self.weight.reshape(self.weight.shape[0], -1), EXACT)
 
 
 class _PositionEmbedding(nn.Cell):

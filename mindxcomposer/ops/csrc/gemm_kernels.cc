@@ -597,6 +597,10 @@ constexpr int64_t kOnednnMinRows = 1;
 int g_onednn_enabled = -1;  // -1: not decided yet (MXC_ONEDNN=0 in the environment turns it off)
 
 bool onednn_enabled() {
+  // Only where this CPU multiplies bf16 (AVX512-BF16, which every AMX-BF16 CPU also has): elsewhere oneDNN's
+  // bf16 matmul emulates it (on an AVX2 CPU the implementation check below let it serve all the same) and the
+  // own GEMM does the same arithmetic at the same rate. Decided by the CPU the library was built for.
+  if (!kNativeBf16) return false;
   if (g_onednn_enabled < 0) {
     const char *env = std::getenv("MXC_ONEDNN");
     g_onednn_enabled = (env != nullptr && env[0] == '0') ? 0 : 1;
