@@ -67,7 +67,9 @@ class _PatchEmbedding(nn.Cell):
         p = self.patch
         gh, gw = h // p, w // p
         x = x[:, :, :gh * p, :gw * p].reshape(b, c, gh, p, gw, p).transpose(0, 2, 4, 1, 3, 5)
-        return linear(x.reshape(b, gh * gw, c * p * p), self.weight.reshape(self.weight.shape[0], -1), EXACT)
+        # The weight in x's dtype first, as the conv took it (MindSpore's CPU Reshape has no bf16; widening is exact).
+        w = cast_like(self.weight, x)
+        return linear(x.reshape(b, gh * gw, c * p * p), w.reshape(w.shape[0], -1), EXACT)
 
 
 class _PositionEmbedding(nn.Cell):
