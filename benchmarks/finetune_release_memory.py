@@ -252,13 +252,16 @@ def full_depth(args):
 
 
 def decoder_linear_params(model_dir, layers=0):
-    """The decoder's base linear weights (wqkv, wo, w1, w2, w3 over its layers, or its first `layers`)."""
-    with open(os.path.join(model_dir, "config.json")) as f:
-        c = json.load(f)
-    h, d = c["hidden_size"], c["hidden_size"] // c["num_attention_heads"]
-    qkv = h * (c["num_attention_heads"] + 2 * c["num_key_value_heads"]) * d
-    per_layer = qkv + c["num_attention_heads"] * d * h + 3 * h * c["intermediate_size"]
-    return per_layer * (layers or c["num_hidden_layers"])
+    """The decoder's base linear weights (wqkv, wo, w1, w2, w3 over its layers, or its first `layers`), by the
+    model's own parameter shapes (unquantized: the weights the products multiply)."""
+    from mindxcomposer.configuration import InternLMXComposer2Config
+    from mindxcomposer.constants import LINEARS
+    from mindxcomposer.weights import parameter_shapes
+
+    config = InternLMXComposer2Config.from_pretrained(model_dir, ignore_quantization=True)
+    shapes = parameter_shapes(config)
+    return sum(int(np.prod(shapes[f"model.layers.{i}.{lin}.weight"]))
+               for i in range(layers or config.num_hidden_layers) for lin in LINEARS)
 
 
 def machine_rates():
