@@ -224,12 +224,18 @@ def _clip_list(items: List[str], n: int = 20) -> str:
     return shown + (f", ... ({len(items) - n} more)" if len(items) > n else "")
 
 
+Spec = Tuple[Tuple[int, ...], np.dtype]
+
+
 class LazyArrays(Mapping):
     """Arrays by name, each made by `make(name)` when it is read, so that `write_safetensors` holds one at a time
-    rather than all (an adapter's 0.6 GB at the release's size)."""
+    rather than all (an adapter's 0.6 GB at the release's size). `specs(name)` -> (shape, dtype), when given,
+    announces an array without making it: `write_safetensors` then makes each array once, not also for its header
+    (a second read of 1.1 GiB of moment files per checkpoint at the release's size)."""
 
-    def __init__(self, names: Iterable[str], make: Callable[[str], np.ndarray]):
-        self._names, self._make = list(names), make
+    def __init__(self, names: Iterable[str], make: Callable[[str], np.ndarray],
+                 specs: Optional[Callable[[str], Spec]] = None):
+        self._names, self._make, self._specs = list(names), make, specs
         self._known = set(self._names)
 
     def __getitem__(self, name: str) -> np.ndarray:
@@ -237,33 +243,60 @@ class LazyArrays(Mapping):
             raise KeyError(name)
         return self._make(name)
 
+    def __contains__(self, name) -> bool:  # Mapping's would make the array
+        return name in self._known
+
     def __iter__(self):
         return iter(self._names)
 
     def __len__(self) -> int:
         return len(self._names)
 
+    def spec(self, name: str) -> Optional[Spec]:
+        """(shape, dtype) that `self[name]` will have, or None when not announced."""
+        if name not in self._known:
+            raise KeyError(name)
+        if self._specs is None:
+            return None
+        shape, dtype = self._specs(name)
+        return tuple(shape), np.dtype(dtype)
 
-def write_safetensors(path: str, tensors: Dict[str, np.ndarray], metadata: Optional[dict] = None,
+
+def array_spec(arrays: Mapping, name: str) -> Spec:
+    """(shape, dtype) of `arrays[name]`: announced by a `LazyArrays` with specs, else read off the array."""
+    spec = arrays.spec(name) if isinstance(arrays, LazyArrays) else None
+    if spec is None:
+        arr = np.asarray(arrays[name])
+        spec = tuple(arr.shape), arr.dtype
+    return spec
+
+
+def write_safetensors(path: str, tensors: Mapping[str, np.ndarray], metadata: Optional[dict] = None,
                       dtypes: Optional[Dict[str, str]] = None) -> None:
-    """Write numpy arrays as safetensors. `dtypes[name] = "BF16"` marks uint16 arrays holding bf16 bits."""
+    """Write numpy arrays as safetensors. `dtypes[name] = "BF16"` marks uint16 arrays holding bf16 bits.
+    The header comes first, from `array_spec`; an array that then differs from it is an error naming it."""
     rev = {np.dtype(v): k for k, v in _ST_DTYPES.items() if k != "BF16"}
     header, offset = {}, 0
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     order = list(tensors)
-    for name in order:
-        arr = tensors[name]
-        dt = (dtypes or {}).get(name) or rev[arr.dtype]
-        header[name] = {"dtype": dt, "shape": list(arr.shape), "data_offsets": [offset, offset + arr.nbytes]}
-        offset += arr.nbytes
+    specs = {name: array_spec(tensors, name) for name in order}
+    for name, (shape, dtype) in specs.items():
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        dt = (dtypes or {}).get(name) or rev[dtype]
+        header[name] = {"dtype": dt, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
         for name in order:
-            f.write(np.ascontiguousarray(tensors[name]).tobytes())
+            arr = np.asarray(tensors[name])
+            if (tuple(arr.shape), arr.dtype) != specs[name]:
+                raise ValueError(f"{path}: array {name!r} is {arr.dtype}{list(arr.shape)}, but was announced as "
+                                 f"{specs[name][1]}{list(specs[name][0])}")
+            f.write(np.ascontiguousarray(arr).tobytes())
 
 
 def iter_shards(names: Iterable[str], sizes: Dict[str, int], max_bytes: int) -> List[List[str]]:

@@ -5,6 +5,7 @@ tests/fixtures/finetune_train/ (tools/reference/make_finetune_train_fixtures.py;
 import json
 import logging
 import os
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -335,3 +336,93 @@ def test_checkpoint_is_written_one_array_at_a_time(tmp_path):
             np.testing.assert_array_equal(state[k], expected[k])
         for n in init:
             np.testing.assert_array_equal(back[n], trained[n])
+
+
+def _stepped_adamw(state_dir, seed=2):
+    """Six (4, 3) parameters and an AdamW (moments in memory, or on disk with `state_dir`) after one step."""
+    from mindspore import Parameter, Tensor
+    from mindxcomposer.finetune.optim import AdamW
+    rng = np.random.default_rng(seed)
+    params = {f"w{i}": Parameter(Tensor(rng.standard_normal((4, 3)).astype(np.float32)), name=f"w{i}")
+              for i in range(6)}
+    opt = AdamW(params, 1e-2, weight_decay=0.0, decay={n: False for n in params}, state_dir=state_dir)
+    opt.step({n: Tensor(rng.standard_normal((4, 3)).astype(np.float32)) for n in params}, 1e-2)
+    return params, opt
+
+
+def _count_makes(monkeypatch, *mappings):
+    """Per watched `LazyArrays`, a Counter of how often each of its arrays is made (asked for by name)."""
+    from mindxcomposer.weights import LazyArrays
+    counts = [Counter() for _ in mappings]
+    make = LazyArrays.__getitem__
+
+    def counted(self, name):
+        for m, c in zip(mappings, counts):
+            if self is m:
+                c[name] += 1
+        return make(self, name)
+    monkeypatch.setattr(LazyArrays, "__getitem__", counted)
+    return counts
+
+
+def test_checkpoint_save_makes_each_array_once(tmp_path, monkeypatch):
+    """Saving asks the trained tensors and AdamW's state for each array once, the header coming from their specs
+    (a first read for the header alone re-read the release's 1.1 GiB of moment files at every save)."""
+    from mindxcomposer.finetune.checkpoints import load_checkpoint, save_checkpoint
+    from mindxcomposer.finetune.lora import LoraSettings
+    from mindxcomposer.finetune.trainables import Trainables
+    for state_dir, lora in ((None, None), (str(tmp_path / "moments"), LoraSettings(r=4))):
+        params, opt = _stepped_adamw(state_dir)
+        trained, state = Trainables(params).arrays(), opt.state_arrays()
+        made = _count_makes(monkeypatch, trained, state)
+        out = str(tmp_path / f"out-{lora is None}")
+        path = save_checkpoint(out, 1, trained, lora, state, {"mxc": {}}, "", None)
+        monkeypatch.undo()
+        assert made == [Counter(dict.fromkeys(trained, 1)), Counter(dict.fromkeys(state, 1))], made
+        if lora is None:  # written as announced
+            back, saved, _ = load_checkpoint(path, None, None)
+            for k, v in opt.state_dict().items():
+                np.testing.assert_array_equal(saved[k], v)
+                assert saved[k].dtype == v.dtype and saved[k].shape == v.shape
+            for n, p in params.items():
+                np.testing.assert_array_equal(back[n], p.asnumpy())
+
+
+def test_resume_reads_each_moment_once(tmp_path, monkeypatch):
+    """`load_state_dict` checks the moments' sizes from the checkpoint's header and reads each moment once, to apply
+    it (it read each twice: for the check, then to apply)."""
+    from mindxcomposer.finetune.checkpoints import load_checkpoint, save_checkpoint
+    from mindxcomposer.finetune.optim import AdamW
+    from mindxcomposer.finetune.trainables import Trainables
+    params, opt = _stepped_adamw(str(tmp_path / "moments"))
+    path = save_checkpoint(str(tmp_path / "out"), 1, Trainables(params).arrays(), None, opt.state_arrays(),
+                           {"mxc": {}}, "", None)
+    _, state, _ = load_checkpoint(path, None, None)
+    resumed = AdamW(dict(params), 1e-2, weight_decay=0.0, decay={n: False for n in params},
+                    state_dir=str(tmp_path / "moments"))
+    (made,) = _count_makes(monkeypatch, state)
+    resumed.load_state_dict(state)
+    monkeypatch.undo()
+    assert made == Counter(dict.fromkeys(state, 1)), made
+    expected, got = opt.state_dict(), resumed.state_dict()
+    assert sorted(got) == sorted(expected)
+    for k, v in got.items():
+        np.testing.assert_array_equal(v, expected[k])
+
+
+def test_an_array_unlike_its_spec_fails_the_save_and_leaves_nothing(tmp_path):
+    """A made array that differs from its announced shape or dtype is an error naming it, not a file whose header
+    lies; the checkpoint directory is not left behind."""
+    from mindspore import Parameter, Tensor
+    from mindxcomposer.finetune.checkpoints import save_checkpoint
+    from mindxcomposer.weights import LazyArrays
+    params, opt = _stepped_adamw(None)
+    opt.exp_avg["w1"] = Parameter(Tensor(np.zeros((2, 3), np.float32)), name="stale", requires_grad=False)
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=r"'exp_avg/w1' is float32\[2, 3\], but was announced as float32\[4, 3\]"):
+        save_checkpoint(str(out), 1, {n: p.asnumpy() for n, p in params.items()}, None, opt.state_arrays(),
+                        {"mxc": {}}, "", None)
+    assert not os.listdir(tmp_path), os.listdir(tmp_path)  # neither the checkpoint nor its partial directory
+    lazy = LazyArrays(["x"], lambda k: np.zeros(3, np.float64), lambda k: ((3,), np.float32))
+    with pytest.raises(ValueError, match=r"'x' is float64\[3\], but was announced as float32\[3\]"):
+        write_safetensors(str(tmp_path / "x.safetensors"), lazy)

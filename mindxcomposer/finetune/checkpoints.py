@@ -15,7 +15,7 @@ from typing import Dict, Mapping, Optional
 import numpy as np
 
 from ..atomic import atomic_dir, write_json
-from ..weights import LazyArrays, SafetensorsFile, write_safetensors
+from ..weights import LazyArrays, SafetensorsFile, array_spec, write_safetensors
 from .lora import LoraSettings, load_adapter, write_adapter
 
 PREFIX = "checkpoint-"
@@ -41,18 +41,32 @@ def latest_checkpoint(output_dir: str) -> Optional[str]:
     return dirs[-1][1] if dirs else None
 
 
+def _stored(dtype) -> np.dtype:
+    """What a checkpoint keeps of an array of `dtype`: int64 (AdamW's steps) as it is, everything else as fp32."""
+    return np.dtype(np.int64 if dtype == np.int64 else np.float32)
+
+
 def _write_arrays(path: str, arrays: Mapping[str, np.ndarray]) -> None:
-    """fp32 (int64 kept), made one array at a time as the file is written (`arrays` may be a `LazyArrays`)."""
+    """Made one array at a time as the file is written (`arrays` may be a `LazyArrays`, made once when it has
+    specs)."""
     def make(k):
         v = np.asarray(arrays[k])
-        return v if v.dtype in (np.float32, np.int64) else v.astype(np.float32)
-    write_safetensors(path, LazyArrays(arrays, make), metadata={"format": "mxc"})
+        return v.astype(_stored(v.dtype), copy=False)
+
+    def spec(k):
+        shape, dtype = array_spec(arrays, k)
+        return shape, _stored(dtype)
+    write_safetensors(path, LazyArrays(arrays, make, spec), metadata={"format": "mxc"})
 
 
 def _read_arrays(path: str) -> LazyArrays:
-    """The file's arrays, each read when it is asked for (an optimizer state is 2.25 GB at the release's size)."""
+    """The file's arrays, each read when it is asked for (an optimizer state is 2.25 GB at the release's size),
+    with their shapes and dtypes from the header."""
     sf = SafetensorsFile(path)
-    return LazyArrays(sf.keys(), lambda k: sf.raw(k) if sf.dtype(k) == "I64" else sf.get(k, np.float32))
+
+    def dtype(k):
+        return np.dtype(np.int64 if sf.dtype(k) == "I64" else np.float32)
+    return LazyArrays(sf.keys(), lambda k: sf.get(k, dtype(k)), lambda k: (sf.shape(k), dtype(k)))
 
 
 def save_checkpoint(output_dir: str, step: int, trained: Mapping[str, np.ndarray], lora: Optional[LoraSettings],

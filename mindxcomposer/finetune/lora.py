@@ -18,7 +18,7 @@ import numpy as np
 from ..errors import InputError
 from ..constants import LINEARS
 from ..atomic import atomic_dir
-from ..weights import LazyArrays, SafetensorsFile, write_safetensors
+from ..weights import LazyArrays, SafetensorsFile, array_spec, write_safetensors
 
 DEFAULT_TARGETS = ["attention.wqkv", "attention.wo", "feed_forward.w1", "feed_forward.w2", "feed_forward.w3"]
 CONFIG_FILE = "adapter_config.json"
@@ -117,7 +117,8 @@ def init_adapter(config, settings: LoraSettings, seed: int) -> Dict[str, np.ndar
 def write_adapter(directory: str, tensors: Dict[str, np.ndarray], settings: LoraSettings, base_model: str = "") -> None:
     """Write an adapter's two files (peft's layout) into an existing directory."""
     write_safetensors(os.path.join(directory, WEIGHTS_FILE),
-                      LazyArrays(tensors, lambda k: np.asarray(tensors[k], np.float32)), metadata={"format": "pt"})
+                      LazyArrays(tensors, lambda k: np.asarray(tensors[k], np.float32),
+                                 lambda k: (array_spec(tensors, k)[0], np.float32)), metadata={"format": "pt"})
     with open(os.path.join(directory, CONFIG_FILE), "w", encoding="utf-8") as f:
         json.dump(settings.peft_config(base_model), f, indent=2)
 

@@ -23,7 +23,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import Parameter, Tensor, ops
 
-from ..weights import LazyArrays
+from ..weights import LazyArrays, array_spec
 from .spill import spill_directory
 
 SCHEDULES = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
@@ -174,12 +174,17 @@ class AdamW:
                 return (m if kind == "exp_avg" else v).asnumpy()
             f = self._paths(name)[0 if kind == "exp_avg" else 1]
             return np.fromfile(f, np.float32).reshape(tuple(self.params[name].shape))
-        return LazyArrays(names, make)
+
+        def spec(key):
+            kind, name = key.split("/", 1)
+            return ((), np.int64) if kind == "step" else (tuple(self.params[name].shape), np.float32)
+        return LazyArrays(names, make, spec)
 
     def load_state_dict(self, state: Mapping[str, np.ndarray]) -> None:
         """Takes what `state_dict` wrote: each parameter's step and both moments, or nothing of it (not stepped
         yet); anything else is an error naming the parameter, before any of it is applied. `state` may be lazy
-        (a checkpoint's file): each moment is read when used, so resuming holds one at a time."""
+        (a checkpoint's file): each moment is read once, when applied, so resuming holds one at a time; its size is
+        checked from the mapping's specs when it has them."""
         entries: Dict[str, set] = {}
         for key in state:
             kind, _, name = key.partition("/")
@@ -194,7 +199,7 @@ class AdamW:
                 raise ValueError(f"optimizer state of {name} lacks {', '.join(sorted(missing))}")
             shape = tuple(self.params[name].shape)
             for kind in ("exp_avg", "exp_avg_sq"):
-                size = np.asarray(state[f"{kind}/{name}"]).size
+                size = int(np.prod(array_spec(state, f"{kind}/{name}")[0], dtype=np.int64))
                 if size != int(np.prod(shape)):
                     raise ValueError(f"optimizer state {kind}/{name} has {size} values, the parameter's shape is "
                                      f"{shape}")

@@ -61,7 +61,8 @@ class Trainables:
 
     def arrays(self) -> LazyArrays:
         """The trained tensors as fp32 arrays made one at a time when read (for writing them out)."""
-        return LazyArrays(self.params, lambda n: self.params[n].asnumpy().astype(np.float32, copy=False))
+        return LazyArrays(self.params, lambda n: self.params[n].asnumpy().astype(np.float32, copy=False),
+                          lambda n: (tuple(self.params[n].shape), np.float32))
 
     def assign(self, values: Dict[str, np.ndarray]) -> None:
         for n, v in values.items():
