@@ -2,6 +2,7 @@
 shapes, against the read bandwidth measured in the same process.
 
     python benchmarks/quant_decode_kernels.py [--rows 1,2,4,16] [--arch native] [--layers 4] [--repeat 5]
+        [--gemm-rows 32,512]
 
 Per layer the release's five base linears (wqkv [6144, 4096], wo [4096, 4096], w1 / w3 [14336, 4096],
 w2 [4096, 14336]) are stored in each format; `--layers` copies of them (int4: 109 MB a layer, more than the
@@ -10,6 +11,11 @@ format, shape and number of activation rows: best time over `--repeat` passes, t
 (packed weights, scales, zero points) and the fraction of the read bandwidth (`release_scale.read_bandwidth_gbs`,
 best of its probes) that is. The kernels are called through ctypes with MindSpore's AOT calling convention
 (no graph, no allocation per call). A benchmark, not a test: run it alone on the machine.
+
+`--gemm-rows`: the same five shapes through the GEMM that serves more rows than the decode kernels (prefill,
+training), which dequantizes (int8, int4) or widens (bf16) the weight tile by tile while packing it; per format
+and number of rows, ms and GFLOP/s of the layer, next to the fp32 GEMM over an fp32 weight (the twin) and numpy's
+fp32 product in the same run. At few rows the packing is the cost (each weight is unpacked once per call).
 """
 import argparse
 import ctypes
@@ -97,6 +103,55 @@ def measure(lib, fmt, rows, layers, repeat, rng):
     return {name: (best[name], calls[name][0][1]) for name in SHAPES}
 
 
+def measure_gemm(lib, fmt, rows, repeat, rng):
+    """Seconds (best of `repeat`) of the layer's five products with `rows` activation rows through the GEMM."""
+    total = 0.0
+    for n, k in SHAPES.values():
+        x = rng.standard_normal((rows, k), dtype=np.float32)
+        y = np.empty((rows, n), np.float32)
+        if fmt in ("bf16", "fp32"):
+            w = (_weights("bf16", n, k, rng)[0] if fmt == "bf16"
+                 else rng.standard_normal((n, k), dtype=np.float32))
+            fn = lib.MxcGemmNT
+            fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int64,
+                           ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
+
+            def call(fn=fn, x=x, w=w, y=y, n=n, k=k):
+                fn(x.ctypes.data, w.ctypes.data, int(w.dtype == np.uint16), y.ctypes.data, rows, n, k, 0)
+        else:
+            parts = _weights(fmt, n, k, rng)
+            q, scales = parts[0], parts[1]
+            zeros = parts[2] if fmt == "int4" else np.zeros(1, np.uint8)
+            fn = lib.MxcGemmNTQuant
+            fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int, ctypes.c_void_p] + [ctypes.c_int64] * 4 + [ctypes.c_int]
+
+            def call(fn=fn, x=x, q=q, scales=scales, zeros=zeros, y=y, n=n, k=k):
+                rc = fn(x.ctypes.data, q.ctypes.data, scales.ctypes.data, zeros.ctypes.data, int(fmt[3:]), y.ctypes.data,
+                        rows, n, k, GROUP if fmt == "int4" else -1, 0)
+                if rc != 0:
+                    raise RuntimeError(f"kernel returned {rc}")
+        best = float("inf")
+        for _ in range(repeat):
+            t = time.perf_counter()
+            call()
+            best = min(best, time.perf_counter() - t)
+        total += best
+    return total
+
+
+def numpy_layer_seconds(rows, repeat, rng):
+    total = 0.0
+    for n, k in SHAPES.values():
+        x, w = rng.standard_normal((rows, k), dtype=np.float32), rng.standard_normal((n, k), dtype=np.float32)
+        best = float("inf")
+        for _ in range(repeat):
+            t = time.perf_counter()
+            x @ w.T
+            best = min(best, time.perf_counter() - t)
+        total += best
+    return total
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", default="1,2,4,16")
@@ -104,6 +159,7 @@ def main(argv=None):
     ap.add_argument("--arch", default="native", choices=sorted(cpu_kernels.ARCH_FLAGS))
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--gemm-rows", default="", help="e.g. 32,512: also time the GEMM path at these rows")
     args = ap.parse_args(argv)
     from release_scale import read_bandwidth_gbs
 
@@ -125,6 +181,21 @@ def main(argv=None):
             cells = " | ".join(f"{t * 1e3:.3f} ({b / t / 1e9:.1f})" for t, b in res.values())
             print(f"| {fmt} | {rows} | {cells} | {total_t * 1e3:.2f} | {total_b / total_t / 1e9:.1f} | "
                   f"{100 * total_b / total_t / 1e9 / bw:.0f}% |", flush=True)
+
+
+    if args.gemm_rows:
+        flop_per_row = 2 * sum(n * k for n, k in SHAPES.values())
+        print("\n| rows | " + " | ".join(f"{f} GEMM ms (GFLOP/s)" for f in ["fp32", *args.formats.split(",")])
+              + " | numpy fp32 ms (GFLOP/s) |")
+        print("|---|" + "---|" * (len(args.formats.split(",")) + 2))
+        for rows in [int(r) for r in args.gemm_rows.split(",")]:
+            cells = []
+            for fmt in ["fp32", *args.formats.split(",")]:
+                t = measure_gemm(lib, fmt, rows, max(2, args.repeat // 2), rng)
+                cells.append(f"{t * 1e3:.1f} ({flop_per_row * rows / t / 1e9:.0f})")
+            t = numpy_layer_seconds(rows, max(2, args.repeat // 2), rng)
+            cells.append(f"{t * 1e3:.1f} ({flop_per_row * rows / t / 1e9:.0f})")
+            print(f"| {rows} | " + " | ".join(cells) + " |", flush=True)
 
 
 if __name__ == "__main__":

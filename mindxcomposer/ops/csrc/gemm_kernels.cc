@@ -120,12 +120,13 @@ inline bool set_quant(View &b, const void *scales, const void *zeros, int bits, 
 }
 
 // ---- packing --------------------------------------------------------------------------------------
-// Column n of a quantized B (row n of W), inputs k0 .. k0 + kc, to dst[k * stride] in fp32: exactly the value
+// Row n of a quantized W [N, K], inputs k0 .. k0 + kc, to dst[i * stride] in fp32: exactly the value
 // (q - zero) * scale (int8: q * scale) that the dequantized fp32 weight holds (`mindxcomposer/quantization.py`),
 // so a quantized weight packs into the panels its dequantized fp32 twin packs into. Tile by tile: no copy of
-// the whole weight is ever made.
-void dequant_column(const View &b, int64_t n, int64_t k0, int64_t kc, float *dst, int64_t stride) {
-  const int64_t k = b.cs;
+// the whole weight is ever made. int4 goes group by group through the group's 16 values (each computed as the
+// twin computes it): a division and two conversions per weight made packing 2.6 ns a weight (155 ms for one
+// [14336, 4096] weight on Zen 2, whatever the number of rows).
+void dequant_run(const View &b, int64_t n, int64_t k, int64_t k0, int64_t kc, float *dst, int64_t stride) {
   if (b.qbits == 8) {
     const int8_t *q = static_cast<const int8_t *>(b.p) + n * k + k0;
     const float s = b.qscales[n];
@@ -135,31 +136,36 @@ void dequant_column(const View &b, int64_t n, int64_t k0, int64_t kc, float *dst
   const uint8_t *q = static_cast<const uint8_t *>(b.p) + n * ((k + 1) / 2);
   const float *sc = b.qscales + n * b.qgroups;
   const uint8_t *zr = b.qzeros + n * b.qgroups;
-  for (int64_t i = 0; i < kc; ++i) {
-    const int64_t kk = k0 + i, g = kk / b.qgroup;
-    const uint8_t v = (kk & 1) ? (q[kk >> 1] >> 4) : (q[kk >> 1] & 15);
-    dst[i * stride] = (static_cast<float>(v) - static_cast<float>(zr[g])) * sc[g];
+  const int64_t end = k0 + kc;
+  for (int64_t kk = k0; kk < end;) {
+    const int64_t g = kk / b.qgroup, stop = (g + 1) * b.qgroup < end ? (g + 1) * b.qgroup : end;
+    float values[16];
+    for (int v = 0; v < 16; ++v) values[v] = (static_cast<float>(v) - static_cast<float>(zr[g])) * sc[g];
+    if (kk & 1) {  // a high nibble first
+      dst[(kk - k0) * stride] = values[q[kk >> 1] >> 4];
+      ++kk;
+    }
+    for (; kk + 1 < stop; kk += 2) {
+      const uint8_t byte = q[kk >> 1];
+      dst[(kk - k0) * stride] = values[byte & 15];
+      dst[(kk + 1 - k0) * stride] = values[byte >> 4];
+    }
+    if (kk < stop) {  // a low nibble last
+      dst[(kk - k0) * stride] = values[q[kk >> 1] & 15];
+      ++kk;
+    }
   }
 }
 
-// Row n of a quantized W (`View::qrows`), inputs c0 .. c0 + cols, to dst[0 .. cols) in fp32: the same values
-// as `dequant_column`, read along a row (B = W: a row of W is a row of k of the panel).
-void dequant_row(const View &b, int64_t n, int64_t c0, int64_t cols, float *dst) {
-  const int64_t k = b.rs;
-  if (b.qbits == 8) {
-    const int8_t *q = static_cast<const int8_t *>(b.p) + n * k + c0;
-    const float s = b.qscales[n];
-    for (int64_t i = 0; i < cols; ++i) dst[i] = static_cast<float>(q[i]) * s;
-    return;
-  }
-  const uint8_t *q = static_cast<const uint8_t *>(b.p) + n * ((k + 1) / 2);
-  const float *sc = b.qscales + n * b.qgroups;
-  const uint8_t *zr = b.qzeros + n * b.qgroups;
-  for (int64_t i = 0; i < cols; ++i) {
-    const int64_t kk = c0 + i, g = kk / b.qgroup;
-    const uint8_t v = (kk & 1) ? (q[kk >> 1] >> 4) : (q[kk >> 1] & 15);
-    dst[i] = (static_cast<float>(v) - static_cast<float>(zr[g])) * sc[g];
-  }
+// Column n of a quantized B = W^T: row n of W, inputs k0 .. k0 + kc, to dst[k * stride].
+inline void dequant_column(const View &b, int64_t n, int64_t k0, int64_t kc, float *dst, int64_t stride) {
+  dequant_run(b, n, b.cs, k0, kc, dst, stride);
+}
+
+// Row n of a quantized W (`View::qrows`, B = W: a row of W is a row of k of the panel), inputs c0 .. c0 + cols,
+// to dst[0 .. cols).
+inline void dequant_row(const View &b, int64_t n, int64_t c0, int64_t cols, float *dst) {
+  dequant_run(b, n, b.rs, c0, cols, dst, 1);
 }
 
 // fp32 panels: A as [k][MR] per MR rows, B as [k][NR] per NR columns; zero padding past the edges.
