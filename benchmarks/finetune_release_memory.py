@@ -129,6 +129,14 @@ def worker(model_dir, data, out, steps="1", hd_num="18", bf16="False", layers="0
             "--save_strategy", "epoch", "--save_total_limit", "1",
             "--sampling", "sequential", "--max_length", "16384", "--progress", "False", "--logging_steps", "1",
             "--bf16", bf16, "--layer_inputs", layer_inputs, "--optimizer_state", optimizer_state]
+    from mindxcomposer.finetune import layer_grads
+    init = layer_grads.DecoderLayerBlocks.__init__
+
+    def timed_parts(self, *a, **k):  # seconds of each compiled part of a decoder layer (`--parts` in the table)
+        init(self, *a, **k)
+        for part in ("inputs", "attend", "output", "output_grad", "attend_grad", "inputs_grad"):
+            setattr(self, part, _timed(getattr(self, part), part))
+    layer_grads.DecoderLayerBlocks.__init__ = timed_parts
     trainer = Trainer(*parse_args(argv))
     loaded = peak_gib()
     load_s = time.perf_counter() - t0
@@ -141,6 +149,8 @@ def worker(model_dir, data, out, steps="1", hd_num="18", bf16="False", layers="0
     backprop.choose_store = lambda *a: stores.append(choose(*a)) or stores[-1]
     for name in ("forward_layer", "_head", "layer_grad", "_image_embeddings", "loss_and_grads"):
         setattr(grads, name, traced(getattr(grads, name), name))  # where the memory goes, as it goes
+    for name in ("forward_layer", "layer_grad"):
+        setattr(grads, name, _timed(getattr(grads, name), name))
     ends = []
     step = trainer.optimizer.step
 
@@ -157,11 +167,27 @@ def worker(model_dir, data, out, steps="1", hd_num="18", bf16="False", layers="0
                                         "steps_s": list(np.diff([t1] + ends)),
                                         "losses": [e["loss"] for e in result.log_history if "grad_norm" in e],
                                         "layer_rows": backprop.LAYER_ROWS, "head_chunk": backprop.HEAD_CHUNK,
+                                        "parts": _PARTS, "layers": grads.config.num_hidden_layers,
                                         "optimizer_state": optimizer_state + (
                                             " (disk)" if trainer.optimizer.on_disk else " (memory)"),
                                         "layer_inputs": layer_inputs + (f" ({stores[0]})" if stores else ""),
                                         "adapter_params": int(sum(np.prod(s) for s in trainer.shapes.values()))})
                      + "\n")
+
+
+_PARTS = {}  # name -> [calls, seconds]
+
+
+def _timed(fn, name):
+    """`fn`, adding its calls' seconds to `_PARTS[name]` (MindSpore's CPU graphs return when they are done)."""
+    def call(*args, **kwargs):
+        t = time.perf_counter()
+        out = fn(*args, **kwargs)
+        entry = _PARTS.setdefault(name, [0, 0.0])
+        entry[0] += 1
+        entry[1] += time.perf_counter() - t
+        return out
+    return call
 
 
 def trace(text):
@@ -237,6 +263,15 @@ def full_depth(args):
         print(f"| {r['layer_rows']} | {r['load_peak_gib']:.2f} | {r['step_peak_gib']:.2f} | "
               f"{', '.join(f'{s:.0f}' for s in r['steps_s'])} | {r['load_s']:.0f} | "
               f"{', '.join(f'{x:.4f}' for x in r['losses'])} |")
+    # Where a layer's time goes: each compiled part over all its blocks and layers, per layer and step.
+    layers_run = r["layers"]
+    parts = r.get("parts", {})
+    if parts:
+        print("\n| part (first run) | calls | s per layer and step | % of forward + gradient |")
+        print("|---|---|---|---|")
+        whole = sum(parts.get(k, [0, 0.0])[1] for k in ("forward_layer", "layer_grad"))
+        for name, (calls, sec) in parts.items():
+            print(f"| {name} | {calls} | {sec / layers_run / args.steps:.2f} | {100 * sec / whole:.0f}% |")
     # Seconds per step against the machine: the decoder's products are the forward's 2 x positions x weights, the
     # gradient's recomputation of it and the input gradients (the adapters' products add ~2%, attention's grow
     # with the square of the length and are left out).
