@@ -658,3 +658,53 @@ def test_rope_split_gradient_is_the_portable_paths(mode, shape):
     half = d // 2
     ref = dy * cos.astype(np.float64) + np.concatenate([t[..., half:], t[..., :half]], -1)
     assert np.abs(kernel - ref).max() <= 2 * EPS * np.abs(ref).max()
+
+
+class _Dropout(nn.Cell):
+    """sum(hash_dropout(x) * dy), and the dropout itself."""
+
+    def __init__(self, p, salt):
+        super().__init__()
+        self.p, self.salt = p, salt
+
+    def construct(self, x, seed, row_base):
+        return wp.hash_dropout(x, self.p, seed, self.salt, row_base)
+
+
+class _DropoutDot(_Dropout):
+    def construct(self, x, seed, row_base, dy):
+        return (wp.hash_dropout(x, self.p, seed, self.salt, row_base) * dy).sum()
+
+
+@pytest.mark.parametrize("p", [0.05, 0.3])
+def test_hash_dropout_kernel(mode, p):
+    """Fine-tuning's dropout in one kernel pass against the portable path (the sin-hash in MindSpore's ops): the
+    same values wherever the masks agree, and masks that differ only where libm's sin and MindSpore's differ in a
+    last bit next to the threshold (or next to an integer, where the fraction wraps); a block of rows draws the whole sequence's mask there; the gradient is dy
+    through the same mask."""
+    assert wp.enable_kernels()
+    rng = np.random.default_rng(21)
+    x = rng.standard_normal((2, 96, 700), dtype=np.float32)
+    dy = rng.standard_normal((2, 96, 700), dtype=np.float32)
+    seed, base = Tensor(np.float32(37.0)), np.array([[0.0], [5000.0]], np.float32)
+    salt = 3 * 1.618
+    cell = _Dropout(p, salt)
+    got = cell(Tensor(x), seed, Tensor(base)).asnumpy()
+    with wp.kernels_disabled():
+        portable = cell(Tensor(x), seed, Tensor(base)).asnumpy()
+    kept, kept_portable = got != 0, portable != 0
+    np.testing.assert_array_equal(got[kept & kept_portable], portable[kept & kept_portable])
+    np.testing.assert_array_equal(got[kept], (x[kept] / np.float32(1.0 - p)))
+    flips = np.argwhere(kept != kept_portable)
+    assert len(flips) <= 1e-4 * x.size, len(flips)
+    for s, i, c in flips:  # the hash's fraction, from the same fp32 argument, lies next to p or to 0 / 1
+        arg = (np.float32(base[s, 0] + np.float32(i)) * np.float32(12.9898) + np.float32(c) * np.float32(78.233)
+               + (np.float32(37.0) + np.float32(salt)))
+        u = np.sin(np.float64(np.float32(arg))) * 43758.5453
+        frac = u - np.floor(u)
+        assert min(abs(frac - p), frac, 1 - frac) < 1e-2, (s, i, c, frac)
+    assert abs(kept.mean() - (1 - p)) < 1e-2
+    block = cell(Tensor(x[:, 40:80].copy()), seed, Tensor(base + np.float32(40))).asnumpy()
+    np.testing.assert_array_equal(block, got[:, 40:80])
+    dx = ms.grad(_DropoutDot(p, salt), grad_position=0)(Tensor(x), seed, Tensor(base), Tensor(dy)).asnumpy()
+    np.testing.assert_array_equal(dx, cell(Tensor(dy), seed, Tensor(base)).asnumpy())

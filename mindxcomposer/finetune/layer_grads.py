@@ -21,24 +21,7 @@ import mindspore as ms
 from mindspore import Tensor, nn, ops
 
 from ..modeling_internlm2 import DecoderMath
-from ..ops import EXACT, linear, rms_norm
-
-
-def hash_dropout(x, p, seed, salt, row_base):
-    """Dropout whose mask is a pure function of (seed, salt, element position): recomputing a block
-    in its gradient cell draws the same mask as its forward did (a stateful RNG would not).
-    The mask comes from the classic sin-hash, fractional part of sin(a r + b c + s) * 43758.5453, where r is the
-    element's row in the micro-batch's [B * n] rows: x [B, m, cols] holds rows row_base[b] + 0..m-1 of sample b
-    (row_base float32 [B, 1]), so a block of rows draws the mask the whole sequence draws there."""
-    cols = x.shape[-1]
-    rows = x.size // cols
-    m = rows // row_base.shape[0]
-    r = (row_base + ops.arange(m).astype(ms.float32).reshape(1, m)).reshape(rows, 1)
-    c = ops.arange(cols).astype(ms.float32).reshape(1, cols)
-    u = ops.sin(r * 12.9898 + c * 78.233 + (seed + salt)) * 43758.5453
-    u = u - ops.floor(u)
-    keep = (u >= p).astype(x.dtype).reshape(x.shape)
-    return x * keep / (1.0 - p)
+from ..ops import EXACT, hash_dropout, linear, rms_norm
 
 
 class TrainingMath(DecoderMath):

@@ -304,8 +304,15 @@ def custom_ops():
             def rope_split_shapes(x, c, s):
                 return [x[0], x[2] * (x[3] - 2), x[1], x[4]], [x[0], x[2], x[1], x[4]], [x[0], x[2], x[1], x[4]]
 
+            def hash_dropout_bprop(x, seed, salt, row_base, p, keep_prob, out, dout):
+                # y = x keep / (1 - p): dx is dy through the same mask, drawn again (no mask is kept)
+                return (hash_dropout(dout, seed, salt, row_base, p, keep_prob), ops.zeros_like(seed),
+                        ops.zeros_like(salt), ops.zeros_like(row_base), ops.zeros_like(p), ops.zeros_like(keep_prob))
+            hash_dropout = _custom(lib, "MxcHashDropout", lambda x, *rest: list(x), hash_dropout_bprop)
+
             _state["ops"] = SimpleNamespace(
                 swiglu=_custom(lib, "MxcSwiGLU", lambda g, u: list(g), swiglu_bprop),
+                hash_dropout=hash_dropout,
                 rms_norm=_custom(lib, "MxcRmsNorm", lambda x, w, e: list(x), rms_norm_bprop),
                 rope_split=_custom(lib, "MxcRopeSplit", rope_split_shapes, rope_split_bprop,
                                    out_dtype=lambda *a: (ms.float32,) * 3),

@@ -149,6 +149,27 @@ def swiglu(g, u):
     return ops.silu(g) * u
 
 
+def hash_dropout(x, p, seed, salt, row_base):
+    """Dropout whose mask is a pure function of (seed, salt, element position): recomputing a block
+    in its gradient cell draws the same mask as its forward did (a stateful RNG would not).
+    The mask comes from the classic sin-hash, fractional part of sin(a r + b c + s) * 43758.5453, where r is the
+    element's row in the micro-batch's [B * n] rows: x [B, m, cols] holds rows row_base[b] + 0..m-1 of sample b
+    (row_base float32 [B, 1]), so a block of rows draws the mask the whole sequence draws there. On CPU one kernel
+    pass (the same operations; libm's sin, see `csrc`), elsewhere ten element-wise kernels."""
+    if _kernels is not None and x.dtype == ms.float32:
+        return _kernels.hash_dropout(x, seed, ops.full((1,), salt, dtype=ms.float32), row_base,
+                                     ops.full((1,), p, dtype=ms.float32), ops.full((1,), 1.0 - p, dtype=ms.float32))
+    cols = x.shape[-1]
+    rows = x.size // cols
+    m = rows // row_base.shape[0]
+    r = (row_base + ops.arange(m).astype(ms.float32).reshape(1, m)).reshape(rows, 1)
+    c = ops.arange(cols).astype(ms.float32).reshape(1, cols)
+    u = ops.sin(r * 12.9898 + c * 78.233 + (seed + salt)) * 43758.5453
+    u = u - ops.floor(u)
+    keep = (u >= p).astype(x.dtype).reshape(x.shape)
+    return x * keep / (1.0 - p)
+
+
 def rms_norm(x, weight, eps):
     """InternLM2's RMSNorm: statistics in fp32, the scale applied after casting back (upstream's order); one
     kernel on CPU for fp32 activations (it is not a product: no arithmetic mode)."""

@@ -1292,6 +1292,42 @@ MXC_AOT(MxcSwiGLU) {
   return 0;
 }
 
+// Fine-tuning's dropout on the LoRA inputs (`weight_products.hash_dropout`): y = x * keep / (1 - p), keep =
+// frac(sin(r 12.9898 + c 78.233 + (seed + salt)) 43758.5453) >= p for the element of row r (row_base[sample] + its
+// row in the block) and column c. The graph's operations in the graph's order, each rounded to fp32 (this file is
+// compiled as ISO C++: no contraction into FMAs), in one pass instead of ten kernels; only sin is libm's
+// rather than MindSpore's, whose last-bit differences flip a mask where the fraction lies next to p or an integer
+// (about 4 elements in 100,000; tested). Inputs x fp32 [..., cols], seed [1], salt [1], row_base [B, 1],
+// p [1] and keep_prob [1] = 1 - p as the graph rounds them; output y like x.
+MXC_AOT(MxcHashDropout) {
+  if (nparam != 7 || ndims[0] < 1) return 1;
+  const float *x = static_cast<const float *>(params[0]);
+  const float seed_salt = *static_cast<const float *>(params[1]) + *static_cast<const float *>(params[2]);
+  const float *row_base = static_cast<const float *>(params[3]);
+  const float p = *static_cast<const float *>(params[4]), keep_prob = *static_cast<const float *>(params[5]);
+  float *y = static_cast<float *>(params[6]);
+  const int64_t cols = shapes[0][ndims[0] - 1], rows = numel(ndims[0], shapes[0], ndims[0] - 1);
+  const int64_t samples = numel(ndims[3], shapes[3], ndims[3]);
+  if (samples <= 0 || rows % samples != 0) return 1;
+  const int64_t per_sample = rows / samples;
+  std::vector<float> col_term(cols);
+  for (int64_t c = 0; c < cols; ++c) col_term[c] = static_cast<float>(c) * 78.233f;
+#pragma omp parallel for schedule(static)
+  for (int64_t row = 0; row < rows; ++row) {
+    const float r = row_base[row / per_sample] + static_cast<float>(row % per_sample);
+    const float row_term = r * 12.9898f;
+    const float *xr = x + row * cols;
+    float *yr = y + row * cols;
+    for (int64_t c = 0; c < cols; ++c) {
+      const float arg = (row_term + col_term[c]) + seed_salt;
+      float u = std::sin(arg) * 43758.5453f;
+      u = u - std::floor(u);
+      yr[c] = (xr[c] * (u >= p ? 1.0f : 0.0f)) / keep_prob;
+    }
+  }
+  return 0;
+}
+
 MXC_AOT(MxcLinearNTBias) { return linear_nt_bias(nparam, params, ndims, shapes, dtypes, false, false); }
 MXC_AOT(MxcLinearNTBiasBf16) { return linear_nt_bias(nparam, params, ndims, shapes, dtypes, true, false); }
 MXC_AOT(MxcLinearNTBiasResidual) { return linear_nt_bias(nparam, params, ndims, shapes, dtypes, false, false); }
