@@ -42,7 +42,7 @@ def _check(got, x, deq, what):
 
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("bits,gs,k", CASES)
-@pytest.mark.parametrize("rows", [1, 2, 3, 16])
+@pytest.mark.parametrize("rows", [1, 2, 3, 7, 16])  # 7: tiles of 4, 2 and 1 rows
 def test_decode_kernel_against_float64(arch, bits, gs, k, rows):
     _compiler()
     parts, deq = _weight(bits, gs, k)

@@ -325,6 +325,7 @@ void int4_row_tile(const float *xs, int64_t k, const uint8_t *q, int64_t ldq, co
 // read from memory once whatever the number of rows; the activations (16 rows of 4096: 256 KB) come from L2, NR
 // times less often than with one weight row at a time. K (and the int4 groups) multiples of 32.
 constexpr int kRowsNR = 4;
+constexpr int64_t kTilesFromRows = 2;  // activation rows from which the tiles serve (`MxcLinearInt8`)
 
 // int8: y[m * ldy + n] = scales[n] * sum_k x[m, k] q[n, k], MR activation rows (row stride k) x NR weight rows.
 template <int MR, int NR>
@@ -379,6 +380,61 @@ void int4_tile(const float *xs, int64_t kp, int64_t k, const uint8_t *q, int64_t
     for (int n = 0; n < NR; ++n) y[m * ldy + n] = hsum(a[m][n]);
 }
 
+// Weight rows in tiles of kTile (the last rows one by one), split among threads in contiguous ranges: each
+// thread streams its part once. tile(j, NR) computes rows j..j+NR-1.
+template <typename Tile>
+void row_tiles(int64_t n, Tile tile) {
+  const int64_t tiles = n / kTile;
+#pragma omp parallel for schedule(static)
+  for (int64_t t = 0; t <= tiles; ++t) {
+    if (t < tiles)
+      tile(t * kTile, std::integral_constant<int, kTile>());
+    else
+      for (int64_t j = t * kTile; j < n; ++j) tile(j, std::integral_constant<int, 1>());
+  }
+}
+#endif
+
+#if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
+// ---- several activation rows on AVX2 (2..16: batched serving, beams) -----------------------------------------
+// int8 as the AVX-512 tiles above, with 2 weight rows a tile (16 ymm registers): each activation vector is loaded
+// once for both weight rows. One weight row at a time (`int8_rows`), 4 activation rows needed 4 loads of
+// activations per FMA pair and the loop waited on loads: 4 rows cost 2.2x one row. Measured on Zen 2
+// (benchmarks/quant_decode_kernels.py, layer ms, two runs): 4 rows 18.9 -> 14.8 / 15.9, 16 rows 76.9 -> 52.4 / 60.9;
+// 2 rows slower in tiles (10.3 -> 11.4), so up to 3 rows stay on `int8_rows`. The same tiles for int4 gained nothing at 4 rows and 10% at 16: not
+// kept.
+constexpr int kRowsNR = 2;
+constexpr int64_t kTilesFromRows = 4;
+
+// int8: y[m * ldy + n] = scales[n] * sum_k x[m, k] q[n, k]; kC sums per (row, weight row): 4 to 8 FMA chains.
+template <int MR, int NR>
+void int8_tile(const float *x, int64_t k, const int8_t *q, int64_t ldq, const float *scales, float *y, int64_t ldy,
+               bool) {
+  constexpr int kC = MR * NR >= 8 ? 1 : MR * NR >= 4 ? 2 : 4;  // steps of at most 32 inputs (K % 32 == 0)
+  __m256 a[MR][NR][kC];
+  for (int m = 0; m < MR; ++m)
+    for (int n = 0; n < NR; ++n)
+      for (int c = 0; c < kC; ++c) a[m][n][c] = _mm256_setzero_ps();
+  for (int64_t i = 0; i < k; i += 8 * kC) {
+    for (int c = 0; c < kC; ++c) {
+      __m256 xv[MR];
+      for (int m = 0; m < MR; ++m) xv[m] = _mm256_loadu_ps(x + m * k + i + 8 * c);
+      for (int n = 0; n < NR; ++n) {
+        const __m256 w = _mm256_cvtepi32_ps(
+            _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i *>(q + n * ldq + i + 8 * c))));
+        for (int m = 0; m < MR; ++m) a[m][n][c] = _mm256_fmadd_ps(w, xv[m], a[m][n][c]);
+      }
+    }
+  }
+  for (int m = 0; m < MR; ++m)
+    for (int n = 0; n < NR; ++n) {
+      for (int c = 1; c < kC; ++c) a[m][n][0] = _mm256_add_ps(a[m][n][0], a[m][n][c]);
+      y[m * ldy + n] = hsum(a[m][n][0]) * scales[n];
+    }
+}
+#endif
+
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 // m activation rows against all n weight rows by tiles: tiles of kRowsNR weight rows split among threads in
 // contiguous ranges (the last n % kRowsNR rows one at a time); per tile, blocks of 4, 2, 1 activation rows.
 // tile(j, r, MR, NR, first) computes weight rows j.. and activation rows r..; `first` says the block is the first
@@ -401,19 +457,6 @@ void row_blocks(int64_t m, int64_t n, Tile tile) {
   }
 }
 
-// Weight rows in tiles of kTile (the last rows one by one), split among threads in contiguous ranges: each
-// thread streams its part once. tile(j, NR) computes rows j..j+NR-1.
-template <typename Tile>
-void row_tiles(int64_t n, Tile tile) {
-  const int64_t tiles = n / kTile;
-#pragma omp parallel for schedule(static)
-  for (int64_t t = 0; t <= tiles; ++t) {
-    if (t < tiles)
-      tile(t * kTile, std::integral_constant<int, kTile>());
-    else
-      for (int64_t j = t * kTile; j < n; ++j) tile(j, std::integral_constant<int, 1>());
-  }
-}
 #endif
 
 template <typename Rows>
@@ -445,7 +488,9 @@ int MxcLinearInt8(int nparam, void **params, int *ndims, int64_t **shapes, const
     row_tiles(n, [&](int64_t j, auto nr) { int8_row_tile<decltype(nr)::value>(x, k, q + j * k, k, scales + j, y + j); });
     return 0;
   }
-  if (m > 1 && k % 32 == 0) {
+#endif
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+  if (m >= kTilesFromRows && k % 32 == 0) {
     row_blocks(m, n, [&](int64_t j, int64_t r, auto mr, auto nr, bool first) {
       int8_tile<decltype(mr)::value, decltype(nr)::value>(x + r * k, k, q + j * k, k, scales + j, y + r * n + j, n,
                                                            first);
