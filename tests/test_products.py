@@ -51,6 +51,19 @@ def data(m, k, n, seed=0):
     return rng.standard_normal((m, k), dtype=np.float32), rng.standard_normal((n, k), dtype=np.float32)
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("k", [4096, 14336, 16, 48, 77, 100])
+@pytest.mark.parametrize("rows", [1, 2, 3, 7])
+def test_bf16_decode_kernel_against_float64(arch, k, rows):
+    """The decode kernel (`csrc/bf16_kernels.cc`: the stored bf16 bits read in place, a few activation rows) on every
+    build: K multiples of 64, 32 and 16 (its vector steps at 1, 2 and 4 rows) and not (the scalar tail)."""
+    x, w = data(rows, k, 37, seed=k + rows)
+    bits = fp32_to_bf16(w)
+    got = cpu_kernels.decode_bf16(x, bits, arch)
+    ref = x.astype(np.float64) @ bf16_to_fp32(bits).astype(np.float64).T
+    assert (np.abs(got - ref) <= bound(x, bf16_to_fp32(bits), k, any_order=True)).all()
+
+
 def test_the_build_matches_the_cpu():
     """One dispatch: the library is built for the CPU it runs on (`-march=native`)."""
     flags = _cpu_flags()

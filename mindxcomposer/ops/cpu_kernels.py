@@ -351,6 +351,27 @@ def gemm_nt(a, w, bf16_products=False, arch="native"):
     return out
 
 
+def decode_bf16(x, w_bits, arch="native"):
+    """numpy: x [M, K] fp32 times a bf16 weight w [N, K] (its bits, uint16) -> [M, N] fp32, through the decode
+    kernel (`csrc/bf16_kernels.cc`, MindSpore's AOT calling convention) of the library for `arch` directly."""
+    import numpy as np
+
+    lib = ctypes.CDLL(build(arch=arch))
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    w = np.ascontiguousarray(w_bits, dtype=np.uint16)
+    out = np.empty((x.shape[0], w.shape[0]), np.float32)
+    arrays = [x, w, out]
+    shapes = [(ctypes.c_int64 * 2)(*a.shape) for a in arrays]
+    fn = lib.MxcLinearBf16
+    fn.restype = ctypes.c_int
+    rc = fn(3, (ctypes.c_void_p * 3)(*[a.ctypes.data for a in arrays]), (ctypes.c_int * 3)(2, 2, 2),
+            (ctypes.POINTER(ctypes.c_int64) * 3)(*[ctypes.cast(sh, ctypes.POINTER(ctypes.c_int64)) for sh in shapes]),
+            None, None, None)
+    if rc != 0:
+        raise ValueError(f"the bf16 decode kernel rejected x {x.shape}, w {w.shape}")
+    return out
+
+
 def _quant_arrays(parts, bits):
     """The contiguous (qweight, scales, zero points) a quantized kernel call takes; int8 has no zero points,
     so a one-byte placeholder stands for the pointer."""
