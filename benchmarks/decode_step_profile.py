@@ -49,13 +49,13 @@ def timed(fn, args, repeat):
 
 def direct_linears(d, math_, base_parts):
     """The step's base linears, layer by layer, as direct calls of the decode kernels (AOT calling convention,
-    `quant_decode_kernels._Call`) on the model's own weight memory."""
+    `cpu_kernels.AotCall`) on the model's own weight memory."""
     import ctypes
 
     import mindspore as ms
 
     from mindxcomposer.ops import cpu_kernels
-    from quant_decode_kernels import _Call, _kernel
+    from quant_decode_kernels import _kernel
 
     lib = ctypes.CDLL(cpu_kernels.build())
     fmt = {8: "int8", 4: "int4"}.get(math_.quant_bits, "bf16")
@@ -73,7 +73,7 @@ def direct_linears(d, math_, base_parts):
                 arrays.append(np.array([math_.group_size], np.int32))
             k = arrays[0].shape[1] * (2 if fmt == "int4" else 1)
             x = np.random.default_rng(0).standard_normal((1, k)).astype(np.float32)
-            calls.append(_Call(fn, [x] + arrays + [np.empty((1, arrays[0].shape[0]), np.float32)]))
+            calls.append(cpu_kernels.AotCall(fn, [x] + arrays + [np.empty((1, arrays[0].shape[0]), np.float32)]))
     return calls
 
 

@@ -10,7 +10,7 @@ L3 cache in all) are run through in order, as a decode step does, so every weigh
 format, shape and number of activation rows: best time over `--repeat` passes, the GB/s of the stored bytes
 (packed weights, scales, zero points) and the fraction of the read bandwidth (`release_scale.read_bandwidth_gbs`,
 best of its probes) that is. The kernels are called through ctypes with MindSpore's AOT calling convention
-(no graph, no allocation per call). A benchmark, not a test: run it alone on the machine.
+(`cpu_kernels.AotCall`: no graph, no allocation per call). A benchmark, not a test: run it alone on the machine.
 
 `--gemm-rows`: the same five shapes through the GEMM that serves more rows than the decode kernels (prefill,
 training), which dequantizes (int8, int4) or widens (bf16) the weight tile by tile while packing it; per format
@@ -37,24 +37,6 @@ HIDDEN, INTER, QKV = 4096, 14336, 6144
 SHAPES = {"wqkv": (QKV, HIDDEN), "wo": (HIDDEN, HIDDEN), "w1": (INTER, HIDDEN), "w3": (INTER, HIDDEN),
           "w2": (HIDDEN, INTER)}
 GROUP = 128
-
-
-class _Call:
-    """One AOT kernel call (params, ndims, shapes) with its arrays kept alive."""
-
-    def __init__(self, fn, arrays):
-        self.fn, self.arrays = fn, arrays
-        n = len(arrays)
-        self.params = (ctypes.c_void_p * n)(*[a.ctypes.data for a in arrays])
-        self.ndims = (ctypes.c_int * n)(*[a.ndim for a in arrays])
-        self.shape_arrays = [(ctypes.c_int64 * a.ndim)(*a.shape) for a in arrays]
-        self.shapes = (ctypes.POINTER(ctypes.c_int64) * n)(
-            *[ctypes.cast(s, ctypes.POINTER(ctypes.c_int64)) for s in self.shape_arrays])
-
-    def __call__(self):
-        rc = self.fn(len(self.arrays), self.params, self.ndims, self.shapes, None, None, None)
-        if rc != 0:
-            raise RuntimeError(f"kernel returned {rc}")
 
 
 def _weights(fmt, n, k, rng):
@@ -91,7 +73,7 @@ def measure(lib, fmt, rows, layers, repeat, rng):
                 parts = _weights(fmt, n, k, rng)
                 x = rng.standard_normal((rows, k), dtype=np.float32)
                 arrays = [x, *parts, np.empty((rows, n), np.float32)]
-            calls[name].append((_Call(fn, arrays), sum(a.nbytes for a in parts)))
+            calls[name].append((cpu_kernels.AotCall(fn, arrays), sum(a.nbytes for a in parts)))
     best = {name: float("inf") for name in SHAPES}
     for _ in range(repeat):
         for i in range(layers):  # layer by layer, as a decode step: nothing is in a cache when read
@@ -105,29 +87,24 @@ def measure(lib, fmt, rows, layers, repeat, rng):
 
 def measure_gemm(lib, fmt, rows, repeat, rng):
     """Seconds (best of `repeat`) of the layer's five products with `rows` activation rows through the GEMM."""
+    gemm = cpu_kernels.entry_points(lib)
     total = 0.0
     for n, k in SHAPES.values():
         x = rng.standard_normal((rows, k), dtype=np.float32)
         y = np.empty((rows, n), np.float32)
         if fmt in ("bf16", "fp32"):
-            w = (_weights("bf16", n, k, rng)[0] if fmt == "bf16"
-                 else rng.standard_normal((n, k), dtype=np.float32))
-            fn = lib.MxcGemmNT
-            fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int64,
-                           ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
+            w = _weights("bf16", n, k, rng)[0] if fmt == "bf16" else rng.standard_normal((n, k), dtype=np.float32)
 
-            def call(fn=fn, x=x, w=w, y=y, n=n, k=k):
-                fn(x.ctypes.data, w.ctypes.data, int(w.dtype == np.uint16), y.ctypes.data, rows, n, k, 0)
+            def call(x=x, w=w, y=y, n=n, k=k):
+                gemm.gemm_nt(x.ctypes.data, w.ctypes.data, int(w.dtype == np.uint16), y.ctypes.data, rows, n, k, 0)
         else:
             parts = _weights(fmt, n, k, rng)
             q, scales = parts[0], parts[1]
             zeros = parts[2] if fmt == "int4" else np.zeros(1, np.uint8)
-            fn = lib.MxcGemmNTQuant
-            fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int, ctypes.c_void_p] + [ctypes.c_int64] * 4 + [ctypes.c_int]
 
-            def call(fn=fn, x=x, q=q, scales=scales, zeros=zeros, y=y, n=n, k=k):
-                rc = fn(x.ctypes.data, q.ctypes.data, scales.ctypes.data, zeros.ctypes.data, int(fmt[3:]), y.ctypes.data,
-                        rows, n, k, GROUP if fmt == "int4" else -1, 0)
+            def call(x=x, q=q, scales=scales, zeros=zeros, y=y, n=n, k=k):
+                rc = gemm.gemm_nt_quant(x.ctypes.data, q.ctypes.data, scales.ctypes.data, zeros.ctypes.data,
+                                        int(fmt[3:]), y.ctypes.data, rows, n, k, GROUP if fmt == "int4" else -1, 0)
                 if rc != 0:
                     raise RuntimeError(f"kernel returned {rc}")
         best = float("inf")

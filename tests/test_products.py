@@ -693,8 +693,8 @@ class _DropoutDot(_Dropout):
 def test_hash_dropout_kernel(mode, p):
     """Fine-tuning's dropout in one kernel pass against the portable path (the sin-hash in MindSpore's ops): the
     same values wherever the masks agree, and masks that differ only where libm's sin and MindSpore's differ in a
-    last bit next to the threshold (or next to an integer, where the fraction wraps); a block of rows draws the whole sequence's mask there; the gradient is dy
-    through the same mask."""
+    last bit next to the threshold (or next to an integer, where the fraction wraps); a block of rows draws the
+    whole sequence's mask there; the gradient is dy through the same mask."""
     assert wp.enable_kernels()
     rng = np.random.default_rng(21)
     x = rng.standard_normal((2, 96, 700), dtype=np.float32)

@@ -337,10 +337,7 @@ def gemm_nt(a, w, bf16_products=False, arch="native"):
     library for `arch` directly (no MindSpore graph): for benchmarks and tests of the kernels themselves."""
     import numpy as np
 
-    lib = ctypes.CDLL(build(arch=arch))
-    fn = lib.MxcGemmNT
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int64,
-                   ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
+    fn = entry_points(ctypes.CDLL(build(arch=arch))).gemm_nt
     a = np.ascontiguousarray(a, dtype=np.float32)
     w = np.ascontiguousarray(w)
     if w.dtype not in (np.float32, np.uint16) or a.ndim != 2 or w.ndim != 2 or a.shape[1] != w.shape[1]:
@@ -351,24 +348,50 @@ def gemm_nt(a, w, bf16_products=False, arch="native"):
     return out
 
 
+class AotCall:
+    """One call of a kernel by MindSpore's AOT convention (params, ndims, shapes: inputs then outputs) on numpy
+    arrays, without MindSpore, kept ready to be repeated (benchmarks); the arrays are kept alive."""
+
+    def __init__(self, fn, arrays):
+        self.fn, self.arrays = fn, arrays
+        n = len(arrays)
+        self.params = (ctypes.c_void_p * n)(*[a.ctypes.data for a in arrays])
+        self.ndims = (ctypes.c_int * n)(*[a.ndim for a in arrays])
+        self.shape_arrays = [(ctypes.c_int64 * a.ndim)(*a.shape) for a in arrays]
+        self.shapes = (ctypes.POINTER(ctypes.c_int64) * n)(
+            *[ctypes.cast(s, ctypes.POINTER(ctypes.c_int64)) for s in self.shape_arrays])
+
+    def __call__(self):
+        rc = self.fn(len(self.arrays), self.params, self.ndims, self.shapes, None, None, None)
+        if rc != 0:
+            raise RuntimeError(f"kernel returned {rc}")
+
+
+def entry_points(lib):
+    """The library's plain-C GEMM entry points with their signatures set (one home for them): `gemm_nt`
+    (MxcGemmNT: a, w, w is bf16 bits, c, m, n, k, bf16 products) and `gemm_nt_quant` (MxcGemmNTQuant: a, q,
+    scales, zeros, bits, c, m, n, k, group, bf16 products)."""
+    from types import SimpleNamespace
+
+    gemm_nt = lib.MxcGemmNT
+    gemm_nt.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int64,
+                        ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
+    gemm_nt_quant = lib.MxcGemmNTQuant
+    gemm_nt_quant.argtypes = ([ctypes.c_void_p] * 4 + [ctypes.c_int, ctypes.c_void_p] + [ctypes.c_int64] * 4
+                              + [ctypes.c_int])
+    return SimpleNamespace(gemm_nt=gemm_nt, gemm_nt_quant=gemm_nt_quant)
+
+
 def decode_bf16(x, w_bits, arch="native"):
     """numpy: x [M, K] fp32 times a bf16 weight w [N, K] (its bits, uint16) -> [M, N] fp32, through the decode
-    kernel (`csrc/bf16_kernels.cc`, MindSpore's AOT calling convention) of the library for `arch` directly."""
+    kernel (`csrc/bf16_kernels.cc`) of the library for `arch` directly."""
     import numpy as np
 
     lib = ctypes.CDLL(build(arch=arch))
     x = np.ascontiguousarray(x, dtype=np.float32)
     w = np.ascontiguousarray(w_bits, dtype=np.uint16)
     out = np.empty((x.shape[0], w.shape[0]), np.float32)
-    arrays = [x, w, out]
-    shapes = [(ctypes.c_int64 * 2)(*a.shape) for a in arrays]
-    fn = lib.MxcLinearBf16
-    fn.restype = ctypes.c_int
-    rc = fn(3, (ctypes.c_void_p * 3)(*[a.ctypes.data for a in arrays]), (ctypes.c_int * 3)(2, 2, 2),
-            (ctypes.POINTER(ctypes.c_int64) * 3)(*[ctypes.cast(sh, ctypes.POINTER(ctypes.c_int64)) for sh in shapes]),
-            None, None, None)
-    if rc != 0:
-        raise ValueError(f"the bf16 decode kernel rejected x {x.shape}, w {w.shape}")
+    AotCall(lib.MxcLinearBf16, [x, w, out])()
     return out
 
 
@@ -394,10 +417,8 @@ def quant_linear(x, parts, bits, group_size=-1, arch="native", gemm=False, bf16_
     m, k = x.shape
     out = np.empty((m, q.shape[0]), np.float32)
     if gemm:
-        fn = lib.MxcGemmNTQuant
-        fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int, ctypes.c_void_p] + [ctypes.c_int64] * 4 + [ctypes.c_int]
-        rc = fn(x.ctypes.data, q.ctypes.data, scales.ctypes.data, zeros.ctypes.data, bits, out.ctypes.data, m,
-                q.shape[0], k, group_size, int(bf16_products))
+        rc = entry_points(lib).gemm_nt_quant(x.ctypes.data, q.ctypes.data, scales.ctypes.data, zeros.ctypes.data,
+                                             bits, out.ctypes.data, m, q.shape[0], k, group_size, int(bf16_products))
     else:
         fn = lib.MxcQuantLinear
         fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int, ctypes.c_void_p] + [ctypes.c_int64] * 4

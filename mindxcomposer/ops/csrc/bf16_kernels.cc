@@ -115,9 +115,13 @@ extern "C" int MxcLinearBf16(int nparam, void **params, int *ndims, int64_t **sh
   const int64_t k = shapes[1][ndims[1] - 1];
   const int64_t n = shapes[1][0];
   const int64_t m = numel(ndims[0], shapes[0]) / k;
+#if defined(__AVX2__) && defined(__FMA__)
   std::vector<float> split(m * k);
   split16(x, m, k, split.data());
   const float *xs = split.data();
+#else
+  const float *xs = x;  // read by the vector loop only
+#endif
   // Rows of the weight are split among threads in contiguous ranges: each thread streams its part.
 #pragma omp parallel for schedule(static)
   for (int64_t j = 0; j < n; ++j) {

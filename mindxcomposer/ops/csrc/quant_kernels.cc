@@ -401,8 +401,8 @@ void row_tiles(int64_t n, Tile tile) {
 // once for both weight rows. One weight row at a time (`int8_rows`), 4 activation rows needed 4 loads of
 // activations per FMA pair and the loop waited on loads: 4 rows cost 2.2x one row. Measured on Zen 2
 // (benchmarks/quant_decode_kernels.py, layer ms, two runs): 4 rows 18.9 -> 14.8 / 15.9, 16 rows 76.9 -> 52.4 / 60.9;
-// 2 rows slower in tiles (10.3 -> 11.4), so up to 3 rows stay on `int8_rows`. The same tiles for int4 gained nothing at 4 rows and 10% at 16: not
-// kept.
+// 2 rows slower in tiles (10.3 -> 11.4), so up to 3 rows stay on `int8_rows`. The same tiles for int4 gained
+// nothing at 4 rows and 10% at 16: not kept.
 constexpr int kRowsNR = 2;
 constexpr int64_t kTilesFromRows = 4;
 
