@@ -103,6 +103,34 @@ def test_bf16_products_round_both_inputs(arch, shape):
         assert np.abs(y - exact).max() > 100 * bound(x, w, k).max() / (512 + k / 256 + 2)
 
 
+@pytest.mark.parametrize("arch", BF16_PATHS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_input_gradient_products(arch, shape):
+    """dx = dy W (a linear's input gradient: W's rows are the sum's index) against float64, exact and with bf16
+    products; a bf16 weight gives the product of its fp32 copy bit for bit."""
+    m, k, n = shape
+    x, w = data(m, k, n, seed=3)
+    dy = np.random.default_rng(4).standard_normal((m, n), dtype=np.float32)
+    wb = fp32_to_bf16(w)
+    own = arch == "native-own"
+    before = cpu_kernels.onednn()
+    if own:
+        cpu_kernels.onednn(False)
+    try:
+        for bf16 in (False, True):
+            if not bf16 and own:
+                continue
+            rnd = round_bf16 if bf16 else (lambda a: a)
+            got = [cpu_kernels.gemm_nn(dy, weight, bf16, "native" if own else arch) for weight in (w, wb)]
+            for weight, y in zip((w, bf16_to_fp32(wb)), got):
+                ref = rnd(dy).astype(np.float64) @ rnd(weight).astype(np.float64)
+                assert (np.abs(y - ref) <= bound(rnd(dy), rnd(weight).T, n, any_order=bf16 and arch == "native")).all()
+            np.testing.assert_array_equal(got[1], cpu_kernels.gemm_nn(dy, bf16_to_fp32(wb), bf16,
+                                                                      "native" if own else arch))
+    finally:
+        cpu_kernels.onednn(before)
+
+
 @pytest.mark.parametrize("bf16,arch", [(False, "native"), (True, "native"), (True, "native-own")])
 def test_rows_do_not_depend_on_the_batch(bf16, arch):
     """A row's result is the same alone or among others, at any position (serving batches rows)."""

@@ -59,16 +59,18 @@ class TrainingMath(DecoderMath):
 
 
 class _OnMath(nn.Cell):
-    """A cell over the layer arithmetic `math_cell` (a `TrainingMath`); subclasses define `construct`."""
+    """A cell over the layer arithmetic `math_cell` (a `TrainingMath`); subclasses define `construct`.
+    `image_lora` False leaves the Partial LoRA out (for blocks none of whose rows is an image token)."""
 
-    def __init__(self, math_cell):
+    def __init__(self, math_cell, image_lora=True):
         super().__init__()
         self.math = math_cell
+        self.image_lora = bool(image_lora)
 
 
 class _AttentionInputs(_OnMath):
     def construct(self, x, rot_cos, rot_sin, im_mask, *w):
-        return self.math.attention_inputs(w, x, rot_cos, rot_sin, im_mask, (), True)
+        return self.math.attention_inputs(w, x, rot_cos, rot_sin, im_mask, (), self.image_lora)
 
 
 class _Attend(_OnMath):
@@ -78,12 +80,12 @@ class _Attend(_OnMath):
 
 class _LayerOutput(_OnMath):
     def construct(self, x, out, im_mask, *w):
-        return self.math.layer_output(w, x, out, im_mask, (), True)
+        return self.math.layer_output(w, x, out, im_mask, (), self.image_lora)
 
 
 class _InputsDot(_OnMath):
     def construct(self, x, dq, dk, dv, rot_cos, rot_sin, im_mask, *w):
-        q, k, v = self.math.attention_inputs(w, x, rot_cos, rot_sin, im_mask, (), True)
+        q, k, v = self.math.attention_inputs(w, x, rot_cos, rot_sin, im_mask, (), self.image_lora)
         return (q * dq).sum() + (k * dk).sum() + (v * dv).sum()
 
 
@@ -94,7 +96,19 @@ class _AttendDot(_OnMath):
 
 class _OutputDot(_OnMath):
     def construct(self, x, out, dy, im_mask, *w):
-        return (self.math.layer_output(w, x, out, im_mask, (), True) * dy).sum()
+        return (self.math.layer_output(w, x, out, im_mask, (), self.image_lora) * dy).sum()
+
+
+class _ByImage:
+    """A row-wise part as two compiled cells: with the Partial LoRA, for a block holding an image token, and
+    without it, for a text-only block, where it adds exact zeros (its rank-r input is multiplied by the 0
+    mask) to the output and to every gradient. Called as `part(has_image, *args)`."""
+
+    def __init__(self, make):
+        self.cells = {True: make(True), False: make(False)}
+
+    def __call__(self, has_image, *args):
+        return self.cells[bool(has_image)](*args)
 
 
 class _Grad(nn.Cell):
@@ -133,7 +147,10 @@ class DecoderLayerBlocks:
     the blocks' partial sums (rounding-level differences from one product over all rows).
 
     `trainable` indexes the weight tuple (`TrainingMath`); a dropout's row index is carried per block (the
-    tuple's last entry, `hash_dropout`), so a block draws the masks the whole sequence draws."""
+    tuple's last entry, `hash_dropout`), so a block draws the masks the whole sequence draws. A block with no
+    image token runs the row-wise parts without the Partial LoRA (`_ByImage`): it adds exact zeros there, to
+    the output and to every gradient, and costs its products and its dropout (text is most rows of a long
+    sample)."""
 
     def __init__(self, math_cell: TrainingMath, trainable: Sequence[int], rows: int):
         self.math = math_cell
@@ -144,21 +161,25 @@ class DecoderLayerBlocks:
         self.t_out = tuple(i for i in self.trainable if i in used_out)
         if set(self.t_in) | set(self.t_out) != set(self.trainable):
             raise ValueError("a trainable weight is read by neither part of the decoder layer")
-        self.inputs = _AttentionInputs(math_cell)
+        at_in, at_out = (0,) + tuple(7 + i for i in self.t_in), (0, 1) + tuple(4 + i for i in self.t_out)
+        self.inputs = _ByImage(lambda image: _AttentionInputs(math_cell, image))
         self.attend = _Attend(math_cell)
-        self.output = _LayerOutput(math_cell)
-        self.inputs_grad = _Grad(_InputsDot(math_cell), (0,) + tuple(7 + i for i in self.t_in))
+        self.output = _ByImage(lambda image: _LayerOutput(math_cell, image))
+        self.inputs_grad = _ByImage(lambda image: _Grad(_InputsDot(math_cell, image), at_in))
         self.attend_grad = _Grad(_AttendDot(math_cell), (0, 1, 2))
-        self.output_grad = _Grad(_OutputDot(math_cell), (0, 1) + tuple(4 + i for i in self.t_out))
+        self.output_grad = _ByImage(lambda image: _Grad(_OutputDot(math_cell, image), at_out))
 
-    def _blocks(self, x, w):
-        """[(rows slice, the weight tuple with that block's dropout rows)] over x's rows."""
+    def _blocks(self, x, im_mask, w):
+        """[(rows slice, whether a row of it is an image token, the weight tuple with that block's dropout rows)]
+        over x's rows."""
         b, n = x.shape[0], x.shape[1]
         base = np.arange(b, dtype=np.float32).reshape(b, 1) * np.float32(n)
+        image = im_mask.asnumpy().reshape(b, n) != 0
         out = []
         for s in range(0, n, self.rows):
             part = slice(s, min(s + self.rows, n))
-            out.append((part, tuple(w) + ((Tensor(base + np.float32(s)),) if self.math.has_seed else ())))
+            out.append((part, bool(image[:, part].any()),
+                        tuple(w) + ((Tensor(base + np.float32(s)),) if self.math.has_seed else ())))
         return out
 
     @staticmethod
@@ -168,21 +189,22 @@ class DecoderLayerBlocks:
         return t[:, part] if axis == 1 else t[:, :, part]
 
     def _attention_inputs(self, x, rot_cos, rot_sin, im_mask, blocks):
-        parts = [self.inputs(self._rows(x, p), self._rows(rot_cos, p), self._rows(rot_sin, p),
-                             self._rows(im_mask, p), *wb) for p, wb in blocks]
+        parts = [self.inputs(img, self._rows(x, p), self._rows(rot_cos, p), self._rows(rot_sin, p),
+                             self._rows(im_mask, p), *wb) for p, img, wb in blocks]
         if len(parts) == 1:
             return parts[0]
         return tuple(ops.concat([qkv[j] for qkv in parts], 2) for j in range(3))
 
     def forward(self, x, rot_cos, rot_sin, mask, im_mask, w):
-        blocks = self._blocks(x, w)
+        blocks = self._blocks(x, im_mask, w)
         out = self.attend(*self._attention_inputs(x, rot_cos, rot_sin, im_mask, blocks), mask)
-        ys = [self.output(self._rows(x, p), self._rows(out, p), self._rows(im_mask, p), *wb) for p, wb in blocks]
+        ys = [self.output(img, self._rows(x, p), self._rows(out, p), self._rows(im_mask, p), *wb)
+              for p, img, wb in blocks]
         return ys[0] if len(ys) == 1 else ops.concat(ys, 1)
 
     def grad(self, x, dy, rot_cos, rot_sin, mask, im_mask, w):
         """(dx, d weight for each of `trainable`, in its order), recomputing the layer's forward."""
-        blocks = self._blocks(x, w)
+        blocks = self._blocks(x, im_mask, w)
         q, k, v = self._attention_inputs(x, rot_cos, rot_sin, im_mask, blocks)
         out = self.attend(q, k, v, mask)
         g = {}
@@ -191,8 +213,9 @@ class DecoderLayerBlocks:
             for key, val in zip(keys, values):
                 g[key] = val if key not in g else g[key] + val
         dxs, douts = [], []
-        for p, wb in blocks:
-            r = self.output_grad(self._rows(x, p), self._rows(out, p), self._rows(dy, p), self._rows(im_mask, p), *wb)
+        for p, img, wb in blocks:
+            r = self.output_grad(img, self._rows(x, p), self._rows(out, p), self._rows(dy, p), self._rows(im_mask, p),
+                                 *wb)
             dxs.append(r[0])
             douts.append(r[1])
             add(self.t_out, r[2:])
@@ -200,8 +223,8 @@ class DecoderLayerBlocks:
         dout = douts[0] if len(douts) == 1 else ops.concat(douts, 1)
         dq, dk, dv = self.attend_grad(q, k, v, dout, mask)
         del q, k, v, dout
-        for j, (p, wb) in enumerate(blocks):
-            r = self.inputs_grad(self._rows(x, p), self._rows(dq, p, 2), self._rows(dk, p, 2), self._rows(dv, p, 2),
+        for j, (p, img, wb) in enumerate(blocks):
+            r = self.inputs_grad(img, self._rows(x, p), self._rows(dq, p, 2), self._rows(dk, p, 2), self._rows(dv, p, 2),
                                  self._rows(rot_cos, p), self._rows(rot_sin, p), self._rows(im_mask, p), *wb)
             r = r if isinstance(r, tuple) else (r,)  # one position (no trained weight here) gives dx itself
             dxs[j] = dxs[j] + r[0]

@@ -348,6 +348,22 @@ def gemm_nt(a, w, bf16_products=False, arch="native"):
     return out
 
 
+def gemm_nn(dy, w, bf16_products=False, arch="native"):
+    """numpy: dy [M, N] fp32 times w [N, K] (fp32, or bf16 bits as uint16) -> [M, K] fp32 (a linear's input
+    gradient), through the library for `arch` directly, as `gemm_nt`."""
+    import numpy as np
+
+    fn = entry_points(ctypes.CDLL(build(arch=arch))).gemm_nn
+    dy = np.ascontiguousarray(dy, dtype=np.float32)
+    w = np.ascontiguousarray(w)
+    if w.dtype not in (np.float32, np.uint16) or dy.ndim != 2 or w.ndim != 2 or dy.shape[1] != w.shape[0]:
+        raise ValueError("gemm_nn takes dy [M, N] float32 and w [N, K] float32 or uint16 (bf16 bits)")
+    out = np.empty((dy.shape[0], w.shape[1]), np.float32)
+    fn(dy.ctypes.data, w.ctypes.data, int(w.dtype == np.uint16), out.ctypes.data, dy.shape[0], w.shape[0],
+       w.shape[1], int(bf16_products))
+    return out
+
+
 class AotCall:
     """One call of a kernel by MindSpore's AOT convention (params, ndims, shapes: inputs then outputs) on numpy
     arrays, without MindSpore, kept ready to be repeated (benchmarks); the arrays are kept alive."""
@@ -369,17 +385,20 @@ class AotCall:
 
 def entry_points(lib):
     """The library's plain-C GEMM entry points with their signatures set (one home for them): `gemm_nt`
-    (MxcGemmNT: a, w, w is bf16 bits, c, m, n, k, bf16 products) and `gemm_nt_quant` (MxcGemmNTQuant: a, q,
+    (MxcGemmNT: a, w, w is bf16 bits, c, m, n, k, bf16 products), `gemm_nn` (MxcGemmNN: dy, w, w is bf16 bits,
+    dx, m, n, k, bf16 products) and `gemm_nt_quant` (MxcGemmNTQuant: a, q,
     scales, zeros, bits, c, m, n, k, group, bf16 products)."""
     from types import SimpleNamespace
 
     gemm_nt = lib.MxcGemmNT
     gemm_nt.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int64,
                         ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
+    gemm_nn = lib.MxcGemmNN
+    gemm_nn.argtypes = gemm_nt.argtypes
     gemm_nt_quant = lib.MxcGemmNTQuant
     gemm_nt_quant.argtypes = ([ctypes.c_void_p] * 4 + [ctypes.c_int, ctypes.c_void_p] + [ctypes.c_int64] * 4
                               + [ctypes.c_int])
-    return SimpleNamespace(gemm_nt=gemm_nt, gemm_nt_quant=gemm_nt_quant)
+    return SimpleNamespace(gemm_nt=gemm_nt, gemm_nn=gemm_nn, gemm_nt_quant=gemm_nt_quant)
 
 
 def decode_bf16(x, w_bits, arch="native"):

@@ -253,6 +253,26 @@ void pack_b_f32(const View &b, int64_t k0, int64_t kc, int64_t n0, int64_t nc, f
                        [](float v) { return v; });
       continue;
     }
+    if (b.cs == 1) {
+      // Rows of B contiguous (B = W in dx = dy W, the input gradient of every linear): a row of the panel is NR
+      // consecutive values of a row of B, read in order. A bf16 value is its own bf16 rounding.
+      for (int64_t k = 0; k < kc; ++k) {
+        float *row = panel + k * NR;
+        const int64_t at = (k0 + k) * b.rs + n0 + j0;
+        if (b.bf16) {
+          const uint16_t *src = static_cast<const uint16_t *>(b.p) + at;
+          for (int64_t j = 0; j < cols; ++j) row[j] = bf16_to_f32(src[j]);
+        } else if (round) {
+          const float *src = static_cast<const float *>(b.p) + at;
+          for (int64_t j = 0; j < cols; ++j) row[j] = round_bf16(src[j]);
+        } else {
+          const float *src = static_cast<const float *>(b.p) + at;
+          for (int64_t j = 0; j < cols; ++j) row[j] = src[j];
+        }
+        for (int64_t j = cols; j < NR; ++j) row[j] = 0.0f;
+      }
+      continue;
+    }
     for (int64_t k = 0; k < kc; ++k)
       for (int64_t j = 0; j < NR; ++j) {
         float v = j < cols ? b.at(k0 + k, n0 + j0 + j) : 0.0f;
@@ -379,6 +399,21 @@ void pack_b_bf16(const View &b, int64_t k0, int64_t kc, int64_t n0, int64_t nc, 
       continue;
     }
 #endif
+    if (b.bf16 && b.cs == 1) {
+      // A bf16 B with rows contiguous (B = W in dx = dy W): pair row p interleaves rows k0 + 2p and k0 + 2p + 1,
+      // each read in order (the loop below would walk down the columns).
+      const uint16_t *src = static_cast<const uint16_t *>(b.p) + k0 * b.rs + n0 + j0;
+      for (int64_t p = 0; p < kc2; ++p) {
+        const uint16_t *r0 = src + 2 * p * b.rs, *r1 = r0 + b.rs;
+        const bool two = 2 * p + 1 < kc;
+        uint16_t *d = panel + p * NR * 2;
+        for (int64_t j = 0; j < NR; ++j) {
+          d[2 * j] = j < cols ? r0[j] : 0;
+          d[2 * j + 1] = j < cols && two ? r1[j] : 0;
+        }
+      }
+      continue;
+    }
     for (int64_t j = 0; j < NR; ++j) {
       if (j >= cols) {
         for (int64_t p = 0; p < kc2; ++p) panel[(p * NR + j) * 2] = panel[(p * NR + j) * 2 + 1] = 0;
@@ -1496,6 +1531,14 @@ extern "C" int MxcGemmNT(const float *a, const void *w, int w_bf16, float *c, in
   View av{a, k, 1, false};
   View bv{w, 1, k, w_bf16 != 0};
   gemm(av, bv, c, n, m, n, k, bf16_products != 0);
+  return 0;
+}
+
+// For tests and benchmarks without MindSpore: dX[M, K] = dY[M, N] W with W [N, K] fp32 or bf16 (a linear's input
+// gradient, `linear_nn`).
+extern "C" int MxcGemmNN(const float *dy, const void *w, int w_bf16, float *dx, int64_t m, int64_t n, int64_t k,
+                         int bf16_products) {
+  gemm(View{dy, n, 1, false}, View{w, k, 1, w_bf16 != 0}, dx, k, m, k, n, bf16_products != 0);
   return 0;
 }
 
