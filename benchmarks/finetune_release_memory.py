@@ -166,7 +166,7 @@ def worker(model_dir, data, out, steps="1", hd_num="18", bf16="False", layers="0
                                         "step_s": time.perf_counter() - t1, "positions": positions,
                                         "steps_s": list(np.diff([t1] + ends)),
                                         "losses": [e["loss"] for e in result.log_history if "grad_norm" in e],
-                                        "layer_rows": backprop.LAYER_ROWS, "head_chunk": backprop.HEAD_CHUNK,
+                                        "layer_rows": grads.layer_blocks.rows, "head_chunk": backprop.HEAD_CHUNK,
                                         "parts": _PARTS, "layers": grads.config.num_hidden_layers,
                                         "optimizer_state": optimizer_state + (
                                             " (disk)" if trainer.optimizer.on_disk else " (memory)"),
@@ -326,7 +326,7 @@ def main(argv=None):
     ap.add_argument("--optimizer-state", choices=("auto", "memory", "disk"), default="auto",
                     help="with --model: mxc-finetune's --optimizer_state")
     ap.add_argument("--layer-rows", type=int, nargs="+", default=[0],
-                    help="with --model: decoder rows per block (backprop.LAYER_ROWS; 0: its default), a run each")
+                    help="with --model: decoder rows per block (backprop.LAYER_ROWS; 0: the trainer's own), a run each")
     ap.add_argument("--head-chunk", type=int, default=0, help="with --model: backprop.HEAD_CHUNK (0: its default)")
     ap.add_argument("--rss-limit", type=float, default=21.5, help="GiB; the run is killed above it")
     ap.add_argument("--_worker", nargs="+", help=argparse.SUPPRESS)

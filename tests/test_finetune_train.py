@@ -477,3 +477,19 @@ def test_text_only_blocks_leave_the_partial_lora_out_bit_for_bit(graph_mode):
     for a, r in zip(g, g_all):
         assert a.shape == r.shape and np.array_equal(a, r)
     assert all(np.abs(r).max() > 0 for r in g_all)  # every gradient is there to compare
+
+
+def test_layer_rows_follow_the_width(monkeypatch):
+    """Rows per block keep [rows, intermediate] within the same elements at every width: 128 at the release's
+    14336, more at a narrower model, never under one length bucket; LAYER_ROWS, where set, overrides."""
+    from types import SimpleNamespace
+    import mindxcomposer.finetune.backprop as backprop
+    rows = lambda inter: backprop.layer_rows(SimpleNamespace(intermediate_size=inter))  # noqa: E731
+    assert rows(14336) == 128
+    assert rows(1408) == 1280
+    assert rows(10 ** 7) == backprop.LENGTH_BUCKET
+    for inter in (256, 1408, 5000, 14336, 28672):
+        r = rows(inter)
+        assert r % backprop.LENGTH_BUCKET == 0 and (r == backprop.LENGTH_BUCKET or r * inter <= backprop.BLOCK_ELEMENTS)
+    monkeypatch.setattr(backprop, "LAYER_ROWS", 64)
+    assert rows(1408) == 64

@@ -33,12 +33,25 @@ from .trainables import Trainables
 
 LENGTH_BUCKET = 64
 HEAD_CHUNK = 256  # positions per head-and-loss call (a multiple of LENGTH_BUCKET)
-# Positions per call of a decoder layer's row-wise parts, forward and gradient (`DecoderLayerBlocks`; a multiple of
-# LENGTH_BUCKET). A call's working set adds to the memory pool's high-water mark (freed blocks of one size do not
-# serve the next stage's other sizes): at the release's width, 2 layers and 1,375 positions, two LoRA steps peaked
-# 3.32 GiB above the loaded model with 256 rows, 2.33 with 128 and 2.08 with 64, at about the same speed
-# (docs/finetune.md, "Rows per block"); as one graph over all rows the first layer's gradient alone added 4.5 GiB.
-LAYER_ROWS = 128
+# Positions per call of a decoder layer's row-wise parts, forward and gradient (`DecoderLayerBlocks`): `LAYER_ROWS`
+# where set (tests, benchmarks), else `layer_rows(config)`, as many rows as keep a block's widest activation
+# ([rows, intermediate]) within BLOCK_ELEMENTS: 128 rows at the release's width. A call's working set adds to the
+# memory pool's high-water mark (freed blocks of one size do not serve the next stage's other sizes): at the
+# release's width, 2 layers and 1,375 positions, two LoRA steps peaked 3.32 GiB above the loaded model with 256 rows,
+# 2.33 with 128 and 2.08 with 64, at about the same speed (docs/finetune.md, "Rows per block"); as one graph over
+# all rows the first layer's gradient alone added 4.5 GiB. At a narrower width the same memory holds more rows, and
+# fewer calls matter: at hidden 512, blocks of 128 rows made a step 1.3x slower than one call per layer.
+LAYER_ROWS = None
+BLOCK_ELEMENTS = 128 * 14336
+
+
+def layer_rows(config) -> int:
+    """Rows per block of a decoder layer's row-wise parts (a multiple of LENGTH_BUCKET), see LAYER_ROWS."""
+    if LAYER_ROWS:
+        return int(LAYER_ROWS)
+    return max(LENGTH_BUCKET, BLOCK_ELEMENTS // config.intermediate_size // LENGTH_BUCKET * LENGTH_BUCKET)
+
+
 VOCAB_CHUNK = 8192  # vocabulary rows per slice of a frozen head in another dtype (`_frozen_head`)
 
 
@@ -86,7 +99,7 @@ class MicroBatchGradients:
         self.adapter_names = [[k for k in keys if k is not None and ".lora_" in k] for keys in self.layer_keys]
         # Trainable positions in a layer's weight tuple: the same for every layer.
         self.layer_trainable = [i for i, k in enumerate(self.layer_keys[0]) if k is not None]
-        self.layer_blocks = DecoderLayerBlocks(self.math, self.layer_trainable, LAYER_ROWS)
+        self.layer_blocks = DecoderLayerBlocks(self.math, self.layer_trainable, layer_rows(self.config))
         m = model.model
         self.head_keys = (key(m.norm.weight), key(model.output.weight))
         self.train_head = self.head_keys[1] is not None
