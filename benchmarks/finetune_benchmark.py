@@ -240,15 +240,19 @@ def worker_ours(spec):
 
 
 def _trace_calls(grads, path):
-    """Resident memory after each block call of our trainer, appended to `path` as it goes (a killed run still
-    says where it was): where the memory goes."""
+    """Resident memory after each block call of our trainer and the call's own seconds, appended to `path` as it
+    goes (a killed run still says where it was): where the memory and the time go. `loss_and_grads` holds the
+    others; what lies outside every call (data, optimizer) is the gap between them."""
     f = open(path, "a", encoding="utf-8")
     t0 = time.perf_counter()
 
     def traced(fn, name):
         def call(*a, **k):
+            start = time.perf_counter()
             out = fn(*a, **k)
-            f.write(f"{time.perf_counter() - t0:8.1f} s  rss {rss_gib():6.2f}  peak {peak_gib():6.2f} GiB  {name}\n")
+            end = time.perf_counter()
+            f.write(f"{end - t0:8.1f} s  took {end - start:7.3f} s  rss {rss_gib():6.2f}  peak {peak_gib():6.2f} GiB  "
+                    f"{name}\n")
             f.flush()
             return out
         return call
@@ -502,7 +506,7 @@ def main(argv=None):
         "/work/venv-ref/bin/python") else None, help="Python with torch, transformers 4.33.2, peft 0.8.2, accelerate")
     p.add_argument("--workdir", help="where the model and data go (default: a temporary folder)")
     p.add_argument("--json", help="write the results here")
-    p.add_argument("--trace", action="store_true", help="our side: RSS after each block call into "
+    p.add_argument("--trace", action="store_true", help="our side: RSS and seconds of each block call into "
                    "WORKDIR/MODE.ours.trace (use with --workdir)")
     p.add_argument("--worker", choices=["ours", "upstream"], help=argparse.SUPPRESS)
     p.add_argument("--spec", help=argparse.SUPPRESS)

@@ -493,3 +493,35 @@ def test_layer_rows_follow_the_width(monkeypatch):
         assert r % backprop.LENGTH_BUCKET == 0 and (r == backprop.LENGTH_BUCKET or r * inter <= backprop.BLOCK_ELEMENTS)
     monkeypatch.setattr(backprop, "LAYER_ROWS", 64)
     assert rows(1408) == 64
+
+
+@pytest.mark.parametrize("name", ["lora_image", "full_mixed"])
+def test_head_over_targets_only_matches_upstream(name, tmp_path, graph_mode, caplog, monkeypatch):
+    """The head and loss run on the positions with a target only, gathered 16 at a time here (several calls per
+    micro-batch, the last one padded): upstream's golden outputs at the same tolerances, with the head trained in
+    `full_mixed`. Every call's rows are targets or padding, and the image positions are never among them."""
+    import mindxcomposer.finetune.backprop as backprop
+    monkeypatch.setattr(backprop, "HEAD_CHUNK", 16)
+    calls = []
+
+    def recording(t):
+        grads = t.grads
+        head_grad = grads.head_grad
+
+        def call(x, labels, valid, *rest):
+            calls.append((x.shape[1], int(valid.asnumpy().sum())))
+            return head_grad(x, labels, valid, *rest)
+        grads.head_grad = call
+        head = grads._head
+
+        def whole(x, next_labels, valid, count, scale):
+            calls.append(("micro-batch", x.shape[0] * x.shape[1], int(valid.sum())))
+            return head(x, next_labels, valid, count, scale)
+        grads._head = whole
+    check_training(next(c for c in CASES if c["name"] == name), tmp_path, caplog, recording)
+    batches = [c for c in calls if c[0] == "micro-batch"]
+    chunks = [c for c in calls if c[0] != "micro-batch"]
+    assert sum(t for _, t in chunks) == sum(t for _, _, t in batches)  # every target once
+    assert all(rows == 16 and 0 < t <= rows for rows, t in chunks), chunks
+    assert any(t < rows for rows, t in chunks) and len(chunks) > len(batches), chunks
+    assert sum(rows for rows, _ in chunks) < sum(n for _, n, _ in batches) / 2  # most positions have no target

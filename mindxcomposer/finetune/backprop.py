@@ -32,7 +32,7 @@ from .spill import LayerInputs, check_store, choose_store, layer_input_bytes
 from .trainables import Trainables
 
 LENGTH_BUCKET = 64
-HEAD_CHUNK = 256  # positions per head-and-loss call (a multiple of LENGTH_BUCKET)
+HEAD_CHUNK = 256  # positions with a target per head-and-loss call (a multiple of LENGTH_BUCKET)
 # Positions per call of a decoder layer's row-wise parts, forward and gradient (`DecoderLayerBlocks`): `LAYER_ROWS`
 # where set (tests, benchmarks), else `layer_rows(config)`, as many rows as keep a block's widest activation
 # ([rows, intermediate]) within BLOCK_ELEMENTS: 128 rows at the release's width. A call's working set adds to the
@@ -255,33 +255,48 @@ class MicroBatchGradients:
         return loss, dy, grads
 
     def _head(self, x, next_labels, valid, count, scale):
-        """Head and loss over `HEAD_CHUNK` positions at a time: the fp32 logits and their gradient,
-        [B, n, vocab] each (1.5 GB per 4k positions at the release's vocabulary), never exist whole."""
-        b, n_pad, _ = x.shape
-        chunk = min(HEAD_CHUNK, n_pad)
+        """Head and loss over the positions with a target only, gathered `HEAD_CHUNK` at a time: the fp32 logits
+        and their gradient, [positions, vocab] each (1.5 GB per 4k positions at the release's vocabulary), never
+        exist whole. A position without a target (an image's, a prompt's, padding) adds nothing to the loss nor
+        to any gradient, so its logits are not computed: at hidden 512 the head's 92544 rows cost more than a
+        decoder layer, and an image sample's ~1,000 image positions have none. The last chunk is padded to a
+        multiple of LENGTH_BUCKET (few compiled shapes) with rows whose weight is zero."""
+        b, n_pad, hidden = x.shape
+        where = np.flatnonzero(valid.reshape(-1))  # flat positions with a target, in order
+        if where.size == 0:
+            return 0.0, ops.zeros(x.shape, x.dtype), None, None
+        flat = x.reshape(b * n_pad, hidden)
+        flat_labels = next_labels.reshape(-1)
         m = self.model.model
         norm_w, head_w = Tensor(m.norm.weight), Tensor(self.model.output.weight)
         loss, dxs, d_norm, d_head = 0.0, [], None, None
-        for s in range(0, n_pad, chunk):
-            part = slice(s, s + chunk)
-            if not valid[:, part].any():
-                dxs.append(ops.zeros((b, min(chunk, n_pad - s), x.shape[2]), x.dtype))
-                continue
-            labels_t = Tensor(np.where(valid[:, part], next_labels[:, part], 0).astype(np.int32))
-            valid_t = Tensor(valid[:, part].astype(np.float32))
+        for s in range(0, where.size, HEAD_CHUNK):
+            part = where[s:s + HEAD_CHUNK]
+            size = min(HEAD_CHUNK, _pad_to(part.size, LENGTH_BUCKET))
+            rows = np.full(size, part[-1], np.int32)  # padding repeats a real row: finite, and weighed 0
+            rows[:part.size] = part
+            labels = np.zeros((1, size), np.int32)
+            labels[0, :part.size] = flat_labels[part]
+            weight = np.zeros((1, size), np.float32)
+            weight[0, :part.size] = 1.0
+            xs = ops.gather(flat, Tensor(rows), 0).expand_dims(0)
+            labels_t, valid_t = Tensor(labels), Tensor(weight)
             if self.frozen_cast_head:
-                val, g = self._frozen_head(x[:, s:s + chunk], labels_t, valid_t, count, scale, norm_w, head_w)
+                val, g = self._frozen_head(xs, labels_t, valid_t, count, scale, norm_w, head_w)
             else:
-                val, g = self.head_grad(x[:, s:s + chunk], labels_t, valid_t, Tensor(np.float32(count)),
+                val, g = self.head_grad(xs, labels_t, valid_t, Tensor(np.float32(count)),
                                         Tensor(np.float32(scale)), norm_w, head_w)
             loss += float(val.asnumpy())
             if self.train_head:  # one grad_position gives the gradient itself, not a tuple
-                dxs.append(g[0])
-                d_norm = g[1] if d_norm is None else d_norm + g[1]
-                d_head = g[2] if d_head is None else d_head + g[2]
-            else:
-                dxs.append(g)
-        return loss, ops.concat(dxs, 1), d_norm, d_head
+                g, dn, dh = g
+                d_norm = dn if d_norm is None else d_norm + dn
+                d_head = dh if d_head is None else d_head + dh
+            dxs.append(g[0, :part.size])
+        # Back to [B, n, hidden]: each position takes its row of the chunks' gradients, or the zero row after them.
+        back = np.full(b * n_pad, where.size, np.int32)
+        back[where] = np.arange(where.size, dtype=np.int32)
+        rows_dx = ops.concat(dxs + [ops.zeros((1, hidden), dxs[0].dtype)], 0)
+        return loss, ops.gather(rows_dx, Tensor(back), 0).reshape(b, n_pad, hidden), d_norm, d_head
 
     def _frozen_head(self, x, labels, valid, count, scale, norm_w, head_w):
         """The head and loss of `_HeadLoss` for a frozen output head stored in another dtype than the
