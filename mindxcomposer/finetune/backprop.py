@@ -32,7 +32,11 @@ from .spill import LayerInputs, check_store, choose_store, layer_input_bytes
 from .trainables import Trainables
 
 LENGTH_BUCKET = 64
-HEAD_CHUNK = 256  # positions with a target per head-and-loss call (a multiple of LENGTH_BUCKET)
+# Positions with a target per head-and-loss call (a multiple of LENGTH_BUCKET). The call's logits and their gradient
+# are [rows, vocab] fp32 (47 MB each at 128 rows and the release's vocabulary) and add to the pool's high-water mark:
+# at the release's width, 2 layers and 1,375 positions, two LoRA steps peaked 1.56 GiB above the loaded model with
+# 128 rows and 1.76 with 256, in the same time (docs/finetune.md).
+HEAD_CHUNK = 128
 # Positions per call of a decoder layer's row-wise parts, forward and gradient (`DecoderLayerBlocks`): `LAYER_ROWS`
 # where set (tests, benchmarks), else `layer_rows(config)`, as many rows as keep a block's widest activation
 # ([rows, intermediate]) within BLOCK_ELEMENTS: 128 rows at the release's width. A call's working set adds to the
