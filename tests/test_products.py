@@ -141,6 +141,42 @@ def test_rows_do_not_depend_on_the_batch(bf16, arch):
             np.testing.assert_array_equal(gemm(x[rows], fp32_to_bf16(w), bf16, arch), whole[rows])
 
 
+def _aot(arch, name, inputs, out_shape):
+    """Kernel `name` of the library for `arch`, called directly on numpy inputs -> its fp32 output."""
+    import ctypes
+    out = np.zeros(out_shape, np.float32)
+    cpu_kernels.AotCall(getattr(ctypes.CDLL(cpu_kernels.build(arch=arch)), name), list(inputs) + [out])()
+    return out
+
+
+def test_exponentials_are_the_same_bits_on_every_build():
+    """The softmax's exp (a polynomial, `softmax_exp`) runs 16 lanes wide on AVX-512, 8 on AVX2 and one value at
+    a time in the portable build, each the same operations: SwiGLU and CLIP's activation, element-wise, give the
+    same bits on every build, over the exp's whole range (underflow to 0, the clamp at the top, -0 and 0)."""
+    rng = np.random.default_rng(11)
+    g = (rng.standard_normal((37, 1411)) * 8).astype(np.float32)
+    g[0, :8] = [0.0, -0.0, 100.0, -100.0, 88.9, -87.4, 51.3, -51.3]
+    u = rng.standard_normal(g.shape).astype(np.float32)
+    x, w = data(19, 64, 203, seed=5)
+    w *= 4
+    bias = rng.standard_normal(203).astype(np.float32)
+    res = rng.standard_normal((19, 203)).astype(np.float32)
+    calls = {"MxcSwiGLU": ([g, u], g.shape), "MxcLinearNTBiasQuickGelu": ([x, w, bias], (19, 203)),
+             "MxcLinearNTBiasResidual": ([x, w, bias, res], (19, 203))}
+    for name, (inputs, shape) in calls.items():
+        ref = _aot("portable", name, inputs, shape)
+        for arch in ("native", "avx2"):
+            got = _aot(arch, name, inputs, shape)
+            assert np.array_equal(got.view(np.uint32), ref.view(np.uint32)), (name, arch)
+    # The softmax sums its exponentials in lanes: attention agrees across builds to rounding.
+    q, k, v = (rng.standard_normal((1, 2, n, 64)).astype(np.float32) for n in (154, 77, 77))
+    mask = np.triu(np.full((77, 77), np.finfo(np.float32).min, np.float32), 1)[None, None]
+    div = np.array([8.0], np.float32)
+    ref = _aot("portable", "MxcAttention", [q, k, v, mask, div], q.shape)
+    for arch in ("native", "avx2"):
+        np.testing.assert_allclose(_aot(arch, "MxcAttention", [q, k, v, mask, div], q.shape), ref, rtol=0, atol=2e-6)
+
+
 def _cpu_flags():
     return set(open("/proc/cpuinfo").read().split("flags")[1].split("\n")[0].split())
 

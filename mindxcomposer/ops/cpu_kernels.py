@@ -365,8 +365,9 @@ def gemm_nn(dy, w, bf16_products=False, arch="native"):
 
 
 class AotCall:
-    """One call of a kernel by MindSpore's AOT convention (params, ndims, shapes: inputs then outputs) on numpy
-    arrays, without MindSpore, kept ready to be repeated (benchmarks); the arrays are kept alive."""
+    """One call of a kernel by MindSpore's AOT convention (params, ndims, shapes, dtype names: inputs then
+    outputs) on numpy arrays, without MindSpore, kept ready to be repeated (benchmarks, tests); the arrays are
+    kept alive. uint16 arrays are bf16 bits (named "bfloat16", as MindSpore names that dtype)."""
 
     def __init__(self, fn, arrays):
         self.fn, self.arrays = fn, arrays
@@ -376,9 +377,11 @@ class AotCall:
         self.shape_arrays = [(ctypes.c_int64 * a.ndim)(*a.shape) for a in arrays]
         self.shapes = (ctypes.POINTER(ctypes.c_int64) * n)(
             *[ctypes.cast(s, ctypes.POINTER(ctypes.c_int64)) for s in self.shape_arrays])
+        self.dtypes = (ctypes.c_char_p * n)(
+            *[b"bfloat16" if a.dtype.name == "uint16" else a.dtype.name.encode() for a in arrays])
 
     def __call__(self):
-        rc = self.fn(len(self.arrays), self.params, self.ndims, self.shapes, None, None, None)
+        rc = self.fn(len(self.arrays), self.params, self.ndims, self.shapes, self.dtypes, None, None)
         if rc != 0:
             raise RuntimeError(f"kernel returned {rc}")
 

@@ -1020,6 +1020,34 @@ inline __m512 softmax_exp16(__m512 x) {
   const __m512i bits = _mm512_add_epi32(_mm512_castps_si512(p), _mm512_slli_epi32(_mm512_cvtps_epi32(n), 23));
   return _mm512_maskz_mov_ps(live, _mm512_castsi512_ps(bits));
 }
+#elif defined(__AVX2__) && defined(__FMA__)
+#define MXC_EXP8 1
+// softmax_exp on 8 lanes (AVX2 + FMA): the same operations, so each lane equals softmax_exp of its value.
+inline __m256 softmax_exp8(__m256 x) {
+  const __m256 live = _mm256_cmp_ps(x, _mm256_set1_ps(kExpLo), _CMP_GE_OQ);
+  x = _mm256_min_ps(x, _mm256_set1_ps(kExpHi));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(kLog2e)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m256 r = _mm256_fmadd_ps(n, _mm256_set1_ps(kLn2Hi), _mm256_fmadd_ps(n, _mm256_set1_ps(kLn2Lo), x));
+  __m256 p = _mm256_set1_ps(kExpPoly[0]);
+  for (int i = 1; i < 7; ++i) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpPoly[i]));
+  const __m256i bits = _mm256_add_epi32(_mm256_castps_si256(p), _mm256_slli_epi32(_mm256_cvtps_epi32(n), 23));
+  return _mm256_and_ps(live, _mm256_castsi256_ps(bits));
+}
+
+inline float hmax8(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  m = _mm_max_ss(m, _mm_shuffle_ps(m, m, 1));
+  return _mm_cvtss_f32(m);
+}
+
+inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+  return _mm_cvtss_f32(s);
+}
 #endif
 
 // Masked scores: an additive mask at or below this hides a key (the model's masks use fp32's minimum).
@@ -1042,6 +1070,18 @@ bool softmax_row(float *row, const float *mask, int64_t len, float divisor) {
   }
   top = _mm512_reduce_max_ps(vtop);
 #else
+#if defined(MXC_EXP8)
+  __m256 vtop = _mm256_set1_ps(-INFINITY);
+  const __m256 vdiv = _mm256_set1_ps(divisor);
+  for (; j + 8 <= len; j += 8) {
+    __m256 x = _mm256_loadu_ps(row + j);
+    if (divisor != 1.0f) x = _mm256_div_ps(x, vdiv);
+    if (mask) x = _mm256_add_ps(x, _mm256_loadu_ps(mask + j));
+    _mm256_storeu_ps(row + j, x);
+    vtop = _mm256_max_ps(vtop, x);
+  }
+  top = hmax8(vtop);
+#endif
   for (; j < len; ++j) {
     float x = divisor == 1.0f ? row[j] : row[j] / divisor;
     if (mask) x += mask[j];
@@ -1067,11 +1107,27 @@ bool softmax_row(float *row, const float *mask, int64_t len, float divisor) {
     _mm512_mask_storeu_ps(row + j, m, _mm512_div_ps(_mm512_maskz_loadu_ps(m, row + j), vs));
   }
 #else
-  for (j = 0; j < len; ++j) {
-    row[j] = softmax_exp(row[j] - top);
-    sum += row[j];
+  j = 0;
+#if defined(MXC_EXP8)
+  __m256 vsum = _mm256_setzero_ps();
+  const __m256 vt = _mm256_set1_ps(top);
+  for (; j + 8 <= len; j += 8) {
+    const __m256 e = softmax_exp8(_mm256_sub_ps(_mm256_loadu_ps(row + j), vt));
+    _mm256_storeu_ps(row + j, e);
+    vsum = _mm256_add_ps(vsum, e);
   }
-  for (j = 0; j < len; ++j) row[j] /= sum;
+  sum = hsum8(vsum);
+#endif
+  for (int64_t i = j; i < len; ++i) {
+    row[i] = softmax_exp(row[i] - top);
+    sum += row[i];
+  }
+  j = 0;
+#if defined(MXC_EXP8)
+  const __m256 vs = _mm256_set1_ps(sum);
+  for (; j + 8 <= len; j += 8) _mm256_storeu_ps(row + j, _mm256_div_ps(_mm256_loadu_ps(row + j), vs));
+#endif
+  for (; j < len; ++j) row[j] /= sum;
 #endif
   return true;
 }
@@ -1206,8 +1262,16 @@ void attention_grad(const float *q, const float *k, const float *v, const float 
           }
           softmax_row(pr, mb ? mb + ((r0 + r) % n) * slots : nullptr, limit, divisor);
           float delta = 0.0f;
-          for (int64_t j = 0; j < limit; ++j) delta += sr[j] * pr[j];
-          for (int64_t j = 0; j < limit; ++j) sr[j] = pr[j] * (sr[j] - delta) / divisor;
+          int64_t j = 0;
+#if defined(MXC_EXP8)
+          // 8 partial sums: one chain of dependent additions took as long as the row's products.
+          __m256 vd = _mm256_setzero_ps();
+          for (; j + 8 <= limit; j += 8)
+            vd = _mm256_add_ps(vd, _mm256_mul_ps(_mm256_loadu_ps(sr + j), _mm256_loadu_ps(pr + j)));
+          delta = hsum8(vd);
+#endif
+          for (; j < limit; ++j) delta += sr[j] * pr[j];
+          for (j = 0; j < limit; ++j) sr[j] = pr[j] * (sr[j] - delta) / divisor;
         }
         gemm_packed(View{ds, limit, 1, false}, rn, kp, d, limit, dqh + r0 * ql.row, ql.row, bf16);
         gemm_block(View{ds, 1, limit, false}, qb, dkh, kl.row, 0, limit, 0, d, rn, bf16, true);  // dS^T q
@@ -1263,6 +1327,17 @@ void bias_act(float *c, int64_t m, int64_t n, const void *bias, bool bias_bf16, 
       if (gelu) z = _mm512_div_ps(z, _mm512_add_ps(one, softmax_exp16(_mm512_mul_ps(z, k))));
       if (residual) z = _mm512_add_ps(_mm512_loadu_ps(residual + r * n + j), z);
       _mm512_storeu_ps(row + j, z);
+    }
+#elif defined(MXC_EXP8)
+    const __m256 one = _mm256_set1_ps(1.0f), k = _mm256_set1_ps(-1.702f);
+    for (; j + 8 <= n; j += 8) {
+      const __m256 b = bias_bf16 ? _mm256_castsi256_ps(_mm256_slli_epi32(
+                                       _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i *>(bh + j))), 16))
+                                 : _mm256_loadu_ps(bf + j);
+      __m256 z = _mm256_add_ps(_mm256_loadu_ps(row + j), b);
+      if (gelu) z = _mm256_div_ps(z, _mm256_add_ps(one, softmax_exp8(_mm256_mul_ps(z, k))));
+      if (residual) z = _mm256_add_ps(_mm256_loadu_ps(residual + r * n + j), z);
+      _mm256_storeu_ps(row + j, z);
     }
 #endif
     for (; j < n; ++j) {
@@ -1320,6 +1395,13 @@ MXC_AOT(MxcSwiGLU) {
       const __m512 x = _mm512_loadu_ps(g + i);
       const __m512 e = softmax_exp16(_mm512_sub_ps(_mm512_setzero_ps(), x));
       _mm512_storeu_ps(out + i, _mm512_mul_ps(_mm512_div_ps(x, _mm512_add_ps(one, e)), _mm512_loadu_ps(u + i)));
+    }
+#elif defined(MXC_EXP8)
+    const __m256 one = _mm256_set1_ps(1.0f);
+    for (; i + 8 <= i1; i += 8) {
+      const __m256 x = _mm256_loadu_ps(g + i);
+      const __m256 e = softmax_exp8(_mm256_sub_ps(_mm256_setzero_ps(), x));
+      _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_div_ps(x, _mm256_add_ps(one, e)), _mm256_loadu_ps(u + i)));
     }
 #endif
     for (; i < i1; ++i) out[i] = g[i] / (1.0f + softmax_exp(-g[i])) * u[i];
