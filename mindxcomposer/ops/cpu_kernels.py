@@ -332,36 +332,35 @@ def custom_ops():
         return _state["ops"]
 
 
+def _gemm_numpy(entry, a, w, bf16_products, arch, inner_axis):
+    """`entry` (an `entry_points` GEMM: a, w, w is bf16 bits, out, M, w's rows, w's columns, bf16 products) on
+    numpy arrays, through the library for `arch`; a's columns match w's axis `inner_axis`, the output has w's
+    other axis."""
+    import numpy as np
+
+    fn = getattr(entry_points(ctypes.CDLL(build(arch=arch))), entry)
+    a = np.ascontiguousarray(a, dtype=np.float32)
+    w = np.ascontiguousarray(w)
+    if w.dtype not in (np.float32, np.uint16) or a.ndim != 2 or w.ndim != 2 or a.shape[1] != w.shape[inner_axis]:
+        names = ("dy [M, N]", "w [N, K]") if inner_axis == 0 else ("a [M, K]", "w [N, K]")
+        raise ValueError(f"{entry} takes {names[0]} float32 and {names[1]} float32 or uint16 (bf16 bits), "
+                         f"got {a.shape} {a.dtype} and {w.shape} {w.dtype}")
+    out = np.empty((a.shape[0], w.shape[1 - inner_axis]), np.float32)
+    fn(a.ctypes.data, w.ctypes.data, int(w.dtype == np.uint16), out.ctypes.data, a.shape[0], w.shape[0], w.shape[1],
+       int(bf16_products))
+    return out
+
+
 def gemm_nt(a, w, bf16_products=False, arch="native"):
     """numpy: a [M, K] fp32 times w [N, K]^T (fp32, or bf16 bits as uint16) -> [M, N] fp32, through the
     library for `arch` directly (no MindSpore graph): for benchmarks and tests of the kernels themselves."""
-    import numpy as np
-
-    fn = entry_points(ctypes.CDLL(build(arch=arch))).gemm_nt
-    a = np.ascontiguousarray(a, dtype=np.float32)
-    w = np.ascontiguousarray(w)
-    if w.dtype not in (np.float32, np.uint16) or a.ndim != 2 or w.ndim != 2 or a.shape[1] != w.shape[1]:
-        raise ValueError("gemm_nt takes a [M, K] float32 and w [N, K] float32 or uint16 (bf16 bits)")
-    out = np.empty((a.shape[0], w.shape[0]), np.float32)
-    fn(a.ctypes.data, w.ctypes.data, int(w.dtype == np.uint16), out.ctypes.data, a.shape[0], w.shape[0],
-       a.shape[1], int(bf16_products))
-    return out
+    return _gemm_numpy("gemm_nt", a, w, bf16_products, arch, 1)
 
 
 def gemm_nn(dy, w, bf16_products=False, arch="native"):
     """numpy: dy [M, N] fp32 times w [N, K] (fp32, or bf16 bits as uint16) -> [M, K] fp32 (a linear's input
     gradient), through the library for `arch` directly, as `gemm_nt`."""
-    import numpy as np
-
-    fn = entry_points(ctypes.CDLL(build(arch=arch))).gemm_nn
-    dy = np.ascontiguousarray(dy, dtype=np.float32)
-    w = np.ascontiguousarray(w)
-    if w.dtype not in (np.float32, np.uint16) or dy.ndim != 2 or w.ndim != 2 or dy.shape[1] != w.shape[0]:
-        raise ValueError("gemm_nn takes dy [M, N] float32 and w [N, K] float32 or uint16 (bf16 bits)")
-    out = np.empty((dy.shape[0], w.shape[1]), np.float32)
-    fn(dy.ctypes.data, w.ctypes.data, int(w.dtype == np.uint16), out.ctypes.data, dy.shape[0], w.shape[0],
-       w.shape[1], int(bf16_products))
-    return out
+    return _gemm_numpy("gemm_nn", dy, w, bf16_products, arch, 0)
 
 
 class AotCall:
