@@ -277,7 +277,7 @@ class MicroBatchGradients:
         for s in range(0, where.size, HEAD_CHUNK):
             part = where[s:s + HEAD_CHUNK]
             size = min(HEAD_CHUNK, _pad_to(part.size, LENGTH_BUCKET))
-            rows = np.full(size, part[-1], np.int32)  # padding repeats a real row: finite, and weighed 0
+            rows = np.full(size, part[-1], np.int32)  # padding repeats a real row: finite, and weighted 0
             rows[:part.size] = part
             labels = np.zeros((1, size), np.int32)
             labels[0, :part.size] = flat_labels[part]

@@ -1118,9 +1118,9 @@ bool softmax_row(float *row, const float *mask, int64_t len, float divisor) {
   }
   sum = hsum8(vsum);
 #endif
-  for (int64_t i = j; i < len; ++i) {
-    row[i] = softmax_exp(row[i] - top);
-    sum += row[i];
+  for (; j < len; ++j) {
+    row[j] = softmax_exp(row[j] - top);
+    sum += row[j];
   }
   j = 0;
 #if defined(MXC_EXP8)
