@@ -178,7 +178,9 @@ def worker_ours(spec):
     trainer = Trainer(args, data_args, model=model)
     rss["trainer_built"] = rss_gib()
 
-    micro, times, ends, held = [], [], [], {}
+    from mindxcomposer.ops.cpu_kernels import product_flops
+
+    micro, times, ends, held, flops = [], [], [], {}, []
     grads = trainer.grads
     forward_layer = grads.forward_layer
     stored = [0]
@@ -213,6 +215,7 @@ def worker_ours(spec):
         if last is not None:
             last.asnumpy()  # waits for the update
         times.append(time.perf_counter())
+        flops.append(product_flops())
         ends.append(len(micro))
         if len(times) == spec["warmup"]:
             rss["after_warmup"] = rss_gib()
@@ -231,12 +234,42 @@ def worker_ours(spec):
                 adamw_moments=sum(int(p.nbytes) for d in (opt.exp_avg, opt.exp_avg_sq) for p in d.values()),
                 stored_layer_inputs=max(m["stored_layer_inputs"] for m in micro))
     shutil.rmtree(out_dir, ignore_errors=True)
-    _reply(dict(side="ours", mode=spec["mode"], mindspore=ms.__version__, ms_mode="GRAPH_MODE",
+    w = spec["warmup"]
+    products = dict(gflop_per_step=(flops[-1] - flops[w - 1]) / 1e9 / (len(flops) - w), **_gemm_rates(model.config))
+    _reply(dict(side="ours", mode=spec["mode"], mindspore=ms.__version__, ms_mode="GRAPH_MODE", products=products,
                 threads=int(ms.get_context("runtime_num_threads")), first_step_s=times[0] - start,
                 **_timing(times, ends, micro, spec["warmup"], spec["batch_size"]),
                 step_losses=_step_losses(micro, ends), micro=micro, rss_gib=rss, train_peak_gib=train_peak,
                 vmhwm_gib=vmhwm,
                 held_bytes=held, trainable_count=sum(int(np.prod(p.shape)) for p in trainer.trainables.params.values())))
+
+
+def _gemm_rates(config, repeats=5):
+    """GFLOP/s, best of `repeats`, of two of the model's products in fp32, through this package's kernel
+    (`cpu_kernels.gemm_nt`, what exact mode runs) and through numpy (its BLAS, a reference library), measured in
+    the trainer's process after training: a decoder layer's widest ([640, hidden] x [intermediate, hidden]^T) and
+    the head's (a chunk of `HEAD_CHUNK` rows x [vocab, hidden]^T). The better kernel rate is the fastest a step's
+    products could run here."""
+    from mindxcomposer.finetune.backprop import HEAD_CHUNK
+    from mindxcomposer.ops import cpu_kernels
+
+    rng = np.random.default_rng(0)
+    out = {}
+    for part, (rows, n) in (("layer", (640, config.intermediate_size)), ("head", (HEAD_CHUNK, config.vocab_size))):
+        x = rng.standard_normal((rows, config.hidden_size), dtype=np.float32)
+        w = rng.standard_normal((n, config.hidden_size), dtype=np.float32)
+        gflop = 2 * rows * config.hidden_size * n / 1e9
+        for name, fn in (("kernel", lambda: cpu_kernels.gemm_nt(x, w)), ("numpy", lambda: x @ w.T)):
+            fn()
+            best = float("inf")
+            for _ in range(repeats):
+                t = time.perf_counter()
+                fn()
+                best = min(best, time.perf_counter() - t)
+            out[f"{part}_{name}_gflops"] = gflop / best
+        out[f"{part}_shape"] = [rows, config.hidden_size, n]
+    out["kernel_gflops"] = max(out["layer_kernel_gflops"], out["head_kernel_gflops"])
+    return out
 
 
 def _trace_calls(grads, path):
@@ -454,6 +487,25 @@ def print_report(args, config, results, why_no_upstream, command):
                   f"{_fmt(_ratio(o.get('vmhwm_gib'), u.get('vmhwm_gib')))} | "
                   f"{_fmt(_ratio(o.get('train_peak_gib'), u.get('train_peak_gib')))} | "
                   f"{_fmt(_ratio(o['first_step_s'], u['first_step_s']))} |")
+    rows = [(mode, results.get(mode, {}).get("ours", {})) for mode in args.modes]
+    rows = [(mode, r) for mode, r in rows if r.get("products", {}).get("gflop_per_step") and "seconds" in r]
+    if rows:
+        print()
+        print("Our side's products (the CPU kernels' count: the GEMMs and attention's products of a timed step) against "
+              "the machine's rate, measured in the same process after training, fp32, on a decoder layer's widest "
+              "product and on the head's (M x K x N); the floor is the products at the better kernel rate:")
+        print("| mode | GFLOP / step | mean s / step | achieved GFLOP/s | layer product: kernel / numpy GFLOP/s | "
+              "head product: kernel / numpy GFLOP/s | products alone at the kernel's rate, s / step | step / that |")
+        print("|---|---|---|---|---|---|---|---|")
+        for mode, r in rows:
+            pr = r["products"]
+            mean = r["seconds"] / r["timed_steps"]
+            floor = pr["gflop_per_step"] / pr["kernel_gflops"]
+            print(f"| {mode} | {pr['gflop_per_step']:.1f} | {mean:.2f} | {pr['gflop_per_step'] / mean:.1f} | "
+                  f"{pr['layer_kernel_gflops']:.1f} / {pr['layer_numpy_gflops']:.1f} "
+                  f"({'x'.join(map(str, pr['layer_shape']))}) | {pr['head_kernel_gflops']:.1f} / "
+                  f"{pr['head_numpy_gflops']:.1f} ({'x'.join(map(str, pr['head_shape']))}) | {floor:.2f} | "
+                  f"{mean / floor:.2f} |")
     print()
     print("Memory held (MB, measured on the trainer's objects) and RSS after each phase (GiB):")
     print("| mode | side | trainable params | parameters | AdamW moments | gradients | stored layer inputs (largest "

@@ -243,6 +243,19 @@ def test_linear_through_mindspore_is_the_kernel(mode, products):
         np.testing.assert_array_equal(got.reshape(40, 70), cpu_kernels.gemm_nt(x, stored, products == "bf16"))
 
 
+def test_product_flops_count_each_product(mode):
+    """`product_flops` counts 2 m n k for each product the library runs, through MindSpore (the library MindSpore
+    loaded is the one it reads) and directly; `reset` reads and clears it."""
+    assert wp.enable_kernels()
+    x, w = data(40, 96, 70, seed=4)
+    cpu_kernels.product_flops(reset=True)
+    _Linear(wp.EXACT)(Tensor(x.reshape(2, 20, 96)), Tensor(w)).asnumpy()
+    assert cpu_kernels.product_flops() == 2 * 40 * 70 * 96
+    cpu_kernels.gemm_nt(x[:25], w[:33])
+    assert cpu_kernels.product_flops(reset=True) == 2 * 40 * 70 * 96 + 2 * 25 * 33 * 96
+    assert cpu_kernels.product_flops() == 0
+
+
 @pytest.mark.parametrize("products", wp.PRODUCT_MODES)
 def test_gradients(mode, products):
     """dx = dy w and dw = dy^T x through the kernels, against float64 (bf16 products: of the rounded inputs);

@@ -155,6 +155,18 @@ def onednn(enable=None) -> bool:
     return ctypes.CDLL(_state["path"]).MxcOnednn(-1 if enable is None else int(bool(enable))) == 1
 
 
+def product_flops(reset: bool = False) -> int:
+    """Floating-point operations (2 m n k a product) of the compute-bound products (`gemm_kernels.cc`: the GEMM and
+    attention's products; not the decode-sized kernels) this process has run since the last reset, or 0 when the
+    kernels are not `available()`. `reset` sets the count to 0 after reading it. A benchmark divides it by the
+    machine's GEMM rate: how long its products alone would take."""
+    if not available():
+        return 0
+    fn = ctypes.CDLL(_state["path"]).MxcGemmFlops
+    fn.restype, fn.argtypes = ctypes.c_int64, [ctypes.c_int]
+    return int(fn(int(bool(reset))))
+
+
 def _custom(lib, symbol, out_shape, bprop=None, out_dtype=None):
     import mindspore as ms
     from mindspore import ops

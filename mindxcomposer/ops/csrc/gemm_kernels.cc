@@ -16,6 +16,7 @@
 // The ISA is chosen when the library is built (`-march=native`, one build per CPU: see gemm_kernels.py):
 // AVX-512 (12 x 32 tile), AVX2 + FMA (6 x 16), or portable C++.
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -66,6 +67,15 @@ constexpr int64_t KC = MXC_KC;            // k per packed block, fp32 panels
 constexpr int64_t KC_BF16 = MXC_KC_BF16;  // k per packed block, bf16 pair panels
 constexpr int64_t MC = MXC_MC;            // rows of A per block (a multiple of MR)
 constexpr int64_t NC = MXC_NC;            // columns of B per packed block (a multiple of NR)
+
+// Floating-point operations (2 m n k per product) of every product this library has run since the last reset
+// (`MxcGemmFlops`): what a benchmark divides by the machine's GEMM rate to learn how long its products alone would
+// take. One relaxed atomic add per product call; nothing else reads it.
+std::atomic<int64_t> g_flops{0};
+
+inline void count_flops(int64_t m, int64_t n, int64_t k) {
+  g_flops.fetch_add(2 * m * n * k, std::memory_order_relaxed);
+}
 
 inline float bf16_to_f32(uint16_t b) {
   uint32_t u = static_cast<uint32_t>(b) << 16;
@@ -781,6 +791,7 @@ void gemm(const View &a, const View &b, float *c, int64_t ldc, int64_t m, int64_
       for (int64_t i = 0; i < m; ++i) std::memset(c + i * ldc, 0, sizeof(float) * n);
     return;
   }
+  count_flops(m, n, k);
 #ifdef MXC_WITH_ONEDNN
   // (A quantized B stays here: its columns are dequantized while packed.)
   if (bf16 && b.qbits == 0 && m >= kOnednnMinRows && onednn_enabled() &&
@@ -969,6 +980,7 @@ void pack_b_all(const View &b, int64_t n, int64_t k, bool bf16, PackedB &out) {
 void gemm_packed(const View &a, int64_t m, const PackedB &b, int64_t n, int64_t k, float *c, int64_t ldc, bool bf16) {
   thread_local std::vector<float> abuf_f;
   thread_local std::vector<uint32_t> abuf_h;
+  count_flops(m, n, k);
   const int64_t mpad = (m + MR - 1) / MR * MR;
   for (int64_t pc = 0, blk = 0; pc < k; pc += b.kcb, ++blk) {
     const int64_t full = b.k - pc < b.kcb ? b.k - pc : b.kcb;  // the packed block's k (panel stride)
@@ -1653,6 +1665,12 @@ extern "C" int MxcGemmNNQuant(const float *dy, const void *q, const float *scale
   if (!set_quant(b, scales, zeros, bits, k, group)) return 1;
   gemm(View{dy, n, 1, false}, b, dx, k, m, k, n, bf16_products != 0);
   return 0;
+}
+
+// The products' floating-point operations since the last reset (`g_flops`); `reset` != 0 sets the count to 0 after
+// reading it.
+extern "C" int64_t MxcGemmFlops(int reset) {
+  return reset ? g_flops.exchange(0, std::memory_order_relaxed) : g_flops.load(std::memory_order_relaxed);
 }
 
 // What the library was built with: 2 = AVX-512 with native bf16 products, 1 = AVX-512, 3 = AVX2, 0 = portable.
