@@ -273,19 +273,22 @@ def _gemm_rates(config, repeats=5):
 
 
 def _trace_calls(grads, path):
-    """Resident memory after each block call of our trainer and the call's own seconds, appended to `path` as it
-    goes (a killed run still says where it was): where the memory and the time go. `loss_and_grads` holds the
-    others; what lies outside every call (data, optimizer) is the gap between them."""
+    """Resident memory after each block call of our trainer, the call's seconds and its products' GFLOP, appended to
+    `path` as it goes (a killed run still says where it was): where the memory and the time go. `loss_and_grads`
+    holds the others (its figures include theirs); what lies outside every call (data, optimizer) is the gap
+    between them."""
+    from mindxcomposer.ops.cpu_kernels import product_flops
+
     f = open(path, "a", encoding="utf-8")
     t0 = time.perf_counter()
 
     def traced(fn, name):
         def call(*a, **k):
-            start = time.perf_counter()
+            start, f0 = time.perf_counter(), product_flops()
             out = fn(*a, **k)
-            end = time.perf_counter()
+            end, gflop = time.perf_counter(), (product_flops() - f0) / 1e9
             f.write(f"{end - t0:8.1f} s  took {end - start:7.3f} s  rss {rss_gib():6.2f}  peak {peak_gib():6.2f} GiB  "
-                    f"{name}\n")
+                    f"products {gflop:7.2f} GFLOP {gflop / max(end - start, 1e-9):6.1f} GFLOP/s  {name}\n")
             f.flush()
             return out
         return call
