@@ -3,6 +3,8 @@
 Each arithmetic is checked against float64 with a rounding-error bound, on every code path the library
 has (the CPU's own build, and the AVX2 and portable builds that older CPUs get), then through MindSpore
 (PyNative and GRAPH_MODE, forward and gradients) against the library called directly."""
+import contextlib
+
 import numpy as np
 import pytest
 
@@ -175,6 +177,103 @@ def test_exponentials_are_the_same_bits_on_every_build():
     ref = _aot("portable", "MxcAttention", [q, k, v, mask, div], q.shape)
     for arch in ("native", "avx2"):
         np.testing.assert_allclose(_aot(arch, "MxcAttention", [q, k, v, mask, div], q.shape), ref, rtol=0, atol=2e-6)
+
+
+def _head_ce_data(bf16_weight=False):
+    """Rows for the head's cross-entropy: 40 (above the decode size), K 96, a vocabulary of 3001 (not a multiple of any
+    vector width), weights 1, 0 (its label outside the vocabulary: not read) and 0.5."""
+    rng = np.random.default_rng(21)
+    h = rng.standard_normal((40, 96)).astype(np.float32)
+    w = (rng.standard_normal((3001, 96)) * 0.3).astype(np.float32)
+    labels = rng.integers(0, 3001, 40).astype(np.int32)
+    weight = np.ones(40, np.float32)
+    weight[[3, 17]] = 0.0
+    weight[[5, 30]] = 0.5
+    return h, w, labels, weight
+
+
+def _head_ce_reference(h, w, labels, weight, bf16):
+    """float64 (loss [R], dh [R, K]) of `head_cross_entropy` and their error bounds: the logits within the GEMM's
+    bound (`bound`), the log-sum-exp within that plus (V + 4) eps (V exponentials within 2 ulp each, summed in any
+    order), the loss's three fp32 terms rounded once each; the softmax's rows within twice that relative (plus the
+    bf16 rounding of the gradient's first operand in bf16 products), then dh's NN product within its bound."""
+    rnd = round_bf16 if bf16 else (lambda a: a)
+    h64, w64 = rnd(h).astype(np.float64), rnd(w).astype(np.float64)
+    s = h64 @ w64.T
+    top = s.max(1, keepdims=True)
+    total = np.exp(s - top).sum(1, keepdims=True)
+    p = np.exp(s - top) / total
+    rows = np.arange(len(labels))
+    picked = s[rows, np.where(weight != 0, labels, 0)]
+    loss = weight * (top[:, 0] + np.log(total[:, 0]) - picked)
+    g = p.copy()
+    g[rows, np.where(weight != 0, labels, 0)] -= 1.0
+    g *= weight[:, None]
+    delta = 2 * bound(rnd(h), rnd(w), h.shape[1]).max(1) + (w.shape[0] + 4) * EPS
+    loss_tol = weight * (delta + 4 * EPS * (np.abs(top[:, 0]) + np.abs(np.log(total[:, 0])) + np.abs(picked)))
+    rel = 2.2 * delta[:, None] + (2.0 ** -8 if bf16 else 0.0)
+    dh_tol = rel * weight[:, None] * (p @ np.abs(w64)) + bound(np.abs(g), np.abs(w64).T, w.shape[0]) * (
+        1 + (2.0 ** -8 if bf16 else 0.0))
+    return loss, g @ w64, loss_tol, dh_tol
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_head_cross_entropy_kernel_on_every_build(arch):
+    """The head's loss and its gradient in one kernel (`head_cross_entropy`) against float64 within their bounds,
+    exact and bf16 products, an fp32 and a bf16 head, on every build; a row of weight 0 is zeros; a label outside
+    the vocabulary on a weighted row is refused."""
+    import ctypes
+
+    h, w, labels, weight = _head_ce_data()
+    lib = ctypes.CDLL(cpu_kernels.build(arch=arch))
+    for name, bf16 in (("MxcHeadCrossEntropy", False), ("MxcHeadCrossEntropyBf16", True)):
+        for stored in (w, fp32_to_bf16(w)):
+            loss, dh = np.zeros(40, np.float32), np.zeros((40, 96), np.float32)
+            cpu_kernels.AotCall(getattr(lib, name), [h, stored, labels, weight, loss, dh])()
+            values = w if stored.dtype == np.float32 else bf16_to_fp32(stored)
+            ref_loss, ref_dh, loss_tol, dh_tol = _head_ce_reference(h, values, labels, weight, bf16)
+            assert (np.abs(loss - ref_loss) <= loss_tol).all(), (name, stored.dtype)
+            assert (np.abs(dh - ref_dh) <= dh_tol).all(), (name, stored.dtype)
+            assert not loss[weight == 0].any() and not dh[weight == 0].any()
+    bad = labels.copy()
+    bad[0] = w.shape[0]
+    with pytest.raises(RuntimeError):
+        cpu_kernels.AotCall(lib.MxcHeadCrossEntropy, [h, w, bad, weight, np.zeros(40, np.float32),
+                                                       np.zeros((40, 96), np.float32)])()
+
+
+class _WeightedHeadLoss(nn.Cell):
+    def __init__(self, products):
+        super().__init__()
+        self.products = products
+
+    def construct(self, h, w, labels, weight, c):
+        return (wp.head_cross_entropy(h, w, labels, weight, self.products) * c).sum()
+
+
+@pytest.mark.parametrize("products", wp.PRODUCT_MODES)
+def test_head_cross_entropy_through_mindspore(mode, products):
+    """Through MindSpore (the kernel with a frozen head): the loss rows and the gradient in h of a weighted sum of
+    them (each row's gradient scaled by its cotangent), against float64 within the bounds above, for an fp32 and a
+    bf16 head; the composed path (the kernels off) within the same bounds, where in bf16 products the gradient of
+    its cast to bf16 also rounds dh to bf16 (2^-9 relative)."""
+    assert wp.enable_kernels()
+    h, w, labels, weight = _head_ce_data()
+    labels[weight == 0] = 0  # the composed path reads every label
+    c = np.random.default_rng(22).uniform(0.5, 2.0, 40).astype(np.float32)
+    for head in (Tensor(w), Tensor(w).astype(ms.bfloat16)):
+        values = w if head.dtype == ms.float32 else round_bf16(w)
+        ref_loss, ref_dh, loss_tol, dh_tol = _head_ce_reference(h, values, labels, weight, products == "bf16")
+        for kernels_on in (True, False):
+            with (contextlib.nullcontext() if kernels_on else wp.kernels_disabled()):
+                cell = _WeightedHeadLoss(products)
+                rows = wp.head_cross_entropy(Tensor(h), head, Tensor(labels), Tensor(weight), products).asnumpy()
+                total, dh = ms.value_and_grad(cell, grad_position=0)(Tensor(h), head, Tensor(labels), Tensor(weight),
+                                                                     Tensor(c))
+            assert (np.abs(rows - ref_loss) <= loss_tol).all(), kernels_on
+            cast = 0.0 if kernels_on or products == "exact" else 2.0 ** -9 * np.abs(ref_dh * c[:, None])
+            assert (np.abs(dh.asnumpy() - ref_dh * c[:, None]) <= dh_tol * c[:, None] * 1.0001 + cast).all(), kernels_on
+            assert abs(float(total.asnumpy()) - float((ref_loss * c).sum())) <= float((loss_tol * c).sum()) + 1e-5
 
 
 def _cpu_flags():

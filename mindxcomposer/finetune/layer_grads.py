@@ -10,7 +10,7 @@ the Parameters), so one compiled graph serves every layer of a kind; only the po
 trainable weights are fixed per cell (`ms.grad(grad_position=...)`).
 
 The arithmetic is the model's own: `DecoderMath.layer`, `CLIPLayerMath`, the ViT stem, the
-projector's cells, `rms_norm` + `linear` for the head. `TrainingMath` adds what training has and
+projector's cells, `rms_norm` + `head_cross_entropy` for the head. `TrainingMath` adds what training has and
 inference has not: the trained LoRA adapter on the target linears (peft's `lora_B(lora_A(drop(x))) *
 scaling` on top of the Partial-LoRA linear) and dropout on the LoRA inputs.
 """
@@ -21,7 +21,7 @@ import mindspore as ms
 from mindspore import Tensor, nn, ops
 
 from ..modeling_internlm2 import DecoderMath
-from ..ops import EXACT, hash_dropout, linear, rms_norm
+from ..ops import EXACT, hash_dropout, head_cross_entropy, linear, rms_norm
 
 
 class TrainingMath(DecoderMath):
@@ -235,18 +235,19 @@ class DecoderLayerBlocks:
 
 class _HeadLoss(nn.Cell):
     """Final RMSNorm, output head and upstream's loss: CrossEntropyLoss (mean over the supervised
-    tokens) of logits t against labels t + 1, times `scale` (1 / gradient accumulation steps)."""
+    tokens) of logits t against labels t + 1, times `scale` (1 / gradient accumulation steps). `head_grad`:
+    whether the head is trained (`head_cross_entropy`: a frozen head's loss and gradient are one kernel on CPU)."""
 
-    def __init__(self, eps, products=EXACT):
+    def __init__(self, eps, products=EXACT, head_grad=False):
         super().__init__()
         self.eps = eps
         self.products = products
+        self.head_grad = head_grad
 
     def construct(self, x, next_labels, valid, count, scale, norm_w, head_w):
-        logits = linear(rms_norm(x, norm_w, self.eps), head_w, self.products).astype(ms.float32)
-        logp = ops.log_softmax(logits, -1)
-        nll = -ops.gather_elements(logp, 2, next_labels.expand_dims(2)).squeeze(2)
-        return (nll * valid).sum() / count * scale
+        nll = head_cross_entropy(rms_norm(x, norm_w, self.eps), head_w, next_labels, valid, self.products,
+                                 self.head_grad)
+        return nll.sum() / count * scale
 
 
 class HeadLossGrad(nn.Cell):
@@ -255,7 +256,7 @@ class HeadLossGrad(nn.Cell):
     def __init__(self, eps, train_head: bool, products=EXACT):
         super().__init__()
         positions = (0, 5, 6) if train_head else (0,)
-        self.grad = ms.value_and_grad(_HeadLoss(eps, products), grad_position=positions)
+        self.grad = ms.value_and_grad(_HeadLoss(eps, products, train_head), grad_position=positions)
 
     def construct(self, x, next_labels, valid, count, scale, norm_w, head_w):
         return self.grad(x, next_labels, valid, count, scale, norm_w, head_w)

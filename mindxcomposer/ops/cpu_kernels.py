@@ -222,6 +222,16 @@ def _gemm_ops(lib, suffix):
         dq, dk, dv = attention_tokens_grad(q, k, v, div, dout)
         return dq, dk, dv, ops.zeros_like(div)
 
+    def head_cross_entropy_bprop(h, w, labels, weight, out, dout):
+        # out[1] is d sum(loss) / dh, computed with the loss: row i of dh scales by d total / d loss[i]. The head, the
+        # labels and the weights are not differentiated (a frozen head: `weight_products.head_cross_entropy` takes
+        # another path for a trained one). Their placeholders are one float each: a zeros_like of the head would
+        # fill a tensor of its size on every PyNative call (and CPU has no bf16 ZerosLike).
+        return (out[1] * dout[0].expand_dims(-1), ops.zeros((1,), ms.float32), ops.zeros_like(labels),
+                ops.zeros_like(weight))
+
+    head_cross_entropy = _custom(lib, "MxcHeadCrossEntropy" + suffix, lambda h, w, l, wt: ([h[0]], list(h)),
+                                 head_cross_entropy_bprop, out_dtype=lambda *a: (ms.float32, ms.float32))
     linear = _custom(lib, "MxcLinearNT" + suffix, lambda x, w: list(x[:-1]) + [w[0]], linear_bprop)
     linear_add = _custom(lib, "MxcLinearNTAdd" + suffix, lambda x, w, c: list(c), linear_add_bprop)
     bnt = _custom(lib, "MxcBatchNT" + suffix, lambda a, b: list(a[:-1]) + [b[-2]], bnt_bprop)
@@ -265,7 +275,7 @@ def _gemm_ops(lib, suffix):
                            batch_nt=bnt, batch_nn=bnn, attention=attention, attention_nomask=attention_nomask,
                            attention_tokens=attention_tokens, linear_bprop=linear_bprop, linear_int8=linear_int8,
                            linear_int4=linear_int4, linear_int8_bprop=linear_int8_bprop,
-                           linear_int4_bprop=linear_int4_bprop)
+                           linear_int4_bprop=linear_int4_bprop, head_cross_entropy=head_cross_entropy)
 
 
 def custom_ops():
@@ -274,7 +284,8 @@ def custom_ops():
     with `linear` (x [..., K] x W [N, K]^T), `batch_nt` (a [..., M, K] b [..., N, K]^T) and
     `batch_nn` (a [..., M, K] b [..., K, N]), `linear_add` (c + x W^T), `linear_bias` (x W^T + b),
     `linear_bias_residual` (r + x W^T + b) and `linear_bias_quick_gelu`, `attention` / `attention_nomask` ([B, H, S, D]) / `attention_tokens`
-    ([B, S, H, D], no mask);
+    ([B, S, H, D], no mask), `head_cross_entropy` (h, W, labels, weights -> weighted losses [R] and their gradient
+    in h [R, K]);
     `swiglu` (silu(g) * u), `rms_norm` (x [..., H], w [H], eps [1]), `rope_split` (packed q/k/v, cos, sin ->
     q, k, v heads-first; see `weight_products.rope_split`); all differentiable."""
     if not available():

@@ -202,6 +202,23 @@ def rope_split(qkv, cos, sin, swap_halves):
             qkv[:, :, :, g + 1].transpose(0, 2, 1, 3))
 
 
+def head_cross_entropy(h, w, labels, weight, products=EXACT, head_grad=False):
+    """Fine-tuning's loss per position: weight * CrossEntropy(h w^T, labels), h [..., K] the normed hidden rows in
+    the compute dtype, w [V, K] the output head, labels int32 [...] and weight float32 [...] (0 on positions without
+    a target, whose label is then not read) -> float32 [...]. On CPU with the kernels and a frozen head (`head_grad`
+    False) one kernel computes the logits, the loss and its gradient in h together and keeps the [rows, V] logits
+    to itself (`csrc`: no softmax, gather and their gradients as separate passes over them); it is differentiable
+    in h only. Elsewhere, or for a trained head: the head's product, log-softmax and gather, differentiable in
+    h and w."""
+    if not head_grad and _gemm_ready(h, w):
+        h2 = h.reshape(-1, h.shape[-1])
+        if h2.shape[0] > KERNEL_MAX_ROWS:
+            loss, _ = _kernels.gemm[products].head_cross_entropy(h2, w, labels.reshape(-1), weight.reshape(-1))
+            return loss.reshape(labels.shape)
+    logp = ops.log_softmax(linear(h, w, products).astype(ms.float32), -1)
+    return -ops.gather_elements(logp, logp.ndim - 1, labels.expand_dims(-1)).squeeze(-1) * weight
+
+
 def _batch_product(a, b, products, transpose_b):
     """Both operands activations, batched: a b^T or a b; decode-sized rows stay exact (as `linear`)."""
     portable = _bmm_t if transpose_b else _bmm

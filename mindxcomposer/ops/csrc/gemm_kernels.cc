@@ -1065,8 +1065,10 @@ inline float hsum8(__m256 v) {
 // Masked scores: an additive mask at or below this hides a key (the model's masks use fp32's minimum).
 constexpr float kHidden = -1e30f;
 
-// One row of scores in place: x / divisor + mask, then softmax. Returns false if the row sees no key.
-bool softmax_row(float *row, const float *mask, int64_t len, float divisor) {
+// A row of scores in place: x / divisor + mask (each only when there is one: a row with neither is only read);
+// returns its largest value.
+float scale_mask_max(float *row, const float *mask, int64_t len, float divisor) {
+  const bool write = divisor != 1.0f || mask != nullptr;
   float top = -INFINITY;
   int64_t j = 0;
 #if defined(__AVX512F__)
@@ -1077,7 +1079,7 @@ bool softmax_row(float *row, const float *mask, int64_t len, float divisor) {
     __m512 x = _mm512_maskz_loadu_ps(m, row + j);
     if (divisor != 1.0f) x = _mm512_div_ps(x, vdiv);
     if (mask) x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(m, mask + j));
-    _mm512_mask_storeu_ps(row + j, m, x);
+    if (write) _mm512_mask_storeu_ps(row + j, m, x);
     vtop = _mm512_mask_max_ps(vtop, m, vtop, x);
   }
   top = _mm512_reduce_max_ps(vtop);
@@ -1089,7 +1091,7 @@ bool softmax_row(float *row, const float *mask, int64_t len, float divisor) {
     __m256 x = _mm256_loadu_ps(row + j);
     if (divisor != 1.0f) x = _mm256_div_ps(x, vdiv);
     if (mask) x = _mm256_add_ps(x, _mm256_loadu_ps(mask + j));
-    _mm256_storeu_ps(row + j, x);
+    if (write) _mm256_storeu_ps(row + j, x);
     vtop = _mm256_max_ps(vtop, x);
   }
   top = hmax8(vtop);
@@ -1101,25 +1103,25 @@ bool softmax_row(float *row, const float *mask, int64_t len, float divisor) {
     top = x > top ? x : top;
   }
 #endif
-  if (top <= kHidden) return false;
+  return top;
+}
+
+// row[j] = exp(row[j] - top) in place; returns their sum (in 16 or 8 partial sums where the vector units have
+// them, then the tail).
+float exp_sum(float *row, int64_t len, float top) {
   float sum = 0.0f;
+  int64_t j = 0;
 #if defined(__AVX512F__)
   __m512 vsum = _mm512_setzero_ps();
   const __m512 vt = _mm512_set1_ps(top);
-  for (j = 0; j < len; j += 16) {
+  for (; j < len; j += 16) {
     const __mmask16 m = len - j >= 16 ? 0xffff : static_cast<__mmask16>((1u << (len - j)) - 1);
     const __m512 e = _mm512_maskz_mov_ps(m, softmax_exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, row + j), vt)));
     _mm512_mask_storeu_ps(row + j, m, e);
     vsum = _mm512_add_ps(vsum, e);
   }
   sum = _mm512_reduce_add_ps(vsum);
-  const __m512 vs = _mm512_set1_ps(sum);
-  for (j = 0; j < len; j += 16) {
-    const __mmask16 m = len - j >= 16 ? 0xffff : static_cast<__mmask16>((1u << (len - j)) - 1);
-    _mm512_mask_storeu_ps(row + j, m, _mm512_div_ps(_mm512_maskz_loadu_ps(m, row + j), vs));
-  }
 #else
-  j = 0;
 #if defined(MXC_EXP8)
   __m256 vsum = _mm256_setzero_ps();
   const __m256 vt = _mm256_set1_ps(top);
@@ -1134,13 +1136,33 @@ bool softmax_row(float *row, const float *mask, int64_t len, float divisor) {
     row[j] = softmax_exp(row[j] - top);
     sum += row[j];
   }
-  j = 0;
+#endif
+  return sum;
+}
+
+// row[j] /= sum in place.
+void divide_row(float *row, int64_t len, float sum) {
+  int64_t j = 0;
+#if defined(__AVX512F__)
+  const __m512 vs = _mm512_set1_ps(sum);
+  for (; j < len; j += 16) {
+    const __mmask16 m = len - j >= 16 ? 0xffff : static_cast<__mmask16>((1u << (len - j)) - 1);
+    _mm512_mask_storeu_ps(row + j, m, _mm512_div_ps(_mm512_maskz_loadu_ps(m, row + j), vs));
+  }
+#else
 #if defined(MXC_EXP8)
   const __m256 vs = _mm256_set1_ps(sum);
   for (; j + 8 <= len; j += 8) _mm256_storeu_ps(row + j, _mm256_div_ps(_mm256_loadu_ps(row + j), vs));
 #endif
   for (; j < len; ++j) row[j] /= sum;
 #endif
+}
+
+// One row of scores in place: x / divisor + mask, then softmax. Returns false if the row sees no key.
+bool softmax_row(float *row, const float *mask, int64_t len, float divisor) {
+  const float top = scale_mask_max(row, mask, len, divisor);
+  if (top <= kHidden) return false;
+  divide_row(row, len, exp_sum(row, len, top));
   return true;
 }
 
@@ -1376,6 +1398,46 @@ int linear_nt_bias(int nparam, void **params, int *ndims, int64_t **shapes, cons
   return 0;
 }
 
+// The output head's cross-entropy and its gradient in one call, for fine-tuning with a frozen head: inputs h [R, K]
+// fp32 (the normed hidden rows), W [V, K] fp32 or bf16 (the head), labels int32 [R], weight fp32 [R]; outputs
+// loss [R] = weight * (logsumexp(s) - s[label]) with s = h W^T, and dh [R, K] = weight * (softmax(s) - onehot(label))
+// W, the gradient of loss's sum. The logits [R, V] live in this thread's scratch (R V floats, kept for the next
+// call) and never leave it; the two products are `gemm`'s, the softmax is attention's (same exponential). A
+// row of weight 0 is all zeros (loss and gradient). Returns 1 for a label outside [0, V).
+int head_cross_entropy(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, bool bf16) {
+  if (nparam != 6 || ndims[0] != 2 || ndims[1] != 2 || shapes[1][1] != shapes[0][1]) return 1;
+  const int64_t r = shapes[0][0], k = shapes[0][1], v = shapes[1][0];
+  if (numel(ndims[2], shapes[2], ndims[2]) != r || numel(ndims[3], shapes[3], ndims[3]) != r) return 1;
+  const int32_t *labels = static_cast<const int32_t *>(params[2]);
+  const float *weight = static_cast<const float *>(params[3]);
+  for (int64_t i = 0; i < r; ++i)
+    if (weight[i] != 0.0f && (labels[i] < 0 || labels[i] >= v)) return 1;
+  float *loss = static_cast<float *>(params[4]);
+  thread_local std::vector<float> logits_buf;
+  float *s = scratch(logits_buf, static_cast<size_t>(r * v));
+  const bool w_bf16 = is_bf16(dtypes[1]);
+  gemm(View{params[0], k, 1, false}, View{params[1], 1, k, w_bf16}, s, v, r, v, k, bf16);
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < r; ++i) {
+    float *row = s + i * v;
+    if (weight[i] == 0.0f) {
+      loss[i] = 0.0f;
+      std::memset(row, 0, sizeof(float) * v);
+      continue;
+    }
+    const float picked = row[labels[i]];
+    const float top = scale_mask_max(row, nullptr, v, 1.0f);
+    const float sum = exp_sum(row, v, top);
+    loss[i] = weight[i] * (top + std::log(sum) - picked);
+    divide_row(row, v, sum);
+    row[labels[i]] -= 1.0f;
+    if (weight[i] != 1.0f)
+      for (int64_t j = 0; j < v; ++j) row[j] *= weight[i];
+  }
+  gemm(View{s, v, 1, false}, View{params[1], k, 1, w_bf16}, static_cast<float *>(params[5]), k, r, k, v, bf16);
+  return 0;
+}
+
 }  // namespace
 
 #define MXC_AOT(name) \
@@ -1465,6 +1527,9 @@ MXC_AOT(MxcLinearNTBiasQuickGelu) { return linear_nt_bias(nparam, params, ndims,
 MXC_AOT(MxcLinearNTBiasQuickGeluBf16) { return linear_nt_bias(nparam, params, ndims, shapes, dtypes, true, true); }
 // InternLM2's RMSNorm of rows of x [..., H] (fp32) with weight [H] (fp32 or bf16), eps [1]: per row
 // r = 1 / sqrt(mean(x^2) + eps), y = w (x r), upstream's order, in one pass of reads and one of writes.
+MXC_AOT(MxcHeadCrossEntropy) { return head_cross_entropy(nparam, params, ndims, shapes, dtypes, false); }
+MXC_AOT(MxcHeadCrossEntropyBf16) { return head_cross_entropy(nparam, params, ndims, shapes, dtypes, true); }
+
 MXC_AOT(MxcRmsNorm) {
   if (nparam != 4 || ndims[1] != 1) return 1;
   const int64_t h = shapes[0][ndims[0] - 1];
