@@ -163,8 +163,11 @@ def worker_ours(spec):
     if spec["threads"]:
         ms.set_context(runtime_num_threads=spec["threads"])
 
+    from mindxcomposer.finetune import backprop
     from mindxcomposer.finetune.trainer import Trainer, load_model
     from mindxcomposer.finetune.training_args import parse_args
+
+    backprop.HEAD_CHUNK = spec.get("head_chunk") or backprop.HEAD_CHUNK
 
     out_dir = tempfile.mkdtemp(prefix="ft-bench-ours-")
     argv = spec["argv"] + ["--model_name_or_path", spec["model_dir"], "--output_dir", out_dir,
@@ -552,6 +555,8 @@ def main(argv=None):
     p.add_argument("--max-length", type=int, default=None, help="--max_length of both sides (default 16384, "
                    "--long: 8192)")
     p.add_argument("--threads", type=int, default=2, help="MindSpore runtime_num_threads and torch threads")
+    p.add_argument("--head-chunk", type=int, default=0, help="our side: positions per head-and-loss call "
+                   "(backprop.HEAD_CHUNK; 0: its default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--rss-limit", type=float, default=None, help="GiB: a worker is killed above it (its row is then "
                    "missing and the reason printed)")
@@ -615,7 +620,8 @@ def main(argv=None):
                                             "--max_steps", str(args.warmup + args.steps)]
             spec = dict(mode=mode, argv=flags, config_overrides=overrides, seed=args.seed, warmup=args.warmup,
                         batch_size=args.batch_size,
-                        threads=args.threads, model_dir=model_dir, upstream=args.upstream, finetune=args.finetune)
+                        threads=args.threads, model_dir=model_dir, upstream=args.upstream, finetune=args.finetune,
+                        head_chunk=args.head_chunk)
             results[mode] = {}
             if not why_no_upstream:
                 if mode == "lora":
