@@ -39,6 +39,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 from benchmarks.memory_probe import peak_gib, reset_peak, rss_gib, watch_rss  # noqa: E402
+from benchmarks.prefill_profile import best_of  # noqa: E402
 REFERENCE = os.path.join(REPO, "tools", "reference")
 ASSETS = os.path.join(REPO, "tests", "assets")
 MARK = "@@bench "
@@ -263,13 +264,7 @@ def _gemm_rates(config, repeats=5):
         w = rng.standard_normal((n, config.hidden_size), dtype=np.float32)
         gflop = 2 * rows * config.hidden_size * n / 1e9
         for name, fn in (("kernel", lambda: cpu_kernels.gemm_nt(x, w)), ("numpy", lambda: x @ w.T)):
-            fn()
-            best = float("inf")
-            for _ in range(repeats):
-                t = time.perf_counter()
-                fn()
-                best = min(best, time.perf_counter() - t)
-            out[f"{part}_{name}_gflops"] = gflop / best
+            out[f"{part}_{name}_gflops"] = gflop / best_of(fn, repeats)
         out[f"{part}_shape"] = [rows, config.hidden_size, n]
     out["kernel_gflops"] = max(out["layer_kernel_gflops"], out["head_kernel_gflops"])
     return out
