@@ -12,9 +12,10 @@
 """
 from .attention import attention, fused_attention_available
 from .weight_products import (BF16, EXACT, PRODUCT_MODES, QUICK_GELU, batch_nn, batch_nt, cast_like, embedding,
-                              enable_kernels, hash_dropout, head_cross_entropy, kernels_enabled, linear, linear_add, linear_bias,
-                              linear_int4, linear_int8, quick_gelu, rms_norm, rope_split, swiglu)
+                              enable_kernels, hash_dropout, head_cross_entropy, kernels_enabled, linear, linear_add,
+                              linear_bias, linear_int4, linear_int8, quick_gelu, rms_norm, rope_split, swiglu)
 
 __all__ = ["attention", "fused_attention_available", "BF16", "EXACT", "PRODUCT_MODES", "batch_nn", "batch_nt",
-           "cast_like", "embedding", "enable_kernels", "hash_dropout", "head_cross_entropy", "kernels_enabled", "linear", "linear_add",
-           "linear_bias", "linear_int4", "linear_int8", "QUICK_GELU", "quick_gelu", "rms_norm", "rope_split", "swiglu"]
+           "cast_like", "embedding", "enable_kernels", "hash_dropout", "head_cross_entropy", "kernels_enabled",
+           "linear", "linear_add", "linear_bias", "linear_int4", "linear_int8", "QUICK_GELU", "quick_gelu", "rms_norm",
+           "rope_split", "swiglu"]

@@ -1100,7 +1100,7 @@ float scale_mask_max(float *row, const float *mask, int64_t len, float divisor) 
   for (; j < len; ++j) {
     float x = divisor == 1.0f ? row[j] : row[j] / divisor;
     if (mask) x += mask[j];
-    row[j] = x;
+    if (write) row[j] = x;
     top = x > top ? x : top;
   }
 #endif
@@ -1529,11 +1529,11 @@ MXC_AOT(MxcLinearNTBiasResidual) { return linear_nt_bias(nparam, params, ndims, 
 MXC_AOT(MxcLinearNTBiasResidualBf16) { return linear_nt_bias(nparam, params, ndims, shapes, dtypes, true, false); }
 MXC_AOT(MxcLinearNTBiasQuickGelu) { return linear_nt_bias(nparam, params, ndims, shapes, dtypes, false, true); }
 MXC_AOT(MxcLinearNTBiasQuickGeluBf16) { return linear_nt_bias(nparam, params, ndims, shapes, dtypes, true, true); }
-// InternLM2's RMSNorm of rows of x [..., H] (fp32) with weight [H] (fp32 or bf16), eps [1]: per row
-// r = 1 / sqrt(mean(x^2) + eps), y = w (x r), upstream's order, in one pass of reads and one of writes.
 MXC_AOT(MxcHeadCrossEntropy) { return head_cross_entropy(nparam, params, ndims, shapes, dtypes, false); }
 MXC_AOT(MxcHeadCrossEntropyBf16) { return head_cross_entropy(nparam, params, ndims, shapes, dtypes, true); }
 
+// InternLM2's RMSNorm of rows of x [..., H] (fp32) with weight [H] (fp32 or bf16), eps [1]: per row
+// r = 1 / sqrt(mean(x^2) + eps), y = w (x r), upstream's order, in one pass of reads and one of writes.
 MXC_AOT(MxcRmsNorm) {
   if (nparam != 4 || ndims[1] != 1) return 1;
   const int64_t h = shapes[0][ndims[0] - 1];
