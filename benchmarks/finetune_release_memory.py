@@ -108,7 +108,7 @@ def _first_layers(n):
 
 
 def worker(model_dir, data, out, steps="1", hd_num="18", bf16="False", layers="0", mode="graph", layer_inputs="auto",
-           layer_rows="0", head_chunk="0", optimizer_state="auto"):
+           layer_rows="0", head_chunk="0", optimizer_state="auto", resume="False"):
     import mindspore as ms
     import mindxcomposer.finetune.backprop as backprop
     backprop.LAYER_ROWS = int(layer_rows) or backprop.LAYER_ROWS  # 0: the trainer's own
@@ -129,6 +129,8 @@ def worker(model_dir, data, out, steps="1", hd_num="18", bf16="False", layers="0
             "--save_strategy", "epoch", "--save_total_limit", "1",
             "--sampling", "sequential", "--max_length", "16384", "--progress", "False", "--logging_steps", "1",
             "--bf16", bf16, "--layer_inputs", layer_inputs, "--optimizer_state", optimizer_state]
+    if resume == "True":  # the latest checkpoint-<step> in `out`: the steps after it, in a new process
+        argv += ["--resume_from_checkpoint", "True"]
     from mindxcomposer.finetune import layer_grads
     init = layer_grads.DecoderLayerBlocks.__init__
 
@@ -231,7 +233,8 @@ def full_depth(args):
         rc, out, err, seen = run_guarded(
             [sys.executable, os.path.abspath(__file__), "--work", args.work, "--_worker", args.model, data,
              os.path.join(args.work, "out-full"), str(args.steps), str(args.hd_num), str(args.bf16),
-             str(args.truncate), args.mode, args.layer_inputs, str(rows), str(args.head_chunk), args.optimizer_state],
+             str(args.truncate), args.mode, args.layer_inputs, str(rows), str(args.head_chunk), args.optimizer_state,
+             str(args.resume)],
             args.rss_limit, os.path.join(args.work, f"stderr-{tag}.log"))
         line = [x for x in out.splitlines() if x.startswith(MARK)]
         traces = "\n".join(x for x in err.splitlines() if x.startswith("@@trace"))
@@ -250,12 +253,15 @@ def full_depth(args):
           + (" --bf16" if args.bf16 else "") + (f" --truncate {args.truncate}" if args.truncate else "")
           + f" --layer-inputs {args.layer_inputs} --optimizer-state {args.optimizer_state}"
           + (f" --layer-rows {' '.join(map(str, args.layer_rows))}" if any(args.layer_rows) else "")
-          + (f" --head-chunk {args.head_chunk}" if args.head_chunk else ""))
+          + (f" --head-chunk {args.head_chunk}" if args.head_chunk else "") + (" --resume" if args.resume else ""))
     depth = f"its first {args.truncate} decoder layers" if args.truncate else "full depth"
     print(f"LoRA r 64 on the five linears (upstream's flags), {depth}, {r['positions']} positions{image}, "
           f"{'bf16' if args.bf16 else 'exact'} products, layer inputs: {r['layer_inputs']}, AdamW moments: "
           f"{r['optimizer_state']}, "
           f"head chunks of {r['head_chunk']} positions\n")
+    if args.resume:
+        print("Resumed from the last run's checkpoint: this process ran the steps after it (their seconds below); the "
+              "losses are the whole run's, from the checkpoint's log history on.\n")
     print("| rows per block | peak after load (GiB) | peak after the steps (GiB) | s / optimizer step | load (s) | "
           "losses |")
     print("|---|---|---|---|---|---|")
@@ -329,6 +335,9 @@ def main(argv=None):
                     help="with --model: decoder rows per block (backprop.LAYER_ROWS; 0: the trainer's own), a run each")
     ap.add_argument("--head-chunk", type=int, default=0, help="with --model: backprop.HEAD_CHUNK (0: its default)")
     ap.add_argument("--rss-limit", type=float, default=21.5, help="GiB; the run is killed above it")
+    ap.add_argument("--resume", action="store_true",
+                    help="with --model: resume from the latest checkpoint of the last run (WORK/out-full) and run its "
+                         "steps up to --steps in a new process (mxc-finetune's --resume_from_checkpoint True)")
     ap.add_argument("--_worker", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args._worker:

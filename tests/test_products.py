@@ -133,6 +133,30 @@ def test_input_gradient_products(arch, shape):
         cpu_kernels.onednn(before)
 
 
+@pytest.mark.parametrize("arch", BF16_PATHS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_weight_gradient_products(arch, shape):
+    """dW = dy^T x (a linear's weight gradient: the rows are the sum's index, and A = dy^T is read by
+    columns) against float64, exact and with bf16 products, on every build."""
+    m, k, n = shape  # rows m, x [m, k], dy [m, n] -> dW [n, k]
+    x, _ = data(m, k, 1, seed=5)
+    dy = np.random.default_rng(6).standard_normal((m, n), dtype=np.float32)
+    own = arch == "native-own"
+    before = cpu_kernels.onednn()
+    if own:
+        cpu_kernels.onednn(False)
+    try:
+        for bf16 in (False, True):
+            if not bf16 and own:
+                continue
+            rnd = round_bf16 if bf16 else (lambda a: a)
+            got = _aot("native" if own else arch, "MxcLinearTNBf16" if bf16 else "MxcLinearTN", (dy, x), (n, k))
+            ref = rnd(dy).astype(np.float64).T @ rnd(x).astype(np.float64)
+            assert (np.abs(got - ref) <= bound(rnd(dy).T, rnd(x).T, m, any_order=bf16 and arch == "native")).all()
+    finally:
+        cpu_kernels.onednn(before)
+
+
 @pytest.mark.parametrize("bf16,arch", [(False, "native"), (True, "native"), (True, "native-own")])
 def test_rows_do_not_depend_on_the_batch(bf16, arch):
     """A row's result is the same alone or among others, at any position (serving batches rows)."""

@@ -181,7 +181,47 @@ inline void dequant_row(const View &b, int64_t n, int64_t c0, int64_t cols, floa
 
 // fp32 panels: A as [k][MR] per MR rows, B as [k][NR] per NR columns; zero padding past the edges.
 // With `round`, values are rounded to bf16 (the bf16 arithmetic on the fp32 micro-kernel).
+// An fp32 A stored by rows (cs = 1: activations) or by columns (rs = 1: the transposed operand of a weight
+// gradient, dy^T x) is copied without per-element index arithmetic: the narrow products of the LoRA and the
+// Partial LoRA (rank 64-256 against 4096-14336) use each packed element of A only r times, so packing it
+// element by element through `View::at` cost as much as their multiplications.
+template <bool kRound>
+void pack_a_f32_strided(const float *p, int64_t rs, int64_t cs, int64_t m0, int64_t mc, int64_t k0, int64_t kc,
+                        float *dst) {
+  for (int64_t i0 = 0; i0 < mc; i0 += MR) {
+    const int64_t rows = mc - i0 < MR ? mc - i0 : MR;
+    float *panel = dst + (i0 / MR) * kc * MR;
+    if (cs == 1 && rows == MR) {  // MR row streams, each read in order; the panel written in order
+      const float *src[MR];
+      for (int64_t i = 0; i < MR; ++i) src[i] = p + (m0 + i0 + i) * rs + k0;
+      for (int64_t k = 0; k < kc; ++k)
+        for (int64_t i = 0; i < MR; ++i) panel[k * MR + i] = kRound ? round_bf16(src[i][k]) : src[i][k];
+      continue;
+    }
+    if (rs == 1 && rows == MR) {  // a panel row is MR consecutive values of one column
+      for (int64_t k = 0; k < kc; ++k) {
+        const float *src = p + (k0 + k) * cs + m0 + i0;
+        for (int64_t i = 0; i < MR; ++i) panel[k * MR + i] = kRound ? round_bf16(src[i]) : src[i];
+      }
+      continue;
+    }
+    for (int64_t k = 0; k < kc; ++k)  // the last, partial panel
+      for (int64_t i = 0; i < MR; ++i) {
+        const float v = i < rows ? p[(m0 + i0 + i) * rs + (k0 + k) * cs] : 0.0f;
+        panel[k * MR + i] = kRound ? round_bf16(v) : v;
+      }
+  }
+}
+
 void pack_a_f32(const View &a, int64_t m0, int64_t mc, int64_t k0, int64_t kc, float *dst, bool round) {
+  if (!a.bf16 && a.qbits == 0) {
+    const float *p = static_cast<const float *>(a.p);
+    if (round)
+      pack_a_f32_strided<true>(p, a.rs, a.cs, m0, mc, k0, kc, dst);
+    else
+      pack_a_f32_strided<false>(p, a.rs, a.cs, m0, mc, k0, kc, dst);
+    return;
+  }
   for (int64_t i0 = 0; i0 < mc; i0 += MR) {
     const int64_t rows = mc - i0 < MR ? mc - i0 : MR;
     for (int64_t k = 0; k < kc; ++k) {
