@@ -136,12 +136,17 @@ inline bool set_quant(View &b, const void *scales, const void *zeros, int bits, 
 // so a quantized weight packs into the panels its dequantized fp32 twin packs into. Tile by tile: no copy of
 // the whole weight is ever made. int4 goes group by group through the group's 16 values (each computed as the
 // twin computes it): a division and two conversions per weight made packing 2.6 ns a weight (155 ms for one
-// [14336, 4096] weight on Zen 2, whatever the number of rows).
-void dequant_run(const View &b, int64_t n, int64_t k, int64_t k0, int64_t kc, float *dst, int64_t stride) {
+// [14336, 4096] weight on Zen 2, whatever the number of rows). With `round` (bf16 products) the values are
+// rounded to bf16 as they are written; int4 rounds its group's 16 values once, the same values.
+void dequant_run(const View &b, int64_t n, int64_t k, int64_t k0, int64_t kc, float *dst, int64_t stride,
+                 bool round) {
   if (b.qbits == 8) {
     const int8_t *q = static_cast<const int8_t *>(b.p) + n * k + k0;
     const float s = b.qscales[n];
-    for (int64_t i = 0; i < kc; ++i) dst[i * stride] = static_cast<float>(q[i]) * s;
+    if (round)
+      for (int64_t i = 0; i < kc; ++i) dst[i * stride] = round_bf16(static_cast<float>(q[i]) * s);
+    else
+      for (int64_t i = 0; i < kc; ++i) dst[i * stride] = static_cast<float>(q[i]) * s;
     return;
   }
   const uint8_t *q = static_cast<const uint8_t *>(b.p) + n * ((k + 1) / 2);
@@ -151,7 +156,10 @@ void dequant_run(const View &b, int64_t n, int64_t k, int64_t k0, int64_t kc, fl
   for (int64_t kk = k0; kk < end;) {
     const int64_t g = kk / b.qgroup, stop = (g + 1) * b.qgroup < end ? (g + 1) * b.qgroup : end;
     float values[16];
-    for (int v = 0; v < 16; ++v) values[v] = (static_cast<float>(v) - static_cast<float>(zr[g])) * sc[g];
+    for (int v = 0; v < 16; ++v) {
+      values[v] = (static_cast<float>(v) - static_cast<float>(zr[g])) * sc[g];
+      if (round) values[v] = round_bf16(values[v]);
+    }
     if (kk & 1) {  // a high nibble first
       dst[(kk - k0) * stride] = values[q[kk >> 1] >> 4];
       ++kk;
@@ -169,14 +177,15 @@ void dequant_run(const View &b, int64_t n, int64_t k, int64_t k0, int64_t kc, fl
 }
 
 // Column n of a quantized B = W^T: row n of W, inputs k0 .. k0 + kc, to dst[k * stride].
-inline void dequant_column(const View &b, int64_t n, int64_t k0, int64_t kc, float *dst, int64_t stride) {
-  dequant_run(b, n, b.cs, k0, kc, dst, stride);
+inline void dequant_column(const View &b, int64_t n, int64_t k0, int64_t kc, float *dst, int64_t stride,
+                           bool round) {
+  dequant_run(b, n, b.cs, k0, kc, dst, stride, round);
 }
 
 // Row n of a quantized W (`View::qrows`, B = W: a row of W is a row of k of the panel), inputs c0 .. c0 + cols,
 // to dst[0 .. cols).
-inline void dequant_row(const View &b, int64_t n, int64_t c0, int64_t cols, float *dst) {
-  dequant_run(b, n, b.rs, c0, cols, dst, 1);
+inline void dequant_row(const View &b, int64_t n, int64_t c0, int64_t cols, float *dst, bool round) {
+  dequant_run(b, n, b.rs, c0, cols, dst, 1, round);
 }
 
 // fp32 panels: A as [k][MR] per MR rows, B as [k][NR] per NR columns; zero padding past the edges.
@@ -258,17 +267,17 @@ void pack_b_f32(const View &b, int64_t k0, int64_t kc, int64_t n0, int64_t nc, f
     if (b.qbits && b.qrows) {  // B = W: row k0 + k of W gives row k of the panel
       for (int64_t k = 0; k < kc; ++k) {
         float *row = panel + k * NR;
-        dequant_row(b, k0 + k, n0 + j0, cols, row);
-        for (int64_t j = 0; j < NR; ++j) row[j] = j < cols ? (round ? round_bf16(row[j]) : row[j]) : 0.0f;
+        dequant_row(b, k0 + k, n0 + j0, cols, row, round);
+        for (int64_t j = cols; j < NR; ++j) row[j] = 0.0f;
       }
       continue;
     }
     if (b.qbits) {
       for (int64_t j = 0; j < NR; ++j) {
-        if (j < cols) dequant_column(b, n0 + j0 + j, k0, kc, panel + j, NR);
-        for (int64_t k = 0; k < kc; ++k) {
-          float &v = panel[k * NR + j];
-          v = j < cols ? (round ? round_bf16(v) : v) : 0.0f;
+        if (j < cols) {
+          dequant_column(b, n0 + j0 + j, k0, kc, panel + j, NR, round);
+        } else {
+          for (int64_t k = 0; k < kc; ++k) panel[k * NR + j] = 0.0f;
         }
       }
       continue;
@@ -382,8 +391,8 @@ void pack_b_bf16(const View &b, int64_t k0, int64_t kc, int64_t n0, int64_t nc, 
       alignas(64) float lo[NR], hi[NR];
       for (int64_t p = 0; p < kc2; ++p) {
         const bool two = 2 * p + 1 < kc;
-        dequant_row(b, k0 + 2 * p, n0 + j0, cols, lo);
-        if (two) dequant_row(b, k0 + 2 * p + 1, n0 + j0, cols, hi);
+        dequant_row(b, k0 + 2 * p, n0 + j0, cols, lo, false);
+        if (two) dequant_row(b, k0 + 2 * p + 1, n0 + j0, cols, hi, false);
         for (int64_t j = 0; j < NR; ++j) {
           panel[(p * NR + j) * 2] = j < cols ? f32_to_bf16(lo[j]) : 0;
           panel[(p * NR + j) * 2 + 1] = j < cols && two ? f32_to_bf16(hi[j]) : 0;
@@ -394,7 +403,7 @@ void pack_b_bf16(const View &b, int64_t k0, int64_t kc, int64_t n0, int64_t nc, 
     if (b.qbits) {
       alignas(64) float col[KC_BF16 > KC ? KC_BF16 + 1 : KC + 1];
       for (int64_t j = 0; j < NR; ++j) {
-        if (j < cols) dequant_column(b, n0 + j0 + j, k0, kc, col, 1);
+        if (j < cols) dequant_column(b, n0 + j0 + j, k0, kc, col, 1, false);
         for (int64_t p = 0; p < kc2; ++p) {
           panel[(p * NR + j) * 2] = j < cols ? f32_to_bf16(col[2 * p]) : 0;
           panel[(p * NR + j) * 2 + 1] = j < cols && 2 * p + 1 < kc ? f32_to_bf16(col[2 * p + 1]) : 0;
