@@ -299,9 +299,12 @@ def custom_ops():
             lib = _state["path"]
             gemm = {"exact": _gemm_ops(lib, ""), "bf16": _gemm_ops(lib, "Bf16")}
 
+            # dg = dy u s (1 + g (1 - s)), du = dy g s (s the sigmoid of g): one kernel pass.
+            swiglu_grad = _custom(lib, "MxcSwiGLUGrad", lambda g, u, d: (list(g), list(g)),
+                                  out_dtype=lambda *a: (ms.float32, ms.float32))
+
             def swiglu_bprop(g, u, out, dout):
-                sig = ops.sigmoid(g)
-                return dout * u * (sig * (1 + g * (1 - sig))), dout * (g * sig)
+                return swiglu_grad(g, u, dout)
 
             def rms_norm_bprop(x, w, eps, out, dout):
                 # y = w (x r), r = (mean(x^2) + eps)^-1/2: dx = r w dy - x r^3 mean(w dy x), dw = sum(dy x r)
