@@ -484,8 +484,10 @@ def test_layer_rows_follow_the_width(monkeypatch):
     14336, more at a narrower model, never under one length bucket; LAYER_ROWS, where set, overrides."""
     from types import SimpleNamespace
     import mindxcomposer.finetune.backprop as backprop
-    rows = lambda inter: backprop.layer_rows(SimpleNamespace(intermediate_size=inter))  # noqa: E731
+    rows = lambda inter, q=None: backprop.layer_rows(SimpleNamespace(intermediate_size=inter,  # noqa: E731
+                                                                        quantization=q))
     assert rows(14336) == 128
+    assert rows(14336, (4, 128)) == rows(14336, (8, -1)) == 128 * backprop.QUANTIZED_ROWS_FACTOR  # a quantized base
     assert rows(1408) == 1280
     assert rows(10 ** 7) == backprop.LENGTH_BUCKET
     for inter in (256, 1408, 5000, 14336, 28672):

@@ -45,6 +45,12 @@ HEAD_CHUNK = 128
 # 2.33 with 128 and 2.08 with 64, at about the same speed (docs/finetune.md, "Rows per block"); as one graph over
 # all rows the first layer's gradient alone added 4.5 GiB. At a narrower width the same memory holds more rows, and
 # fewer calls matter: at hidden 512, blocks of 128 rows made a step 1.3x slower than one call per layer.
+# Over a quantized base (LoRA over int8 / int4) every block dequantizes each weight again while its products pack
+# it, so blocks are QUANTIZED_ROWS_FACTOR times larger: that cost is shared by more rows, and the base's resident
+# weights leave the room (int4 release: 6.7 GiB against bf16's 16.2). Measured at the release's width, 2 layers of the
+# int4 release, 8,187 positions, one step: 289 s with 128 rows, 261 s with 256; peak 6.81 and 7.01 GiB
+# (docs/finetune.md).
+QUANTIZED_ROWS_FACTOR = 2
 LAYER_ROWS = None
 BLOCK_ELEMENTS = 128 * 14336
 
@@ -53,7 +59,8 @@ def layer_rows(config) -> int:
     """Rows per block of a decoder layer's row-wise parts (a multiple of LENGTH_BUCKET), see LAYER_ROWS."""
     if LAYER_ROWS:
         return int(LAYER_ROWS)
-    return max(LENGTH_BUCKET, BLOCK_ELEMENTS // config.intermediate_size // LENGTH_BUCKET * LENGTH_BUCKET)
+    rows = max(LENGTH_BUCKET, BLOCK_ELEMENTS // config.intermediate_size // LENGTH_BUCKET * LENGTH_BUCKET)
+    return rows * QUANTIZED_ROWS_FACTOR if config.quantization is not None else rows
 
 
 VOCAB_CHUNK = 8192  # vocabulary rows per slice of a frozen head in another dtype (`_frozen_head`)
