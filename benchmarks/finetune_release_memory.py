@@ -270,8 +270,9 @@ def full_depth(args):
               f"{', '.join(f'{s:.0f}' for s in r['steps_s'])} | {r['load_s']:.0f} | "
               f"{', '.join(f'{x:.4f}' for x in r['losses'])} |")
     # Where a layer's time goes: each compiled part over all its blocks and layers, per layer and step.
-    layers_run = r["layers"]
-    parts = r.get("parts", {})
+    first = results[0]  # (`r` is the last run after the loop above)
+    layers_run = first["layers"]
+    parts = first.get("parts", {})
     if parts:
         print("\n| part (first run) | calls | s per layer and step | % of forward + gradient |")
         print("|---|---|---|---|")

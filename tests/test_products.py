@@ -48,6 +48,20 @@ def gemm(x, w, bf16, arch):
         cpu_kernels.onednn(before)
 
 
+@contextlib.contextmanager
+def _arithmetics(arch):
+    """For `arch` of BF16_PATHS: (the build to call, the arithmetics to check: False exact, True bf16 products).
+    "native-own" is the native build with oneDNN switched off, which serves bf16 products only."""
+    own = arch == "native-own"
+    before = cpu_kernels.onednn()
+    if own:
+        cpu_kernels.onednn(False)
+    try:
+        yield ("native" if own else arch), ((True,) if own else (False, True))
+    finally:
+        cpu_kernels.onednn(before)
+
+
 def data(m, k, n, seed=0):
     rng = np.random.default_rng(seed)
     return rng.standard_normal((m, k), dtype=np.float32), rng.standard_normal((n, k), dtype=np.float32)
@@ -114,23 +128,14 @@ def test_input_gradient_products(arch, shape):
     x, w = data(m, k, n, seed=3)
     dy = np.random.default_rng(4).standard_normal((m, n), dtype=np.float32)
     wb = fp32_to_bf16(w)
-    own = arch == "native-own"
-    before = cpu_kernels.onednn()
-    if own:
-        cpu_kernels.onednn(False)
-    try:
-        for bf16 in (False, True):
-            if not bf16 and own:
-                continue
+    with _arithmetics(arch) as (build, modes):
+        for bf16 in modes:
             rnd = round_bf16 if bf16 else (lambda a: a)
-            got = [cpu_kernels.gemm_nn(dy, weight, bf16, "native" if own else arch) for weight in (w, wb)]
+            got = [cpu_kernels.gemm_nn(dy, weight, bf16, build) for weight in (w, wb)]
             for weight, y in zip((w, bf16_to_fp32(wb)), got):
                 ref = rnd(dy).astype(np.float64) @ rnd(weight).astype(np.float64)
                 assert (np.abs(y - ref) <= bound(rnd(dy), rnd(weight).T, n, any_order=bf16 and arch == "native")).all()
-            np.testing.assert_array_equal(got[1], cpu_kernels.gemm_nn(dy, bf16_to_fp32(wb), bf16,
-                                                                      "native" if own else arch))
-    finally:
-        cpu_kernels.onednn(before)
+            np.testing.assert_array_equal(got[1], cpu_kernels.gemm_nn(dy, bf16_to_fp32(wb), bf16, build))
 
 
 @pytest.mark.parametrize("arch", BF16_PATHS)
@@ -141,20 +146,12 @@ def test_weight_gradient_products(arch, shape):
     m, k, n = shape  # rows m, x [m, k], dy [m, n] -> dW [n, k]
     x, _ = data(m, k, 1, seed=5)
     dy = np.random.default_rng(6).standard_normal((m, n), dtype=np.float32)
-    own = arch == "native-own"
-    before = cpu_kernels.onednn()
-    if own:
-        cpu_kernels.onednn(False)
-    try:
-        for bf16 in (False, True):
-            if not bf16 and own:
-                continue
+    with _arithmetics(arch) as (build, modes):
+        for bf16 in modes:
             rnd = round_bf16 if bf16 else (lambda a: a)
-            got = _aot("native" if own else arch, "MxcLinearTNBf16" if bf16 else "MxcLinearTN", (dy, x), (n, k))
+            got = _aot(build, "MxcLinearTNBf16" if bf16 else "MxcLinearTN", (dy, x), (n, k))
             ref = rnd(dy).astype(np.float64).T @ rnd(x).astype(np.float64)
             assert (np.abs(got - ref) <= bound(rnd(dy).T, rnd(x).T, m, any_order=bf16 and arch == "native")).all()
-    finally:
-        cpu_kernels.onednn(before)
 
 
 @pytest.mark.parametrize("bf16,arch", [(False, "native"), (True, "native"), (True, "native-own")])

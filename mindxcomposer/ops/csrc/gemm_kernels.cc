@@ -1505,34 +1505,50 @@ MXC_AOT(MxcLinearNNQuantBf16) { return linear_nn_quant(nparam, params, ndims, sh
 MXC_AOT(MxcLinearNTAdd) { return linear_nt_add(nparam, params, ndims, shapes, dtypes, false); }
 MXC_AOT(MxcLinearNTAddBf16) { return linear_nt_add(nparam, params, ndims, shapes, dtypes, true); }
 
-// SwiGLU's elementwise part: out = silu(g) * u = g / (1 + exp(-g)) * u, g and u of one shape, one pass.
-MXC_AOT(MxcSwiGLU) {
-  if (nparam != 3) return 1;
-  const int64_t count = numel(ndims[0], shapes[0], ndims[0]);
-  const float *g = static_cast<const float *>(params[0]);
-  const float *u = static_cast<const float *>(params[1]);
-  float *out = static_cast<float *>(params[2]);
+// One element-wise pass over `count` elements, in chunks of 4096 split among threads: `vec(i)` computes the
+// elements i .. i + kLanes - 1 with the CPU's vectors, `one(i)` element i (the chunk's tail). Both must do the
+// same operations, so that an element's result does not depend on its position.
+#if defined(__AVX512F__)
+constexpr int64_t kLanes = 16;
+#elif defined(MXC_EXP8)
+constexpr int64_t kLanes = 8;
+#else
+constexpr int64_t kLanes = 1;
+#endif
+
+template <typename Vec, typename One>
+void elementwise(int64_t count, Vec vec, One one) {
 #pragma omp parallel for schedule(static)
   for (int64_t i0 = 0; i0 < count; i0 += 4096) {
     const int64_t i1 = i0 + 4096 < count ? i0 + 4096 : count;
     int64_t i = i0;
-#if defined(__AVX512F__)
-    const __m512 one = _mm512_set1_ps(1.0f);
-    for (; i + 16 <= i1; i += 16) {
-      const __m512 x = _mm512_loadu_ps(g + i);
-      const __m512 e = softmax_exp16(_mm512_sub_ps(_mm512_setzero_ps(), x));
-      _mm512_storeu_ps(out + i, _mm512_mul_ps(_mm512_div_ps(x, _mm512_add_ps(one, e)), _mm512_loadu_ps(u + i)));
-    }
-#elif defined(MXC_EXP8)
-    const __m256 one = _mm256_set1_ps(1.0f);
-    for (; i + 8 <= i1; i += 8) {
-      const __m256 x = _mm256_loadu_ps(g + i);
-      const __m256 e = softmax_exp8(_mm256_sub_ps(_mm256_setzero_ps(), x));
-      _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_div_ps(x, _mm256_add_ps(one, e)), _mm256_loadu_ps(u + i)));
-    }
-#endif
-    for (; i < i1; ++i) out[i] = g[i] / (1.0f + softmax_exp(-g[i])) * u[i];
+    for (; i + kLanes <= i1; i += kLanes) vec(i);
+    for (; i < i1; ++i) one(i);
   }
+}
+
+// SwiGLU's elementwise part: out = silu(g) * u = g / (1 + exp(-g)) * u, g and u of one shape, one pass.
+MXC_AOT(MxcSwiGLU) {
+  if (nparam != 3) return 1;
+  const float *g = static_cast<const float *>(params[0]);
+  const float *u = static_cast<const float *>(params[1]);
+  float *out = static_cast<float *>(params[2]);
+  const auto one = [&](int64_t i) { out[i] = g[i] / (1.0f + softmax_exp(-g[i])) * u[i]; };
+  elementwise(numel(ndims[0], shapes[0], ndims[0]), [&](int64_t i) {
+#if defined(__AVX512F__)
+    const __m512 x = _mm512_loadu_ps(g + i);
+    const __m512 e = softmax_exp16(_mm512_sub_ps(_mm512_setzero_ps(), x));
+    _mm512_storeu_ps(out + i, _mm512_mul_ps(_mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.0f), e)),
+                                            _mm512_loadu_ps(u + i)));
+#elif defined(MXC_EXP8)
+    const __m256 x = _mm256_loadu_ps(g + i);
+    const __m256 e = softmax_exp8(_mm256_sub_ps(_mm256_setzero_ps(), x));
+    _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_div_ps(x, _mm256_add_ps(_mm256_set1_ps(1.0f), e)),
+                                            _mm256_loadu_ps(u + i)));
+#else
+    one(i);
+#endif
+  }, one);
   return 0;
 }
 
@@ -1542,41 +1558,33 @@ MXC_AOT(MxcSwiGLU) {
 // (same shape); outputs dg, du.
 MXC_AOT(MxcSwiGLUGrad) {
   if (nparam != 5) return 1;
-  const int64_t count = numel(ndims[0], shapes[0], ndims[0]);
   const float *g = static_cast<const float *>(params[0]);
   const float *u = static_cast<const float *>(params[1]);
   const float *dy = static_cast<const float *>(params[2]);
   float *dg = static_cast<float *>(params[3]);
   float *du = static_cast<float *>(params[4]);
-#pragma omp parallel for schedule(static)
-  for (int64_t i0 = 0; i0 < count; i0 += 4096) {
-    const int64_t i1 = i0 + 4096 < count ? i0 + 4096 : count;
-    int64_t i = i0;
+  const auto one = [&](int64_t i) {
+    const float s = 1.0f / (1.0f + softmax_exp(-g[i]));
+    du[i] = dy[i] * (g[i] * s);
+    dg[i] = dy[i] * u[i] * (s * (1.0f + g[i] * (1.0f - s)));
+  };
+  elementwise(numel(ndims[0], shapes[0], ndims[0]), [&](int64_t i) {
 #if defined(__AVX512F__)
-    const __m512 one = _mm512_set1_ps(1.0f);
-    for (; i + 16 <= i1; i += 16) {
-      const __m512 x = _mm512_loadu_ps(g + i), d = _mm512_loadu_ps(dy + i);
-      const __m512 s = _mm512_div_ps(one, _mm512_add_ps(one, softmax_exp16(_mm512_sub_ps(_mm512_setzero_ps(), x))));
-      _mm512_storeu_ps(du + i, _mm512_mul_ps(d, _mm512_mul_ps(x, s)));
-      const __m512 ds = _mm512_mul_ps(s, _mm512_add_ps(one, _mm512_mul_ps(x, _mm512_sub_ps(one, s))));
-      _mm512_storeu_ps(dg + i, _mm512_mul_ps(_mm512_mul_ps(d, _mm512_loadu_ps(u + i)), ds));
-    }
+    const __m512 c1 = _mm512_set1_ps(1.0f), x = _mm512_loadu_ps(g + i), d = _mm512_loadu_ps(dy + i);
+    const __m512 s = _mm512_div_ps(c1, _mm512_add_ps(c1, softmax_exp16(_mm512_sub_ps(_mm512_setzero_ps(), x))));
+    _mm512_storeu_ps(du + i, _mm512_mul_ps(d, _mm512_mul_ps(x, s)));
+    const __m512 ds = _mm512_mul_ps(s, _mm512_add_ps(c1, _mm512_mul_ps(x, _mm512_sub_ps(c1, s))));
+    _mm512_storeu_ps(dg + i, _mm512_mul_ps(_mm512_mul_ps(d, _mm512_loadu_ps(u + i)), ds));
 #elif defined(MXC_EXP8)
-    const __m256 one = _mm256_set1_ps(1.0f);
-    for (; i + 8 <= i1; i += 8) {
-      const __m256 x = _mm256_loadu_ps(g + i), d = _mm256_loadu_ps(dy + i);
-      const __m256 s = _mm256_div_ps(one, _mm256_add_ps(one, softmax_exp8(_mm256_sub_ps(_mm256_setzero_ps(), x))));
-      _mm256_storeu_ps(du + i, _mm256_mul_ps(d, _mm256_mul_ps(x, s)));
-      const __m256 ds = _mm256_mul_ps(s, _mm256_add_ps(one, _mm256_mul_ps(x, _mm256_sub_ps(one, s))));
-      _mm256_storeu_ps(dg + i, _mm256_mul_ps(_mm256_mul_ps(d, _mm256_loadu_ps(u + i)), ds));
-    }
+    const __m256 c1 = _mm256_set1_ps(1.0f), x = _mm256_loadu_ps(g + i), d = _mm256_loadu_ps(dy + i);
+    const __m256 s = _mm256_div_ps(c1, _mm256_add_ps(c1, softmax_exp8(_mm256_sub_ps(_mm256_setzero_ps(), x))));
+    _mm256_storeu_ps(du + i, _mm256_mul_ps(d, _mm256_mul_ps(x, s)));
+    const __m256 ds = _mm256_mul_ps(s, _mm256_add_ps(c1, _mm256_mul_ps(x, _mm256_sub_ps(c1, s))));
+    _mm256_storeu_ps(dg + i, _mm256_mul_ps(_mm256_mul_ps(d, _mm256_loadu_ps(u + i)), ds));
+#else
+    one(i);
 #endif
-    for (; i < i1; ++i) {
-      const float s = 1.0f / (1.0f + softmax_exp(-g[i]));
-      du[i] = dy[i] * (g[i] * s);
-      dg[i] = dy[i] * u[i] * (s * (1.0f + g[i] * (1.0f - s)));
-    }
-  }
+  }, one);
   return 0;
 }
 
