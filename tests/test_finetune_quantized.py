@@ -13,6 +13,7 @@ from model_helpers import dequantized_twin
 
 from mindxcomposer.convert import convert
 from mindxcomposer.demo import save_demo_model, tiny_config
+from mindxcomposer.finetune import backprop
 from mindxcomposer.finetune.lora import WEIGHTS_FILE, LoraSettings, adapter_name, init_adapter, save_adapter
 from mindxcomposer.finetune.merge import merge
 from mindxcomposer.finetune.quantized_base import QuantizedBaseError
@@ -69,16 +70,17 @@ def trainer(model_dir, out, extra=(), initial=None):
 
 
 def first_grads_and_run(model_dir, out, extra, initial):
-    """(loss and gradients of the first micro-batch, the run's log, the trained adapter)."""
+    """(loss and gradients of the first micro-batch, the run's log, the trained adapter, rows per decoder block)."""
     t = trainer(model_dir, out, extra, initial)
     assert not any(n.endswith((".qweight", ".scales", ".qzeros")) for n in t.trainables.names)
     loss, grads, _ = t.grads.loss_and_grads(t.data.build(t.data.micro_batch_records(0)), 1.0, 0.0)
     grads = {n: g.asnumpy() for n, g in grads.items()}
     result = t.train()
+    rows = t.grads.layer_blocks.rows
     del t
     gc.collect()  # the compiled gradient cells of this run
     adapter = SafetensorsFile(os.path.join(out, WEIGHTS_FILE))
-    return loss, grads, result.log_history, {k: adapter.get(k, np.float32) for k in adapter.keys()}
+    return loss, grads, result.log_history, {k: adapter.get(k, np.float32) for k in adapter.keys()}, rows
 
 
 def close(ours, ref, rel, what):
@@ -107,6 +109,11 @@ def test_lora_over_a_quantized_base_trains_as_over_its_twin(scheme, kernels, pro
     # The twin's bf16 products go to oneDNN where installed; the quantized weights' stay on the own GEMM
     # (tested against it bit for bit in test_quant_grads.py): one GEMM for both runs here.
     onednn = kernels == "cpu" and cpu_kernels.onednn()
+    if (scheme, kernels, products) == RUNS[0]:
+        # Blocks of one length bucket over the twin, of QUANTIZED_ROWS_FACTOR buckets over the quantized base: the
+        # samples span several blocks whose boundaries differ between the two runs (a weight gradient adds other
+        # partial sums), which must still agree within the tolerances.
+        monkeypatch.setattr(backprop, "BLOCK_ELEMENTS", backprop.LENGTH_BUCKET * tiny_config().intermediate_size)
     if onednn:
         cpu_kernels.onednn(False)
     try:
@@ -116,7 +123,8 @@ def test_lora_over_a_quantized_base_trains_as_over_its_twin(scheme, kernels, pro
     finally:
         if onednn:
             cpu_kernels.onednn(True)
-    (q_loss, q_grads, q_log, q_adapter), (t_loss, t_grads, t_log, t_adapter) = q, twin
+    (q_loss, q_grads, q_log, q_adapter, q_rows), (t_loss, t_grads, t_log, t_adapter, t_rows) = q, twin
+    assert q_rows == backprop.QUANTIZED_ROWS_FACTOR * t_rows
     errors = {"first loss": close(q_loss, t_loss, 1e-5, "first micro-batch loss")}
     assert sorted(q_grads) == sorted(t_grads)
     # every target of both layers and the two separators got a gradient
