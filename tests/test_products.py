@@ -566,9 +566,15 @@ def test_swiglu_gradient_kernel_on_every_build(arch):
     g = rng.standard_normal((3, 1001), dtype=np.float32) * 4
     g[0, :6] = (-100.0, 100.0, 0.0, -88.0, 88.0, -20.0)
     u, dy = (rng.standard_normal(g.shape, dtype=np.float32) for _ in range(2))
-    dg, du = np.zeros_like(g), np.zeros_like(g)
     import ctypes
-    cpu_kernels.AotCall(ctypes.CDLL(cpu_kernels.build(arch=arch)).MxcSwiGLUGrad, [g, u, dy, dg, du])()
+    kernel = ctypes.CDLL(cpu_kernels.build(arch=arch)).MxcSwiGLUGrad
+
+    def grads(*inputs):  # -> dg, du
+        inputs = [np.ascontiguousarray(a) for a in inputs]
+        outs = [np.zeros_like(inputs[0]) for _ in range(2)]
+        cpu_kernels.AotCall(kernel, inputs + outs)()
+        return outs
+    dg, du = grads(g, u, dy)
     g64, u64, d64 = (a.astype(np.float64) for a in (g, u, dy))
     s = 1 / (1 + np.exp(-g64))
     ref_du = d64 * g64 * s
@@ -578,9 +584,7 @@ def test_swiglu_gradient_kernel_on_every_build(arch):
     assert (np.abs(du - ref_du) <= 16 * EPS * np.abs(d64 * g64)).all()
     assert (np.abs(dg - ref_dg) <= 16 * EPS * scale_dg).all()
     # position independence: the same values shifted by one element give the same results
-    dg2, du2 = np.zeros_like(g[:, 1:]), np.zeros_like(g[:, 1:])
-    cpu_kernels.AotCall(ctypes.CDLL(cpu_kernels.build(arch=arch)).MxcSwiGLUGrad,
-                        [np.ascontiguousarray(a[:, 1:]) for a in (g, u, dy)] + [dg2, du2])()
+    dg2, du2 = grads(g[:, 1:], u[:, 1:], dy[:, 1:])
     np.testing.assert_array_equal(dg2, dg[:, 1:])
     np.testing.assert_array_equal(du2, du[:, 1:])
 

@@ -143,10 +143,10 @@ void dequant_run(const View &b, int64_t n, int64_t k, int64_t k0, int64_t kc, fl
   if (b.qbits == 8) {
     const int8_t *q = static_cast<const int8_t *>(b.p) + n * k + k0;
     const float s = b.qscales[n];
-    if (round)
-      for (int64_t i = 0; i < kc; ++i) dst[i * stride] = round_bf16(static_cast<float>(q[i]) * s);
-    else
-      for (int64_t i = 0; i < kc; ++i) dst[i * stride] = static_cast<float>(q[i]) * s;
+    for (int64_t i = 0; i < kc; ++i) {
+      const float v = static_cast<float>(q[i]) * s;
+      dst[i * stride] = round ? round_bf16(v) : v;
+    }
     return;
   }
   const uint8_t *q = static_cast<const uint8_t *>(b.p) + n * ((k + 1) / 2);
@@ -190,10 +190,10 @@ inline void dequant_row(const View &b, int64_t n, int64_t c0, int64_t cols, floa
 
 // fp32 panels: A as [k][MR] per MR rows, B as [k][NR] per NR columns; zero padding past the edges.
 // With `round`, values are rounded to bf16 (the bf16 arithmetic on the fp32 micro-kernel).
-// An fp32 A stored by rows (cs = 1: activations) or by columns (rs = 1: the transposed operand of a weight
-// gradient, dy^T x) is copied without per-element index arithmetic: the narrow products of the LoRA and the
-// Partial LoRA (rank 64-256 against 4096-14336) use each packed element of A only r times, so packing it
-// element by element through `View::at` cost as much as their multiplications.
+// A is always an fp32 activation (every caller's View). Stored by rows (cs = 1) or by columns (rs = 1: the
+// transposed operand of a weight gradient, dy^T x), it is copied without per-element index arithmetic: the narrow
+// products of the LoRA and the Partial LoRA (rank 64-256 against 4096-14336) use each packed element of A only r
+// times, so packing it element by element through `View::at` cost as much as their multiplications.
 template <bool kRound>
 void pack_a_f32_strided(const float *p, int64_t rs, int64_t cs, int64_t m0, int64_t mc, int64_t k0, int64_t kc,
                         float *dst) {
@@ -223,24 +223,11 @@ void pack_a_f32_strided(const float *p, int64_t rs, int64_t cs, int64_t m0, int6
 }
 
 void pack_a_f32(const View &a, int64_t m0, int64_t mc, int64_t k0, int64_t kc, float *dst, bool round) {
-  if (!a.bf16 && a.qbits == 0) {
-    const float *p = static_cast<const float *>(a.p);
-    if (round)
-      pack_a_f32_strided<true>(p, a.rs, a.cs, m0, mc, k0, kc, dst);
-    else
-      pack_a_f32_strided<false>(p, a.rs, a.cs, m0, mc, k0, kc, dst);
-    return;
-  }
-  for (int64_t i0 = 0; i0 < mc; i0 += MR) {
-    const int64_t rows = mc - i0 < MR ? mc - i0 : MR;
-    for (int64_t k = 0; k < kc; ++k) {
-      float *d = dst + (i0 / MR) * kc * MR + k * MR;
-      for (int64_t i = 0; i < MR; ++i) {
-        float v = i < rows ? a.at(m0 + i0 + i, k0 + k) : 0.0f;
-        d[i] = round ? round_bf16(v) : v;
-      }
-    }
-  }
+  const float *p = static_cast<const float *>(a.p);
+  if (round)
+    pack_a_f32_strided<true>(p, a.rs, a.cs, m0, mc, k0, kc, dst);
+  else
+    pack_a_f32_strided<false>(p, a.rs, a.cs, m0, mc, k0, kc, dst);
 }
 
 // Columns of B contiguous (a weight W [N, K] used as B = W^T): a transpose, done in tiles of NR columns
