@@ -13,24 +13,15 @@ import argparse
 import ctypes
 import os
 import sys
-import time
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.prefill_profile import best_of  # noqa: E402
+
 # (rows per block, K, N, rank): the release's w1 / w3 and w2 at 128 rows, LoRA and Partial LoRA; mid size's w1.
 SHAPES = ((128, 4096, 14336, 64), (128, 4096, 14336, 256), (128, 14336, 4096, 64), (640, 512, 1408, 64))
-
-
-def best(fn, reps=9):
-    fn()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
 
 
 def products(lib, rows, k, n, r, rng):
@@ -81,7 +72,7 @@ def main(argv=None):
             times = [float("inf")] * len(libs)
             for _ in range(2):  # interleaved: both builds see the machine in the same state
                 for i, s in enumerate(sets):
-                    times[i] = min(times[i], best(s[j][1]))
+                    times[i] = min(times[i], best_of(s[j][1], 9))
             print(f"| {rows} x {k} -> {n}, r {r} | {name} | " + " | ".join(f"{t * 1e3:.2f}" for t in times) + " | "
                   + " | ".join(f"{flop / t / 1e9:.0f}" for t in times) + " |", flush=True)
 
