@@ -81,9 +81,45 @@ def count_blocks(trainer, seen):
     blocks._blocks = recording
 
 
+def record_paths(trainer, paths):
+    """Record which way each micro-batch's decoder went: "kept" (one graph, activations kept) or "blocks"."""
+    grads = trainer.grads
+    kept, blocks = grads._decoder_kept, grads._decoder
+
+    def by_kept(*a, **k):
+        paths.append("kept")
+        return kept(*a, **k)
+
+    def by_blocks(*a, **k):
+        paths.append("blocks")
+        return blocks(*a, **k)
+    grads._decoder_kept, grads._decoder = by_kept, by_blocks
+
+
 @pytest.mark.parametrize("case", CASES, ids=[c["name"] for c in CASES])
 def test_training_matches_upstream(case, tmp_path, graph_mode, caplog):
-    check_training(case, tmp_path, caplog)
+    """Every case as a user runs it: the tiny model's activations are within `KEEP_ACTIVATIONS_BYTES`, so a frozen
+    head's micro-batches go through the one-graph decoder, and a trained head's (full fine-tuning) or a micro-batch
+    with no target left (`lora_cut`) by recomputed blocks."""
+    paths = []
+    check_training(case, tmp_path, caplog, lambda t: record_paths(t, paths))
+    lora = "--use_lora" in case["argv"] and case["argv"][case["argv"].index("--use_lora") + 1] == "True"
+    expected = {"lora_cut": {"kept", "blocks"}}.get(case["name"], {"kept"} if lora else {"blocks"})
+    assert set(paths) == expected, paths
+
+
+def test_kept_activations_only_where_they_are_small(monkeypatch):
+    """The one-graph decoder is for narrow or shallow models: the release (32 layers at 4096 / 14336) goes by
+    blocks even at one length bucket, the mid-size benchmark's model (6 layers at 512 / 1408) keeps its activations
+    at the longest micro-batch it runs (1,088 positions, 320 with a target)."""
+    from types import SimpleNamespace
+    import mindxcomposer.finetune.backprop as backprop
+    release = SimpleNamespace(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, vocab_size=92544)
+    mid = SimpleNamespace(hidden_size=512, intermediate_size=1408, num_hidden_layers=6, vocab_size=92544)
+    bound = backprop.KEEP_ACTIVATIONS_BYTES
+    assert backprop.kept_activation_bytes(release, backprop.LENGTH_BUCKET, backprop.LENGTH_BUCKET) > bound
+    assert backprop.kept_activation_bytes(mid, 1088, 320) <= bound
+    assert backprop.kept_activation_bytes(mid, 4 * 1088, 320) > bound
 
 
 @pytest.mark.parametrize("name", ["lora_image", "full_mixed"])
@@ -93,6 +129,7 @@ def test_training_by_blocks_of_rows_matches_upstream(name, tmp_path, graph_mode,
     text-only blocks, which leave the Partial LoRA out, run beside blocks with image tokens."""
     import mindxcomposer.finetune.backprop as backprop
     monkeypatch.setattr(backprop, "LAYER_ROWS", 64)
+    monkeypatch.setattr(backprop, "KEEP_ACTIVATIONS_BYTES", None)  # the recomputed blocks (the release's way)
     seen = []
     check_training(next(c for c in CASES if c["name"] == name), tmp_path, caplog, lambda t: count_blocks(t, seen))
     assert seen and max(n for n, _ in seen) >= 3, seen
@@ -504,6 +541,7 @@ def test_head_over_targets_only_matches_upstream(name, tmp_path, graph_mode, cap
     `full_mixed`. Every call's rows are targets or padding, and the image positions are never among them."""
     import mindxcomposer.finetune.backprop as backprop
     monkeypatch.setattr(backprop, "HEAD_CHUNK", 16)
+    monkeypatch.setattr(backprop, "KEEP_ACTIVATIONS_BYTES", None)  # the head in chunks belongs to the block path
     calls = []
 
     def recording(t):

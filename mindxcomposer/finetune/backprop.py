@@ -27,7 +27,8 @@ from ..rope import packed_rope
 from ..vision import PROJECTOR_CHUNK
 from .labels import IGNORE_INDEX
 from .lora import adapter_name
-from .layer_grads import ChainGrad, ClipLayerGrad, DecoderLayerBlocks, HeadLossGrad, TrainingMath
+from .layer_grads import (ChainGrad, ClipLayerGrad, DecoderLayerBlocks, DecoderLossGrad, HeadLossGrad,
+                          TrainingMath)
 from .spill import LayerInputs, check_store, choose_store, layer_input_bytes
 from .trainables import Trainables
 
@@ -61,6 +62,27 @@ def layer_rows(config) -> int:
         return int(LAYER_ROWS)
     rows = max(LENGTH_BUCKET, BLOCK_ELEMENTS // config.intermediate_size // LENGTH_BUCKET * LENGTH_BUCKET)
     return rows * QUANTIZED_ROWS_FACTOR if config.quantization is not None else rows
+
+
+# The decoder and the head are differentiated as one graph that keeps every intermediate from the forward to the
+# backward (`DecoderLossGrad`), instead of block by block with each block's forward recomputed, where the
+# micro-batch's activations are estimated (`kept_activation_bytes`) at no more than this: a narrow or shallow model
+# on short samples. Recomputation costs a second forward of every layer (a mid-size LoRA step: ~40% of the decoder's
+# time, docs/finetune.md); the blocks keep the memory of a step flat in depth, which the release needs (one of its
+# layers at 1,000 positions is ~1 GB of activations). None: every micro-batch goes by blocks.
+KEEP_ACTIVATIONS_BYTES = 2 ** 31
+
+
+def kept_activation_bytes(config, rows: int, head_rows: int) -> int:
+    """Estimate of what the one-graph decoder adds to the memory for `rows` positions (all samples of a micro-batch,
+    padding included) and `head_rows` positions with a target: per layer and position 40 hidden-wide and 20
+    intermediate-wide fp32 values (the forward's intermediates, the norms, q / k / v, the LoRA and Partial-LoRA inputs
+    and outputs, the MLP's halves, and the backward's gradients of as many, with the memory pool's slack), and the
+    head's logits and their gradient ([head_rows, vocab] each, inside its kernel). Fitted to the mid-size benchmark
+    (hidden 512, 6 layers, micro-batches of up to 1,088 positions): 1.5 GB estimated, 1.6 GiB measured above the
+    block path's peak (docs/finetune.md)."""
+    per_row = 40 * config.hidden_size + 20 * config.intermediate_size
+    return 4 * (rows * config.num_hidden_layers * per_row + 2 * head_rows * config.vocab_size)
 
 
 VOCAB_CHUNK = 8192  # vocabulary rows per slice of a frozen head in another dtype (`_frozen_head`)
@@ -119,6 +141,7 @@ class MicroBatchGradients:
         self.frozen_cast_head = (not self.train_head and model.output.weight.dtype != self.dt
                                  and not kernels_enabled())
         self.head_grad = HeadLossGrad(self.config.rms_norm_eps, self.train_head, model.products)
+        self._decoder_grads = {}  # whether the micro-batch holds an image token -> DecoderLossGrad (made on first use)
         self.embedding_key = key(m.tok_embeddings.weight)
         vit = model.vit.vision_tower.vision_model
         self.vit_layer_keys = [[key(p) for p in layer.weights()] for layer in vit.encoder.layers]
@@ -205,9 +228,13 @@ class MicroBatchGradients:
             raise ValueError("layer_inputs disk needs a directory for its files")
         store = choose_store(self.layer_inputs, layer_input_bytes(num_layers, b * n_pad, cfg.hidden_size),
                              "layer_inputs", self.spill_dir)
-        with LayerInputs(self.spill_dir if store == "disk" else None) as xs:
-            loss, dy, grads = self._decoder(xs, Tensor(x0).astype(dt), cos_t, sin_t, mask_t, im_t, labels, scale,
-                                            seed)
+        if self._keeps_activations(store, labels):
+            loss, dy, grads = self._decoder_kept(Tensor(x0).astype(dt), cos_t, sin_t, mask_t, im_t, labels, scale,
+                                                 seed, bool(im.any()))
+        else:
+            with LayerInputs(self.spill_dir if store == "disk" else None) as xs:
+                loss, dy, grads = self._decoder(xs, Tensor(x0).astype(dt), cos_t, sin_t, mask_t, im_t, labels, scale,
+                                                seed)
 
         dx0 = dy.astype(ms.float32)
         if self.embedding_key is not None:
@@ -238,10 +265,7 @@ class MicroBatchGradients:
             x = self.forward_layer(x, cos_t, sin_t, mask_t, im_t, self._layer_weights(li, seeds[li]))
 
         # head and loss
-        next_labels = np.full((b, n_pad), IGNORE_INDEX, np.int64)
-        next_labels[:, :-1] = labels[:, 1:]
-        valid = next_labels != IGNORE_INDEX
-        count = int(valid.sum())
+        next_labels, valid, count = self._next_labels(labels)
         m = self.model.model
         # No target left (every sample cut by max_length): upstream's CrossEntropyLoss is NaN (0 / 0) and its
         # gradients are zeros, which the backward below gives exactly (dy = 0, every head chunk skipped).
@@ -264,6 +288,58 @@ class MicroBatchGradients:
             for k, gi in zip(self.layer_trainable, out[1:]):
                 grads[self.layer_keys[li][k]] = gi
         return loss, dy, grads
+
+    @staticmethod
+    def _next_labels(labels):
+        """Labels t + 1 at position t (upstream's shift), where they have a target, and their count."""
+        b, n_pad = labels.shape
+        next_labels = np.full((b, n_pad), IGNORE_INDEX, np.int64)
+        next_labels[:, :-1] = labels[:, 1:]
+        valid = next_labels != IGNORE_INDEX
+        return next_labels, valid, int(valid.sum())
+
+    def _keeps_activations(self, store, labels) -> bool:
+        """Whether this micro-batch's decoder goes through `_decoder_kept` (see KEEP_ACTIVATIONS_BYTES): a frozen head
+        in the arithmetic's dtype or read by the kernels, layer inputs not sent to disk, a target somewhere, and the
+        activations within the bound."""
+        if KEEP_ACTIVATIONS_BYTES is None or self.train_head or self.frozen_cast_head or store == "disk":
+            return False
+        count = self._next_labels(labels)[2]
+        return count > 0 and kept_activation_bytes(
+            self.config, labels.size, _pad_to(count, LENGTH_BUCKET)) <= KEEP_ACTIVATIONS_BYTES
+
+    def _decoder_kept(self, x, cos_t, sin_t, mask_t, im_t, labels, scale, seed, has_image):
+        """`_decoder` as one graph (`DecoderLossGrad`): the same layers, head and loss, the same dropout masks (one
+        block of rows per layer), nothing recomputed -> (loss, d embeddings, gradients by name)."""
+        b, n_pad = labels.shape
+        num_layers = self.config.num_hidden_layers
+        next_labels, valid, count = self._next_labels(labels)
+        where = np.flatnonzero(valid.reshape(-1))
+        size = _pad_to(where.size, LENGTH_BUCKET)
+        rows = np.full(size, where[-1], np.int32)  # padding repeats a real row, weighted 0 (as `_head`)
+        rows[:where.size] = where
+        head_labels = np.zeros((1, size), np.int32)
+        head_labels[0, :where.size] = next_labels.reshape(-1)[where]
+        weight = np.zeros((1, size), np.float32)
+        weight[0, :where.size] = 1.0
+        block_rows = (Tensor(np.arange(b, dtype=np.float32).reshape(b, 1) * np.float32(n_pad)),) \
+            if self.math.has_seed else ()  # one block of rows from 0 (`DecoderLayerBlocks._blocks`)
+        weights = [self._layer_weights(li, seed * 1000.0 + li) + block_rows for li in range(num_layers)]
+        per_layer = len(weights[0])
+        if has_image not in self._decoder_grads:
+            self._decoder_grads[has_image] = DecoderLossGrad(self.math, num_layers, per_layer, self.layer_trainable,
+                                                             self.config.rms_norm_eps, has_image, self.model.products)
+        m = self.model.model
+        val, g = self._decoder_grads[has_image](
+            x, cos_t, sin_t, mask_t, im_t, Tensor(rows), Tensor(head_labels), Tensor(weight), Tensor(np.float32(count)),
+            Tensor(np.float32(scale)), Tensor(m.norm.weight), Tensor(self.model.output.weight),
+            *[t for w in weights for t in w])
+        grads: Dict[str, Tensor] = {}
+        t = len(self.layer_trainable)
+        for li in range(num_layers):
+            for j, k in enumerate(self.layer_trainable):
+                grads[self.layer_keys[li][k]] = g[1 + li * t + j]
+        return float(val.asnumpy()), g[0], grads
 
     def _head(self, x, next_labels, valid, count, scale):
         """Head and loss over the positions with a target only, gathered `HEAD_CHUNK` at a time: the fp32 logits

@@ -233,6 +233,47 @@ class DecoderLayerBlocks:
         return (dx,) + tuple(g[i] for i in self.trainable)
 
 
+class _DecoderLoss(nn.Cell):
+    """The whole decoder, the final RMSNorm, the head and upstream's loss as one function of the embeddings and every
+    layer's weights (`DecoderMath.layer` in its three parts, layer after layer, then `_HeadLoss` on the rows with a
+    target): differentiated as one graph, which keeps every intermediate from the forward to the backward instead of
+    recomputing each block (`DecoderLossGrad`). `w` is the layers' weight tuples one after the other, `per_layer`
+    entries each."""
+
+    def __init__(self, math_cell, num_layers, per_layer, eps, image_lora, products=EXACT):
+        super().__init__()
+        self.math = math_cell
+        self.num_layers, self.per_layer = int(num_layers), int(per_layer)
+        self.image_lora = bool(image_lora)
+        self.head = _HeadLoss(eps, products)
+
+    def construct(self, x, rot_cos, rot_sin, mask, im_mask, rows, next_labels, valid, count, scale, norm_w, head_w,
+                  *w):
+        for i in range(self.num_layers):
+            wi = w[i * self.per_layer:(i + 1) * self.per_layer]
+            q, k, v = self.math.attention_inputs(wi, x, rot_cos, rot_sin, im_mask, (), self.image_lora)
+            out = self.math.attend(q, k, v, mask)
+            x = self.math.layer_output(wi, x, out, im_mask, (), self.image_lora)
+        b, n, hidden = x.shape
+        picked = ops.gather(x.reshape(b * n, hidden), rows, 0).expand_dims(0)
+        return self.head(picked, next_labels, valid, count, scale, norm_w, head_w)
+
+
+class DecoderLossGrad(nn.Cell):
+    """(loss * scale, (d embeddings, d each trainable layer weight)) of `_DecoderLoss`, without recomputation:
+    `trainable` indexes one layer's weight tuple (the same positions in every layer), and the gradients come
+    layer by layer in that order. A frozen head only (a trained one keeps the block path)."""
+
+    def __init__(self, math_cell, num_layers, per_layer, trainable, eps, image_lora, products=EXACT):
+        super().__init__()
+        positions = (0,) + tuple(12 + li * per_layer + k for li in range(num_layers) for k in trainable)
+        self.grad = ms.value_and_grad(_DecoderLoss(math_cell, num_layers, per_layer, eps, image_lora, products),
+                                      grad_position=positions)
+
+    def construct(self, *args):
+        return self.grad(*args)
+
+
 class _HeadLoss(nn.Cell):
     """Final RMSNorm, output head and upstream's loss: CrossEntropyLoss (mean over the supervised
     tokens) of logits t against labels t + 1, times `scale` (1 / gradient accumulation steps). `head_grad`:
