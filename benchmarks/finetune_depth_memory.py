@@ -61,9 +61,13 @@ def run_steps(model_dir, data, out, steps, extra=()):
     """Load and train `steps` LoRA steps in this process -> dict of peaks (GiB), seconds and sizes."""
     import mindspore as ms
     ms.set_context(mode=ms.GRAPH_MODE)
+    from mindxcomposer.finetune import backprop
     from mindxcomposer.finetune.trainer import Trainer
     from mindxcomposer.finetune.training_args import parse_args
 
+    # The recomputed blocks, the path a deep or wide model takes: their memory is what must stay flat in depth. (A
+    # small model's one-graph decoder keeps every layer's activations, within `backprop.KEEP_ACTIVATIONS_BYTES`.)
+    backprop.KEEP_ACTIVATIONS_BYTES = None
     argv = ["--model_name_or_path", model_dir, "--output_dir", out, "--data_path", data, "--use_lora", "True",
             "--batch_size", "1", "--per_device_train_batch_size", "1", "--max_steps", str(steps),
             "--save_strategy", "no", "--sampling", "sequential", "--max_length", "16384", "--progress", "False",
