@@ -94,26 +94,35 @@ def test_full_output_is_a_model_directory(tmp_path):
     assert isinstance(response, str)
 
 
-@pytest.mark.parametrize("rows", [None, 16])
-def test_dropout_masks_are_reproduced_by_recomputation(rows, tmp_path, monkeypatch):
+@pytest.mark.parametrize("path", ["blocks", "blocks of 16", "one graph"])
+def test_dropout_masks_are_reproduced_by_recomputation(path, tmp_path, monkeypatch):
     """With dropout on, gradients must still be those of the loss the forward computed: the masks drawn
     in a block's recomputation equal the forward's (a finite difference along the gradient agrees), also when a
-    decoder layer runs by blocks of 16 rows, whose masks are those of the whole sequence (the same loss)."""
+    decoder layer runs by blocks of 16 rows, whose masks are those of the whole sequence (the same loss), and in the
+    one-graph decoder (activations kept, nothing recomputed), which draws the masks the blocks draw (the same loss)."""
     import mindxcomposer.finetune.backprop as backprop
-    if rows:
+    flags = ["--lora_dropout", "0.3", "--plora_dropout", "0.3", "--max_steps", "1"]
+    whole = None
+    if path != "blocks":  # the loss of the same micro-batch by blocks of the whole sequence
+        monkeypatch.setattr(backprop, "KEEP_ACTIVATIONS_BYTES", None)
         monkeypatch.setattr(backprop, "LAYER_ROWS", 10 ** 6)
-        t0, _, _ = run_case(BY_NAME["lora_text"], tmp_path / "whole",
-                            ["--lora_dropout", "0.3", "--plora_dropout", "0.3", "--max_steps", "1"])
+        t0, _, _ = run_case(BY_NAME["lora_text"], tmp_path / "whole", flags)
         whole = t0.grads.loss_and_grads(t0.data.build(t0.data.micro_batch_records(0)), 1.0, seed=5.0)[0]
-        monkeypatch.setattr(backprop, "LAYER_ROWS", rows)
+        monkeypatch.undo()
+    if path != "one graph":
+        monkeypatch.setattr(backprop, "KEEP_ACTIVATIONS_BYTES", None)
+    if path == "blocks of 16":
+        monkeypatch.setattr(backprop, "LAYER_ROWS", 16)
     case = BY_NAME["lora_text"]
-    trainer, _, _ = run_case(case, tmp_path, ["--lora_dropout", "0.3", "--plora_dropout", "0.3", "--max_steps", "1"])
+    trainer, _, _ = run_case(case, tmp_path, flags)
     batch = trainer.data.build(trainer.data.micro_batch_records(0))
     g = trainer.grads
     assert g.math.has_seed
     l1, grads, _ = g.loss_and_grads(batch, 1.0, seed=5.0)
-    if rows:
-        assert batch["input_ids"].shape[1] > 3 * rows
+    assert bool(g._decoder_grads) == (path == "one graph")  # the path asked for is the one that ran
+    if path == "blocks of 16":
+        assert batch["input_ids"].shape[1] > 3 * 16
+    if whole is not None:
         assert abs(l1 - whole) <= 1e-6 * abs(whole), (l1, whole)
     assert g.loss_and_grads(batch, 1.0, seed=5.0)[0] == l1
     assert g.loss_and_grads(batch, 1.0, seed=6.0)[0] != l1

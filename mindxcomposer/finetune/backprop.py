@@ -67,9 +67,10 @@ def layer_rows(config) -> int:
 # The decoder and the head are differentiated as one graph that keeps every intermediate from the forward to the
 # backward (`DecoderLossGrad`), instead of block by block with each block's forward recomputed, where the
 # micro-batch's activations are estimated (`kept_activation_bytes`) at no more than this: a narrow or shallow model
-# on short samples. Recomputation costs a second forward of every layer (a mid-size LoRA step: ~40% of the decoder's
-# time, docs/finetune.md); the blocks keep the memory of a step flat in depth, which the release needs (one of its
-# layers at 1,000 positions is ~1 GB of activations). None: every micro-batch goes by blocks.
+# on short samples. Recomputation costs a second forward of every layer (a mid-size LoRA step's products: 693 GFLOP
+# by blocks, 580 as one graph; docs/finetune.md); the blocks keep the memory of a step flat in depth, which the
+# release needs (one of its layers at 1,000 positions: ~1.8 GB by this estimate). None: every micro-batch goes by
+# blocks.
 KEEP_ACTIVATIONS_BYTES = 2 ** 31
 
 
@@ -86,6 +87,11 @@ def kept_activation_bytes(config, rows: int, head_rows: int) -> int:
 
 
 VOCAB_CHUNK = 8192  # vocabulary rows per slice of a frozen head in another dtype (`_frozen_head`)
+
+
+def _layer_seed(seed: float, layer: int) -> float:
+    """The dropout seed of one decoder layer in a micro-batch drawn with `seed` (`hash_dropout`)."""
+    return seed * 1000.0 + layer
 
 
 def _pad_to(n: int, bucket: int) -> int:
@@ -259,7 +265,7 @@ class MicroBatchGradients:
         layer's input waits in `xs` from the forward to its gradient."""
         b, n_pad = labels.shape
         num_layers = self.config.num_hidden_layers
-        seeds = [seed * 1000.0 + li for li in range(num_layers)]
+        seeds = [_layer_seed(seed, li) for li in range(num_layers)]
         for li in range(num_layers):
             xs.put(li, x)
             x = self.forward_layer(x, cos_t, sin_t, mask_t, im_t, self._layer_weights(li, seeds[li]))
@@ -324,7 +330,7 @@ class MicroBatchGradients:
         weight[0, :where.size] = 1.0
         block_rows = (Tensor(np.arange(b, dtype=np.float32).reshape(b, 1) * np.float32(n_pad)),) \
             if self.math.has_seed else ()  # one block of rows from 0 (`DecoderLayerBlocks._blocks`)
-        weights = [self._layer_weights(li, seed * 1000.0 + li) + block_rows for li in range(num_layers)]
+        weights = [self._layer_weights(li, _layer_seed(seed, li)) + block_rows for li in range(num_layers)]
         per_layer = len(weights[0])
         if has_image not in self._decoder_grads:
             self._decoder_grads[has_image] = DecoderLossGrad(self.math, num_layers, per_layer, self.layer_trainable,
