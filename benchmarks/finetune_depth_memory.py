@@ -9,7 +9,9 @@ as a LoRA run does), then `--steps` optimizer steps of LoRA r 64 on the five lin
 `--positions` tokens, GRAPH_MODE, random weights. Prints a table: peak after loading, peak after the steps, the
 step's own growth (peak after the steps minus peak after loading), the resident memory during the decoder's
 backward beyond the loaded model (sampled after each layer's gradient call), per depth; then the growth of both per
-extra layer against one layer input.
+extra layer against one layer input. It measures the recomputed blocks, the path a deep or wide model takes
+(`backprop.KEEP_ACTIVATIONS_BYTES` off): a small model's one-graph decoder keeps every layer's activations, by
+design, within that bound.
 """
 import argparse
 import json
