@@ -75,7 +75,7 @@ def _adamw_update(p, m, v, g, decay_factor, one_minus_beta1, beta2, one_minus_be
     """One torch AdamW update on fp32 numpy arrays with fp32 scalars -> new (p, m, v): each operation one IEEE fp32
     operation, as torch's CPU kernels and MindSpore's element-wise ops make them. In numpy, not a compiled graph: the
     update of a small tensor is microseconds of arithmetic, and a graph call per parameter cost ~3-7 ms (a mid-size
-    LoRA step's 60 adapter tensors: 0.19-0.44 s, against ~0.03 s now; docs/finetune.md)."""
+    LoRA step's 60 adapter tensors: 0.19-0.44 s, against ~0.07 s now with the assignments; docs/finetune.md)."""
     p = p * decay_factor
     m = m + one_minus_beta1 * (g - m)  # torch's lerp for a weight below 0.5
     v = v * beta2 + one_minus_beta2 * (g * g)
