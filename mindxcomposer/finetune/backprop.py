@@ -28,7 +28,7 @@ from ..vision import PROJECTOR_CHUNK
 from .labels import IGNORE_INDEX
 from .lora import adapter_name
 from .layer_grads import (ChainGrad, ClipLayerGrad, DecoderLayerBlocks, DecoderLossGrad, HeadLossGrad,
-                          TrainingMath)
+                          TrainingMath, dropout_rows)
 from .spill import LayerInputs, check_store, choose_store, layer_input_bytes
 from .trainables import Trainables
 
@@ -96,6 +96,27 @@ def _layer_seed(seed: float, layer: int) -> float:
 
 def _pad_to(n: int, bucket: int) -> int:
     return -(-n // bucket) * bucket
+
+
+def _next_labels(labels):
+    """Labels t + 1 at position t (upstream's shift), where they have a target, and their count."""
+    b, n_pad = labels.shape
+    next_labels = np.full((b, n_pad), IGNORE_INDEX, np.int64)
+    next_labels[:, :-1] = labels[:, 1:]
+    valid = next_labels != IGNORE_INDEX
+    return next_labels, valid, int(valid.sum())
+
+
+def _head_rows(part: np.ndarray, flat_labels: np.ndarray, size: int):
+    """(rows int32 [size], labels int32 [1, size], weight float32 [1, size]) of one head-and-loss call over the flat
+    positions `part` (with a target), padded to `size` with a repeat of the last real row: finite, and weighted 0."""
+    rows = np.full(size, part[-1], np.int32)
+    rows[:part.size] = part
+    labels = np.zeros((1, size), np.int32)
+    labels[0, :part.size] = flat_labels[part]
+    weight = np.zeros((1, size), np.float32)
+    weight[0, :part.size] = 1.0
+    return rows, labels, weight
 
 
 class _FinalNorm(nn.Cell):
@@ -234,12 +255,13 @@ class MicroBatchGradients:
             raise ValueError("layer_inputs disk needs a directory for its files")
         store = choose_store(self.layer_inputs, layer_input_bytes(num_layers, b * n_pad, cfg.hidden_size),
                              "layer_inputs", self.spill_dir)
-        if self._keeps_activations(store, labels):
-            loss, dy, grads = self._decoder_kept(Tensor(x0).astype(dt), cos_t, sin_t, mask_t, im_t, labels, scale,
+        targets = _next_labels(labels)
+        if self._keeps_activations(store, b * n_pad, targets[2]):
+            loss, dy, grads = self._decoder_kept(Tensor(x0).astype(dt), cos_t, sin_t, mask_t, im_t, targets, scale,
                                                  seed, bool(im.any()))
         else:
             with LayerInputs(self.spill_dir if store == "disk" else None) as xs:
-                loss, dy, grads = self._decoder(xs, Tensor(x0).astype(dt), cos_t, sin_t, mask_t, im_t, labels, scale,
+                loss, dy, grads = self._decoder(xs, Tensor(x0).astype(dt), cos_t, sin_t, mask_t, im_t, targets, scale,
                                                 seed)
 
         dx0 = dy.astype(ms.float32)
@@ -260,10 +282,10 @@ class MicroBatchGradients:
                 self._image_backward(ctx, d_emb, grads)
         return loss, grads, has_vision
 
-    def _decoder(self, xs: LayerInputs, x, cos_t, sin_t, mask_t, im_t, labels, scale, seed):
+    def _decoder(self, xs: LayerInputs, x, cos_t, sin_t, mask_t, im_t, targets, scale, seed):
         """Decoder layers, head and loss, and their backward -> (loss, d embeddings, gradients by name). Each
         layer's input waits in `xs` from the forward to its gradient."""
-        b, n_pad = labels.shape
+        next_labels, valid, count = targets
         num_layers = self.config.num_hidden_layers
         seeds = [_layer_seed(seed, li) for li in range(num_layers)]
         for li in range(num_layers):
@@ -271,7 +293,6 @@ class MicroBatchGradients:
             x = self.forward_layer(x, cos_t, sin_t, mask_t, im_t, self._layer_weights(li, seeds[li]))
 
         # head and loss
-        next_labels, valid, count = self._next_labels(labels)
         m = self.model.model
         # No target left (every sample cut by max_length): upstream's CrossEntropyLoss is NaN (0 / 0) and its
         # gradients are zeros, which the backward below gives exactly (dy = 0, every head chunk skipped).
@@ -295,41 +316,24 @@ class MicroBatchGradients:
                 grads[self.layer_keys[li][k]] = gi
         return loss, dy, grads
 
-    @staticmethod
-    def _next_labels(labels):
-        """Labels t + 1 at position t (upstream's shift), where they have a target, and their count."""
-        b, n_pad = labels.shape
-        next_labels = np.full((b, n_pad), IGNORE_INDEX, np.int64)
-        next_labels[:, :-1] = labels[:, 1:]
-        valid = next_labels != IGNORE_INDEX
-        return next_labels, valid, int(valid.sum())
-
-    def _keeps_activations(self, store, labels) -> bool:
-        """Whether this micro-batch's decoder goes through `_decoder_kept` (see KEEP_ACTIVATIONS_BYTES): a frozen head
-        in the arithmetic's dtype or read by the kernels, layer inputs not sent to disk, a target somewhere, and the
-        activations within the bound."""
+    def _keeps_activations(self, store, rows: int, count: int) -> bool:
+        """Whether a micro-batch of `rows` positions (padding included), `count` with a target, goes through
+        `_decoder_kept` (see KEEP_ACTIVATIONS_BYTES): a frozen head in the arithmetic's dtype or read by the kernels,
+        layer inputs not sent to disk, a target somewhere, and the activations within the bound."""
         if KEEP_ACTIVATIONS_BYTES is None or self.train_head or self.frozen_cast_head or store == "disk":
             return False
-        count = self._next_labels(labels)[2]
         return count > 0 and kept_activation_bytes(
-            self.config, labels.size, _pad_to(count, LENGTH_BUCKET)) <= KEEP_ACTIVATIONS_BYTES
+            self.config, rows, _pad_to(count, LENGTH_BUCKET)) <= KEEP_ACTIVATIONS_BYTES
 
-    def _decoder_kept(self, x, cos_t, sin_t, mask_t, im_t, labels, scale, seed, has_image):
+    def _decoder_kept(self, x, cos_t, sin_t, mask_t, im_t, targets, scale, seed, has_image):
         """`_decoder` as one graph (`DecoderLossGrad`): the same layers, head and loss, the same dropout masks (one
         block of rows per layer), nothing recomputed -> (loss, d embeddings, gradients by name)."""
-        b, n_pad = labels.shape
+        b, n_pad = x.shape[0], x.shape[1]
         num_layers = self.config.num_hidden_layers
-        next_labels, valid, count = self._next_labels(labels)
+        next_labels, valid, count = targets
         where = np.flatnonzero(valid.reshape(-1))
-        size = _pad_to(where.size, LENGTH_BUCKET)
-        rows = np.full(size, where[-1], np.int32)  # padding repeats a real row, weighted 0 (as `_head`)
-        rows[:where.size] = where
-        head_labels = np.zeros((1, size), np.int32)
-        head_labels[0, :where.size] = next_labels.reshape(-1)[where]
-        weight = np.zeros((1, size), np.float32)
-        weight[0, :where.size] = 1.0
-        block_rows = (Tensor(np.arange(b, dtype=np.float32).reshape(b, 1) * np.float32(n_pad)),) \
-            if self.math.has_seed else ()  # one block of rows from 0 (`DecoderLayerBlocks._blocks`)
+        rows, head_labels, weight = _head_rows(where, next_labels.reshape(-1), _pad_to(where.size, LENGTH_BUCKET))
+        block_rows = (dropout_rows(b, n_pad),) if self.math.has_seed else ()  # one block of rows per layer
         weights = [self._layer_weights(li, _layer_seed(seed, li)) + block_rows for li in range(num_layers)]
         per_layer = len(weights[0])
         if has_image not in self._decoder_grads:
@@ -365,13 +369,7 @@ class MicroBatchGradients:
         loss, dxs, d_norm, d_head = 0.0, [], None, None
         for s in range(0, where.size, HEAD_CHUNK):
             part = where[s:s + HEAD_CHUNK]
-            size = min(HEAD_CHUNK, _pad_to(part.size, LENGTH_BUCKET))
-            rows = np.full(size, part[-1], np.int32)  # padding repeats a real row: finite, and weighted 0
-            rows[:part.size] = part
-            labels = np.zeros((1, size), np.int32)
-            labels[0, :part.size] = flat_labels[part]
-            weight = np.zeros((1, size), np.float32)
-            weight[0, :part.size] = 1.0
+            rows, labels, weight = _head_rows(part, flat_labels, min(HEAD_CHUNK, _pad_to(part.size, LENGTH_BUCKET)))
             xs = ops.gather(flat, Tensor(rows), 0).expand_dims(0)
             labels_t, valid_t = Tensor(labels), Tensor(weight)
             if self.frozen_cast_head:

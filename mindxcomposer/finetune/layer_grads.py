@@ -58,6 +58,12 @@ class TrainingMath(DecoderMath):
         return self.add_lora(res, linear(self.lora_input(x, w, i, 1), w[k], self.products), w[k + 1], self.scaling)
 
 
+def dropout_rows(b: int, n: int, start: int = 0) -> Tensor:
+    """The float32 [B, 1] index, in the micro-batch's [B * n] rows, of each sample's row `start`: a block's rows for
+    `hash_dropout`, so that any block of rows draws the masks the whole sequence draws."""
+    return Tensor(np.arange(b, dtype=np.float32).reshape(b, 1) * np.float32(n) + np.float32(start))
+
+
 class _OnMath(nn.Cell):
     """A cell over the layer arithmetic `math_cell` (a `TrainingMath`); subclasses define `construct`.
     `image_lora` False leaves the Partial LoRA out (for blocks none of whose rows is an image token)."""
@@ -173,13 +179,12 @@ class DecoderLayerBlocks:
         """[(rows slice, whether a row of it is an image token, the weight tuple with that block's dropout rows)]
         over x's rows."""
         b, n = x.shape[0], x.shape[1]
-        base = np.arange(b, dtype=np.float32).reshape(b, 1) * np.float32(n)
         image = im_mask.asnumpy().reshape(b, n) != 0
         out = []
         for s in range(0, n, self.rows):
             part = slice(s, min(s + self.rows, n))
             out.append((part, bool(image[:, part].any()),
-                        tuple(w) + ((Tensor(base + np.float32(s)),) if self.math.has_seed else ())))
+                        tuple(w) + ((dropout_rows(b, n, s),) if self.math.has_seed else ())))
         return out
 
     @staticmethod
@@ -240,6 +245,8 @@ class _DecoderLoss(nn.Cell):
     recomputing each block (`DecoderLossGrad`). `w` is the layers' weight tuples one after the other, `per_layer`
     entries each."""
 
+    LEADING = 12  # the arguments of `construct` before the weights
+
     def __init__(self, math_cell, num_layers, per_layer, eps, image_lora, products=EXACT):
         super().__init__()
         self.math = math_cell
@@ -266,7 +273,8 @@ class DecoderLossGrad(nn.Cell):
 
     def __init__(self, math_cell, num_layers, per_layer, trainable, eps, image_lora, products=EXACT):
         super().__init__()
-        positions = (0,) + tuple(12 + li * per_layer + k for li in range(num_layers) for k in trainable)
+        positions = (0,) + tuple(_DecoderLoss.LEADING + li * per_layer + k for li in range(num_layers)
+                                 for k in trainable)
         self.grad = ms.value_and_grad(_DecoderLoss(math_cell, num_layers, per_layer, eps, image_lora, products),
                                       grad_position=positions)
 

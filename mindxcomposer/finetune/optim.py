@@ -124,24 +124,24 @@ class AdamW:
                                               requires_grad=False)
         return self.exp_avg[name], self.exp_avg_sq[name]
 
-    def _moments(self, name) -> Tuple[Tensor, Tensor]:
-        """(exp_avg, exp_avg_sq) of `name` as Tensors; zeros before its first step."""
+    def _moments(self, name) -> Tuple[np.ndarray, np.ndarray]:
+        """(exp_avg, exp_avg_sq) of `name` as fp32 numpy arrays (read only); zeros before its first step."""
         if self._dir is None:
             m, v = self._state(name)
-            return Tensor(m), Tensor(v)
+            return _array(m), _array(v)
         shape = tuple(self.params[name].shape)
         if name not in self.steps:
-            return ops.zeros(shape, ms.float32), ops.zeros(shape, ms.float32)
-        return tuple(Tensor(np.fromfile(f, np.float32).reshape(shape)) for f in self._paths(name))
+            return np.zeros(shape, np.float32), np.zeros(shape, np.float32)
+        return tuple(np.fromfile(f, np.float32).reshape(shape) for f in self._paths(name))
 
-    def _keep(self, name, m: Tensor, v: Tensor) -> None:
+    def _keep(self, name, m: np.ndarray, v: np.ndarray) -> None:
         if self._dir is None:
             old_m, old_v = self._state(name)
-            ops.assign(old_m, m)
-            ops.assign(old_v, v)
+            ops.assign(old_m, Tensor(m))
+            ops.assign(old_v, Tensor(v))
             return
-        for f, t in zip(self._paths(name), (m, v)):
-            np.asarray(t.asnumpy(), np.float32).tofile(f)
+        for f, a in zip(self._paths(name), (m, v)):
+            np.asarray(a, np.float32).tofile(f)
 
     def step(self, grads: Dict[str, Tensor], lr: float) -> None:
         for name, g in grads.items():
@@ -153,10 +153,10 @@ class AdamW:
             p = self.params[name]
             f32 = np.float32
             new_p, new_m, new_v = _adamw_update(
-                _array(p), _array(m), _array(v), _array(g), f32(1 - lr * wd), f32(1 - self.beta1), f32(self.beta2),
+                _array(p), m, v, _array(g), f32(1 - lr * wd), f32(1 - self.beta1), f32(self.beta2),
                 f32(1 - self.beta2), f32(math.sqrt(bc2)), f32(self.eps), f32(-(lr / bc1)))
             ops.assign(p, Tensor(new_p))
-            self._keep(name, Tensor(new_m), Tensor(new_v))
+            self._keep(name, new_m, new_v)
             self.steps[name] = step
 
     # -- state for checkpoints (torch's layout: per-parameter step, exp_avg, exp_avg_sq) --------------
@@ -208,7 +208,7 @@ class AdamW:
                                      f"{shape}")
 
         def moment(kind, name):
-            return Tensor(np.asarray(state[f"{kind}/{name}"], np.float32).reshape(tuple(self.params[name].shape)))
+            return np.asarray(state[f"{kind}/{name}"], np.float32).reshape(tuple(self.params[name].shape))
         for name in entries:
             self._keep(name, moment("exp_avg", name), moment("exp_avg_sq", name))
             self.steps[name] = int(np.asarray(state[f"step/{name}"]))
