@@ -66,7 +66,9 @@ class _PatchEmbedding(nn.Cell):
         b, c, h, w = x.shape
         p = self.patch
         gh, gw = h // p, w // p
-        x = x[:, :, :gh * p, :gw * p].reshape(b, c, gh, p, gw, p).transpose(0, 2, 4, 1, 3, 5)
+        if h != gh * p or w != gw * p:  # a conv drops the rest; the slice of a whole crop was an 18 ms copy
+            x = x[:, :, :gh * p, :gw * p]
+        x = x.reshape(b, c, gh, p, gw, p).transpose(0, 2, 4, 1, 3, 5)
         # The weight in x's dtype first, as the conv took it (MindSpore's CPU Reshape has no bf16; widening is exact).
         w = cast_like(self.weight, x)
         return linear(x.reshape(b, gh * gw, c * p * p), w.reshape(w.shape[0], -1), EXACT)

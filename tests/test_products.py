@@ -251,7 +251,8 @@ def test_head_cross_entropy_kernel_on_every_build(arch):
     for name, bf16 in (("MxcHeadCrossEntropy", False), ("MxcHeadCrossEntropyBf16", True)):
         for stored in (w, fp32_to_bf16(w)):
             loss, dh = np.zeros(40, np.float32), np.zeros((40, 96), np.float32)
-            cpu_kernels.AotCall(getattr(lib, name), [h, stored, labels, weight, loss, dh])()
+            cpu_kernels.AotCall(getattr(lib, name), [h, stored, labels, weight, loss, dh,
+                                                     np.full((40, w.shape[0]), np.nan, np.float32)])()
             values = w if stored.dtype == np.float32 else bf16_to_fp32(stored)
             ref_loss, ref_dh, loss_tol, dh_tol = _head_ce_reference(h, values, labels, weight, bf16)
             assert (np.abs(loss - ref_loss) <= loss_tol).all(), (name, stored.dtype)
@@ -261,7 +262,8 @@ def test_head_cross_entropy_kernel_on_every_build(arch):
     bad[0] = w.shape[0]
     with pytest.raises(RuntimeError):
         cpu_kernels.AotCall(lib.MxcHeadCrossEntropy, [h, w, bad, weight, np.zeros(40, np.float32),
-                                                       np.zeros((40, 96), np.float32)])()
+                                                       np.zeros((40, 96), np.float32), np.zeros((40, w.shape[0]),
+                                                                                                np.float32)])()
 
 
 class _WeightedHeadLoss(nn.Cell):

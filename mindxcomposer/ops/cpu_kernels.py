@@ -230,8 +230,10 @@ def _gemm_ops(lib, suffix):
         return (out[1] * dout[0].expand_dims(-1), ops.zeros((1,), ms.float32), ops.zeros_like(labels),
                 ops.zeros_like(weight))
 
-    head_cross_entropy = _custom(lib, "MxcHeadCrossEntropy" + suffix, lambda h, w, l, wt: ([h[0]], list(h)),
-                                 head_cross_entropy_bprop, out_dtype=lambda *a: (ms.float32, ms.float32))
+    # Outputs: loss [R], dh [R, K] and the kernel's [R, V] logits workspace (from the memory pool: see `csrc`).
+    head_cross_entropy = _custom(lib, "MxcHeadCrossEntropy" + suffix,
+                                 lambda h, w, l, wt: ([h[0]], list(h), [h[0], w[0]]), head_cross_entropy_bprop,
+                                 out_dtype=lambda *a: (ms.float32,) * 3)
     linear = _custom(lib, "MxcLinearNT" + suffix, lambda x, w: list(x[:-1]) + [w[0]], linear_bprop)
     linear_add = _custom(lib, "MxcLinearNTAdd" + suffix, lambda x, w, c: list(c), linear_add_bprop)
     bnt = _custom(lib, "MxcBatchNT" + suffix, lambda a, b: list(a[:-1]) + [b[-2]], bnt_bprop)
@@ -306,13 +308,13 @@ def custom_ops():
             def swiglu_bprop(g, u, out, dout):
                 return swiglu_grad(g, u, dout)
 
+            # y = w (x r), r = (mean(x^2) + eps)^-1/2: dx = r w dy - x r^3 mean(w dy x), dw = sum(dy x r), one kernel.
+            rms_norm_grad = _custom(lib, "MxcRmsNormGrad", lambda x, w, e, d: (list(x), list(w)),
+                                    out_dtype=lambda *a: (ms.float32, ms.float32))
+
             def rms_norm_bprop(x, w, eps, out, dout):
-                # y = w (x r), r = (mean(x^2) + eps)^-1/2: dx = r w dy - x r^3 mean(w dy x), dw = sum(dy x r)
-                inv = ops.rsqrt((x * x).mean(-1, keep_dims=True) + eps)
-                wdy = dout * w.astype(ms.float32)
-                dx = inv * wdy - x * (inv * inv * inv) * (wdy * x).mean(-1, keep_dims=True)
-                dw = (dout * (x * inv)).reshape(-1, x.shape[-1]).sum(0).astype(w.dtype)
-                return dx, dw, ops.zeros_like(eps)
+                dx, dw = rms_norm_grad(x, w, eps, dout)
+                return dx, dw.astype(w.dtype), ops.zeros_like(eps)
 
             def rope_split_bprop(qkv, cos, sin, out, dout):
                 # y = x cos + P(x) sin with P the swap of the halves of the last axis, a permutation that is its

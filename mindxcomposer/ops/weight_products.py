@@ -213,7 +213,7 @@ def head_cross_entropy(h, w, labels, weight, products=EXACT, head_grad=False):
     if not head_grad and _gemm_ready(h, w):
         h2 = h.reshape(-1, h.shape[-1])
         if h2.shape[0] > KERNEL_MAX_ROWS:
-            loss, _ = _kernels.gemm[products].head_cross_entropy(h2, w, labels.reshape(-1), weight.reshape(-1))
+            loss = _kernels.gemm[products].head_cross_entropy(h2, w, labels.reshape(-1), weight.reshape(-1))[0]
             return loss.reshape(labels.shape)
     logp = ops.log_softmax(linear(h, w, products).astype(ms.float32), -1)
     return -ops.gather_elements(logp, logp.ndim - 1, labels.expand_dims(-1)).squeeze(-1) * weight

@@ -1334,8 +1334,15 @@ void attention_grad(const float *q, const float *k, const float *v, const float 
           softmax_row(pr, mb ? mb + ((r0 + r) % n) * slots : nullptr, limit, divisor);
           float delta = 0.0f;
           int64_t j = 0;
-#if defined(MXC_EXP8)
-          // 8 partial sums: one chain of dependent additions took as long as the row's products.
+          // 16 or 8 partial sums: one chain of dependent additions took as long as the row's products.
+#if defined(__AVX512F__)
+          __m512 vd = _mm512_setzero_ps();
+          for (; j < limit; j += 16) {
+            const __mmask16 m = limit - j >= 16 ? 0xffff : static_cast<__mmask16>((1u << (limit - j)) - 1);
+            vd = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, sr + j), _mm512_maskz_loadu_ps(m, pr + j), vd);
+          }
+          delta = _mm512_reduce_add_ps(vd);
+#elif defined(MXC_EXP8)
           __m256 vd = _mm256_setzero_ps();
           for (; j + 8 <= limit; j += 8)
             vd = _mm256_add_ps(vd, _mm256_mul_ps(_mm256_loadu_ps(sr + j), _mm256_loadu_ps(pr + j)));
@@ -1437,24 +1444,23 @@ int linear_nt_bias(int nparam, void **params, int *ndims, int64_t **shapes, cons
 
 // The output head's cross-entropy and its gradient in one call, for fine-tuning with a frozen head: inputs h [R, K]
 // fp32 (the normed hidden rows), W [V, K] fp32 or bf16 (the head), labels int32 [R], weight fp32 [R]; outputs
-// loss [R] = weight * (logsumexp(s) - s[label]) with s = h W^T, and dh [R, K] = weight * (softmax(s) - onehot(label))
-// W, the gradient of loss's sum. The logits [R, V] exist only inside the call; the two products are `gemm`'s, the
-// softmax is attention's (same exponential). A row of weight 0 is all zeros (loss and gradient). Returns 1 for a
-// label outside [0, V).
+// loss [R] = weight * (logsumexp(s) - s[label]) with s = h W^T, dh [R, K] = weight * (softmax(s) - onehot(label))
+// W, the gradient of loss's sum, and the logits' workspace [R, V] (scratch: its values mean nothing to the caller).
+// The workspace is an output so that MindSpore's memory pool provides it: memory the process has already touched.
+// Allocated here, the 95 MB of 256 rows of the release's vocabulary were fresh pages on every call, and faulting
+// them in took ~35 ms of a ~330 ms call. The two products are `gemm`'s, the softmax is attention's (same
+// exponential). A row of weight 0 is all zeros (loss and gradient). Returns 1 for a label outside [0, V).
 int head_cross_entropy(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, bool bf16) {
-  if (nparam != 6 || ndims[0] != 2 || ndims[1] != 2 || shapes[1][1] != shapes[0][1]) return 1;
+  if (nparam != 7 || ndims[0] != 2 || ndims[1] != 2 || shapes[1][1] != shapes[0][1]) return 1;
   const int64_t r = shapes[0][0], k = shapes[0][1], v = shapes[1][0];
   if (numel(ndims[2], shapes[2], ndims[2]) != r || numel(ndims[3], shapes[3], ndims[3]) != r) return 1;
   const int32_t *labels = static_cast<const int32_t *>(params[2]);
   const float *weight = static_cast<const float *>(params[3]);
   for (int64_t i = 0; i < r; ++i)
     if (weight[i] != 0.0f && (labels[i] < 0 || labels[i] >= v)) return 1;
+  if (numel(ndims[6], shapes[6], ndims[6]) != r * v) return 1;
   float *loss = static_cast<float *>(params[4]);
-  // Allocated per call and freed on return (uninitialized: the product writes every value): kept between calls,
-  // the [R, V] floats (47 MB at 128 rows of the release's vocabulary) would sit beside the memory pool, whose
-  // blocks the next graphs reuse, and raised a release-width step's peak by 0.07 GiB.
-  std::unique_ptr<float[]> logits(new float[static_cast<size_t>(r * v)]);
-  float *s = logits.get();
+  float *s = static_cast<float *>(params[6]);  // the product writes every value
   const bool w_bf16 = is_bf16(dtypes[1]);
   gemm(View{params[0], k, 1, false}, View{params[1], 1, k, w_bf16}, s, v, r, v, k, bf16);
 #pragma omp parallel for schedule(static)
@@ -1620,6 +1626,22 @@ MXC_AOT(MxcLinearNTBiasQuickGeluBf16) { return linear_nt_bias(nparam, params, nd
 MXC_AOT(MxcHeadCrossEntropy) { return head_cross_entropy(nparam, params, ndims, shapes, dtypes, false); }
 MXC_AOT(MxcHeadCrossEntropyBf16) { return head_cross_entropy(nparam, params, ndims, shapes, dtypes, true); }
 
+// 1 / sqrt(mean(x^2) + eps) of one row of h values: RMSNorm's scale, the same in the forward and the gradient.
+inline float rms_inverse(const float *xr, int64_t h, float eps) {
+  float ss = 0.0f;
+  int64_t j = 0;
+#if defined(__AVX512F__)
+  __m512 acc = _mm512_setzero_ps();
+  for (; j + 16 <= h; j += 16) {
+    const __m512 v = _mm512_loadu_ps(xr + j);
+    acc = _mm512_fmadd_ps(v, v, acc);
+  }
+  ss = _mm512_reduce_add_ps(acc);
+#endif
+  for (; j < h; ++j) ss += xr[j] * xr[j];
+  return 1.0f / std::sqrt(ss / static_cast<float>(h) + eps);
+}
+
 // InternLM2's RMSNorm of rows of x [..., H] (fp32) with weight [H] (fp32 or bf16), eps [1]: per row
 // r = 1 / sqrt(mean(x^2) + eps), y = w (x r), upstream's order, in one pass of reads and one of writes.
 MXC_AOT(MxcRmsNorm) {
@@ -1637,20 +1659,59 @@ MXC_AOT(MxcRmsNorm) {
   for (int64_t r = 0; r < rows; ++r) {
     const float *xr = x + r * h;
     float *yr = out + r * h;
-    float ss = 0.0f;
-    int64_t j = 0;
-#if defined(__AVX512F__)
-    __m512 acc = _mm512_setzero_ps();
-    for (; j + 16 <= h; j += 16) {
-      const __m512 v = _mm512_loadu_ps(xr + j);
-      acc = _mm512_fmadd_ps(v, v, acc);
-    }
-    ss = _mm512_reduce_add_ps(acc);
-#endif
-    for (; j < h; ++j) ss += xr[j] * xr[j];
-    const float inv = 1.0f / std::sqrt(ss / static_cast<float>(h) + eps);
-    for (j = 0; j < h; ++j) yr[j] = (wbf16 ? bf16_to_f32(wh[j]) : wf[j]) * (xr[j] * inv);
+    const float inv = rms_inverse(xr, h, eps);
+    for (int64_t j = 0; j < h; ++j) yr[j] = (wbf16 ? bf16_to_f32(wh[j]) : wf[j]) * (xr[j] * inv);
   }
+  return 0;
+}
+
+// The gradient of `MxcRmsNorm` for dy: inputs x [..., H] fp32, weight [H] fp32 or bf16, eps [1], dy (x's shape);
+// outputs dx (x's shape) and dw [H] fp32. Per row, with r the forward's scale (`rms_inverse`) and g = w dy:
+// dx = r g - x r^3 mean(g x); dw = the sum over rows of dy x r. One pass over each row where the same formula
+// written with MindSpore ops was ten element-wise kernels and two reductions over [rows, H]. dw adds the rows in
+// blocks of 64 (each block's sum in row order, then the blocks in order): the same value whatever the thread count.
+MXC_AOT(MxcRmsNormGrad) {
+  if (nparam != 6 || ndims[1] != 1) return 1;
+  const int64_t h = shapes[0][ndims[0] - 1];
+  if (shapes[1][0] != h || numel(ndims[3], shapes[3], ndims[3]) != numel(ndims[0], shapes[0], ndims[0])) return 1;
+  const int64_t rows = numel(ndims[0], shapes[0], ndims[0] - 1);
+  const float *x = static_cast<const float *>(params[0]);
+  const bool wbf16 = is_bf16(dtypes[1]);
+  const float *wf = static_cast<const float *>(params[1]);
+  const uint16_t *wh = static_cast<const uint16_t *>(params[1]);
+  const float eps = *static_cast<const float *>(params[2]);
+  const float *dy = static_cast<const float *>(params[3]);
+  float *dx = static_cast<float *>(params[4]);
+  float *dw = static_cast<float *>(params[5]);
+  std::vector<float> w(h);
+  for (int64_t j = 0; j < h; ++j) w[j] = wbf16 ? bf16_to_f32(wh[j]) : wf[j];
+  constexpr int64_t kBlock = 64;
+  const int64_t blocks = (rows + kBlock - 1) / kBlock;
+  std::vector<float> partial(static_cast<size_t>(blocks * h), 0.0f);
+#pragma omp parallel for schedule(static) if (blocks > 1)
+  for (int64_t blk = 0; blk < blocks; ++blk) {
+    float *pw = partial.data() + blk * h;
+    for (int64_t r = blk * kBlock; r < rows && r < (blk + 1) * kBlock; ++r) {
+      const float *xr = x + r * h, *dr = dy + r * h;
+      float *dxr = dx + r * h;
+      const float inv = rms_inverse(xr, h, eps);
+      float lanes[16] = {0.0f};  // 16 partial sums of g x: the compiler keeps them in vectors
+      int64_t j = 0;
+      for (; j + 16 <= h; j += 16)
+        for (int l = 0; l < 16; ++l) lanes[l] += dr[j + l] * w[j + l] * xr[j + l];
+      float gx = 0.0f;
+      for (int l = 0; l < 16; ++l) gx += lanes[l];
+      for (; j < h; ++j) gx += dr[j] * w[j] * xr[j];
+      const float c = inv * inv * inv * (gx / static_cast<float>(h));
+      for (j = 0; j < h; ++j) {
+        dxr[j] = inv * (dr[j] * w[j]) - xr[j] * c;
+        pw[j] += dr[j] * (xr[j] * inv);
+      }
+    }
+  }
+  for (int64_t j = 0; j < h; ++j) dw[j] = 0.0f;
+  for (int64_t blk = 0; blk < blocks; ++blk)
+    for (int64_t j = 0; j < h; ++j) dw[j] += partial[blk * h + j];
   return 0;
 }
 
