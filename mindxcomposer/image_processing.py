@@ -163,6 +163,10 @@ def bicubic_taps(in_size: int, out_size: int) -> Tuple[np.ndarray, np.ndarray]:
 
 
 def _resize_axis(x: np.ndarray, axis: int, size: int) -> np.ndarray:
+    if x.shape[axis] == size:
+        # The taps are then exactly (0, 1, 0, 0) (t = 0: far(1) = near(1) = far(2) = 0, near(0) = 1) and torch copies
+        # the input; the four passes in float64 took ~40 ms for a 560 x 560 image.
+        return x
     indices, weights = bicubic_taps(x.shape[axis], size)
     shape = [1] * x.ndim
     shape[axis] = size
