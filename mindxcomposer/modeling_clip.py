@@ -19,7 +19,7 @@ from mindspore import Tensor, nn, ops
 
 from .configuration import CLIPVisionConfig
 from .layers import LayerNorm, Linear, lazy_param
-from .ops import EXACT, QUICK_GELU, attention, cast_like, linear, linear_bias
+from .ops import EXACT, QUICK_GELU, attention, cast_like, layer_norm, linear, linear_bias
 from .ops.attention import BSND
 from .vision_pauses import VIT, vision_call_done
 
@@ -127,7 +127,8 @@ class CLIPLayerMath(nn.Cell):
         # the scores instead is the same arithmetic bit for bit (scaling by 2^-3 is exact in fp32 and bf16)
         # and saves a pass over the queries.
         self.scale_scores = math.log2(self.scale).is_integer()
-        self.norm = ops.LayerNorm(begin_norm_axis=-1, begin_params_axis=-1, epsilon=cfg.layer_norm_eps)
+        self.eps = cfg.layer_norm_eps
+        self.norm = ops.LayerNorm(begin_norm_axis=-1, begin_params_axis=-1, epsilon=self.eps)  # the portable path
 
     def _heads(self, x):  # [B, N, C] -> [B, N, heads, head_dim]: a view, attention reads it as BSND
         b, n, _ = x.shape
@@ -139,7 +140,7 @@ class CLIPLayerMath(nn.Cell):
     def construct(self, x, ln1_w, ln1_b, q_w, q_b, k_w, k_b, v_w, v_b, o_w, o_b, ln2_w, ln2_b,
                   fc1_w, fc1_b, fc2_w, fc2_b):
         b, n, c = x.shape
-        h = self.norm(x, cast_like(ln1_w, x), cast_like(ln1_b, x))[0]
+        h = layer_norm(x, ln1_w, ln1_b, self.eps, self.norm)
         q = self._dense(h, q_w, q_b)
         if not self.scale_scores:
             q = q * self.scale
@@ -148,7 +149,7 @@ class CLIPLayerMath(nn.Cell):
         out = attention(self._heads(q), k, v, None, 1 / self.scale if self.scale_scores else 1, False,
                         self.products, BSND).reshape(b, n, c)
         x = self._dense(out, o_w, o_b, residual=x)
-        h = self.norm(x, cast_like(ln2_w, x), cast_like(ln2_b, x))[0]
+        h = layer_norm(x, ln2_w, ln2_b, self.eps, self.norm)
         return self._dense(self._dense(h, fc1_w, fc1_b, QUICK_GELU), fc2_w, fc2_b, residual=x)
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import mindspore as ms
-from mindspore import Tensor, nn
+from mindspore import Tensor, nn, ops
 
 from mindxcomposer.ops import cpu_kernels
 from mindxcomposer.ops import weight_products as wp
@@ -709,6 +709,47 @@ def test_rms_norm_kernel(mode):
     tx, tw = (torch.tensor(a, dtype=torch.float64, requires_grad=True) for a in (x, w))
     (tw * tx * torch.rsqrt((tx * tx).mean(-1, keepdim=True) + 1e-6) * torch.tensor(dy, dtype=torch.float64)).sum().backward()
     for ours, ref in ((dx, tx), (dw, tw)):
+        r = ref.grad.numpy()
+        assert np.abs(ours.asnumpy() - r).max() <= 1e-5 * np.abs(r).max()
+
+
+class _LayerNormDot(nn.Cell):
+    def __init__(self):
+        super().__init__()
+        self.portable = ops.LayerNorm(begin_norm_axis=-1, begin_params_axis=-1, epsilon=1e-5)
+
+    def construct(self, x, w, b, dy):
+        return (wp.layer_norm(x, w, b, 1e-5, self.portable) * dy).sum()
+
+
+def test_layer_norm_kernel(mode):
+    """The LayerNorm kernel (the ViT's) against float64 and the portable path (MindSpore's LayerNorm), with fp32 and
+    bf16 weights, forward and the gradients in x, weight and bias (rows over several of the gradient's 64-row blocks,
+    a width with a tail past its 16 lanes, a constant row: its deviations are zero)."""
+    import torch
+
+    assert wp.enable_kernels()
+    rng = np.random.default_rng(19)
+    x = rng.standard_normal((3, 61, 100), dtype=np.float32) * 3 + 2
+    x[0, 0] = 1.5
+    w = 1 + 0.1 * rng.standard_normal(100, dtype=np.float32)
+    b = 0.1 * rng.standard_normal(100, dtype=np.float32)
+    dy = rng.standard_normal(x.shape, dtype=np.float32)
+    portable = ops.LayerNorm(begin_norm_axis=-1, begin_params_axis=-1, epsilon=1e-5)
+    for weight, bias in ((Tensor(w), Tensor(b)), (Tensor(w).astype(ms.bfloat16), Tensor(b).astype(ms.bfloat16))):
+        wf, bf = (w, b) if weight.dtype == ms.float32 else (round_bf16(w), round_bf16(b))
+        x64 = x.astype(np.float64)
+        mean = x64.mean(-1, keepdims=True)
+        ref = wf * (x64 - mean) / np.sqrt(((x64 - mean) ** 2).mean(-1, keepdims=True) + 1e-5) + bf
+        got = wp.layer_norm(Tensor(x), weight, bias, 1e-5, portable).asnumpy()
+        assert np.abs(got - ref).max() <= 16 * EPS * np.abs(ref).max()
+        with wp.kernels_disabled():
+            other = wp.layer_norm(Tensor(x), weight, bias, 1e-5, portable).asnumpy()
+        assert np.abs(other - got).max() <= 16 * EPS * np.abs(ref).max()
+    dx, dw, db = ms.grad(_LayerNormDot(), grad_position=(0, 1, 2))(Tensor(x), Tensor(w), Tensor(b), Tensor(dy))
+    tx, tw, tb = (torch.tensor(a, dtype=torch.float64, requires_grad=True) for a in (x, w, b))
+    (torch.nn.functional.layer_norm(tx, (100,), tw, tb, 1e-5) * torch.tensor(dy, dtype=torch.float64)).sum().backward()
+    for ours, ref in ((dx, tx), (dw, tw), (db, tb)):
         r = ref.grad.numpy()
         assert np.abs(ours.asnumpy() - r).max() <= 1e-5 * np.abs(r).max()
 

@@ -288,7 +288,7 @@ def custom_ops():
     `linear_bias_residual` (r + x W^T + b) and `linear_bias_quick_gelu`, `attention` / `attention_nomask` ([B, H, S, D]) / `attention_tokens`
     ([B, S, H, D], no mask), `head_cross_entropy` (h, W, labels, weights -> weighted losses [R] and their gradient
     in h [R, K]);
-    `swiglu` (silu(g) * u), `rms_norm` (x [..., H], w [H], eps [1]), `rope_split` (packed q/k/v, cos, sin ->
+    `swiglu` (silu(g) * u), `rms_norm` (x [..., H], w [H], eps [1]), `layer_norm` (x, w, b [H], eps [1]), `rope_split` (packed q/k/v, cos, sin ->
     q, k, v heads-first; see `weight_products.rope_split`); all differentiable."""
     if not available():
         return None
@@ -316,6 +316,13 @@ def custom_ops():
                 dx, dw = rms_norm_grad(x, w, eps, dout)
                 return dx, dw.astype(w.dtype), ops.zeros_like(eps)
 
+            layer_norm_grad = _custom(lib, "MxcLayerNormGrad", lambda x, w, b, e, d: (list(x), list(w), list(b)),
+                                      out_dtype=lambda *a: (ms.float32,) * 3)
+
+            def layer_norm_bprop(x, w, b, eps, out, dout):
+                dx, dw, db = layer_norm_grad(x, w, b, eps, dout)
+                return dx, dw.astype(w.dtype), db.astype(b.dtype), ops.zeros_like(eps)
+
             def rope_split_bprop(qkv, cos, sin, out, dout):
                 # y = x cos + P(x) sin with P the swap of the halves of the last axis, a permutation that is its
                 # own inverse: dx = dy cos + P^T(dy sin) = dy cos + P(dy sin). dy is the three heads-first
@@ -342,6 +349,7 @@ def custom_ops():
                 swiglu=_custom(lib, "MxcSwiGLU", lambda g, u: list(g), swiglu_bprop),
                 hash_dropout=hash_dropout,
                 rms_norm=_custom(lib, "MxcRmsNorm", lambda x, w, e: list(x), rms_norm_bprop),
+                layer_norm=_custom(lib, "MxcLayerNorm", lambda x, w, b, e: list(x), layer_norm_bprop),
                 rope_split=_custom(lib, "MxcRopeSplit", rope_split_shapes, rope_split_bprop,
                                    out_dtype=lambda *a: (ms.float32,) * 3),
                 # Short training samples reach it too: its gradient is the exact GEMM's.

@@ -182,6 +182,16 @@ def rms_norm(x, weight, eps):
     return cast_like(weight, x) * h.astype(dtype)
 
 
+def layer_norm(x, weight, bias, eps, portable):
+    """LayerNorm over the last axis (the ViT's): one kernel on CPU for fp32 activations (weight and bias read in
+    their stored dtype, fp32 or bf16); elsewhere `portable`, the caller's `ops.LayerNorm` primitive of this `eps`,
+    on the weight and bias cast to x's dtype. Not a product: no arithmetic mode."""
+    if (_kernels is not None and x.dtype == ms.float32 and weight.dtype in (ms.float32, ms.bfloat16)
+            and bias.dtype in (ms.float32, ms.bfloat16)):
+        return _kernels.layer_norm(x, weight, bias, ops.full((1,), eps, dtype=ms.float32))
+    return portable(x, cast_like(weight, x), cast_like(bias, x))[0]
+
+
 def rope_split(qkv, cos, sin, swap_halves):
     """RoPE on the packed q/k/v of a decoder layer and their split into heads-first tensors (not a product: no
     arithmetic mode). qkv [B, N, KV, G + 2, D] (per kv group G query heads, the key, the value), cos / sin

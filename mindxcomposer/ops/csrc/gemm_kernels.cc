@@ -1626,6 +1626,27 @@ MXC_AOT(MxcLinearNTBiasQuickGeluBf16) { return linear_nt_bias(nparam, params, nd
 MXC_AOT(MxcHeadCrossEntropy) { return head_cross_entropy(nparam, params, ndims, shapes, dtypes, false); }
 MXC_AOT(MxcHeadCrossEntropyBf16) { return head_cross_entropy(nparam, params, ndims, shapes, dtypes, true); }
 
+// Sum of n values in 16 partial sums (the compiler keeps them in vectors), then the tail in order.
+template <typename F>
+inline float sum16(int64_t n, F value) {
+  float lanes[16] = {0.0f};
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16)
+    for (int l = 0; l < 16; ++l) lanes[l] += value(j + l);
+  float s = 0.0f;
+  for (int l = 0; l < 16; ++l) s += lanes[l];
+  for (; j < n; ++j) s += value(j);
+  return s;
+}
+
+// A norm's weight or bias [H], fp32 or bf16, as fp32.
+std::vector<float> norm_param(const void *p, bool bf16, int64_t h) {
+  std::vector<float> out(h);
+  for (int64_t j = 0; j < h; ++j)
+    out[j] = bf16 ? bf16_to_f32(static_cast<const uint16_t *>(p)[j]) : static_cast<const float *>(p)[j];
+  return out;
+}
+
 // 1 / sqrt(mean(x^2) + eps) of one row of h values: RMSNorm's scale, the same in the forward and the gradient.
 inline float rms_inverse(const float *xr, int64_t h, float eps) {
   float ss = 0.0f;
@@ -1676,15 +1697,11 @@ MXC_AOT(MxcRmsNormGrad) {
   if (shapes[1][0] != h || numel(ndims[3], shapes[3], ndims[3]) != numel(ndims[0], shapes[0], ndims[0])) return 1;
   const int64_t rows = numel(ndims[0], shapes[0], ndims[0] - 1);
   const float *x = static_cast<const float *>(params[0]);
-  const bool wbf16 = is_bf16(dtypes[1]);
-  const float *wf = static_cast<const float *>(params[1]);
-  const uint16_t *wh = static_cast<const uint16_t *>(params[1]);
   const float eps = *static_cast<const float *>(params[2]);
   const float *dy = static_cast<const float *>(params[3]);
   float *dx = static_cast<float *>(params[4]);
   float *dw = static_cast<float *>(params[5]);
-  std::vector<float> w(h);
-  for (int64_t j = 0; j < h; ++j) w[j] = wbf16 ? bf16_to_f32(wh[j]) : wf[j];
+  const std::vector<float> w = norm_param(params[1], is_bf16(dtypes[1]), h);
   constexpr int64_t kBlock = 64;
   const int64_t blocks = (rows + kBlock - 1) / kBlock;
   std::vector<float> partial(static_cast<size_t>(blocks * h), 0.0f);
@@ -1695,15 +1712,10 @@ MXC_AOT(MxcRmsNormGrad) {
       const float *xr = x + r * h, *dr = dy + r * h;
       float *dxr = dx + r * h;
       const float inv = rms_inverse(xr, h, eps);
-      float lanes[16] = {0.0f};  // 16 partial sums of g x: the compiler keeps them in vectors
-      int64_t j = 0;
-      for (; j + 16 <= h; j += 16)
-        for (int l = 0; l < 16; ++l) lanes[l] += dr[j + l] * w[j + l] * xr[j + l];
-      float gx = 0.0f;
-      for (int l = 0; l < 16; ++l) gx += lanes[l];
-      for (; j < h; ++j) gx += dr[j] * w[j] * xr[j];
+      const float *wp = w.data();
+      const float gx = sum16(h, [dr, wp, xr](int64_t j) { return dr[j] * wp[j] * xr[j]; });
       const float c = inv * inv * inv * (gx / static_cast<float>(h));
-      for (j = 0; j < h; ++j) {
+      for (int64_t j = 0; j < h; ++j) {
         dxr[j] = inv * (dr[j] * w[j]) - xr[j] * c;
         pw[j] += dr[j] * (xr[j] * inv);
       }
@@ -1712,6 +1724,86 @@ MXC_AOT(MxcRmsNormGrad) {
   for (int64_t j = 0; j < h; ++j) dw[j] = 0.0f;
   for (int64_t blk = 0; blk < blocks; ++blk)
     for (int64_t j = 0; j < h; ++j) dw[j] += partial[blk * h + j];
+  return 0;
+}
+
+// One row's mean and 1 / sqrt(variance + eps) (two passes: the mean, then the squared deviations from it).
+inline void layer_norm_stats(const float *xr, int64_t h, float eps, float *mean, float *rstd) {
+  const float m = sum16(h, [xr](int64_t j) { return xr[j]; }) / static_cast<float>(h);
+  const float var = sum16(h, [xr, m](int64_t j) { return (xr[j] - m) * (xr[j] - m); }) / static_cast<float>(h);
+  *mean = m;
+  *rstd = 1.0f / std::sqrt(var + eps);
+}
+
+// LayerNorm (the ViT's) of rows of x [..., H] fp32 with weight and bias [H] (fp32 or bf16), eps [1]: per row
+// y = (x - mean) rstd w + b. One pass of writes; MindSpore's CPU LayerNorm took 2.4 ms for 1,601 rows of 256.
+MXC_AOT(MxcLayerNorm) {
+  if (nparam != 5 || ndims[1] != 1 || ndims[2] != 1) return 1;
+  const int64_t h = shapes[0][ndims[0] - 1];
+  if (shapes[1][0] != h || shapes[2][0] != h) return 1;
+  const int64_t rows = numel(ndims[0], shapes[0], ndims[0] - 1);
+  const float *x = static_cast<const float *>(params[0]);
+  const std::vector<float> w = norm_param(params[1], is_bf16(dtypes[1]), h);
+  const std::vector<float> b = norm_param(params[2], is_bf16(dtypes[2]), h);
+  const float eps = *static_cast<const float *>(params[3]);
+  float *out = static_cast<float *>(params[4]);
+#pragma omp parallel for schedule(static) if (rows > 1)
+  for (int64_t r = 0; r < rows; ++r) {
+    const float *xr = x + r * h;
+    float *yr = out + r * h;
+    float mean, rstd;
+    layer_norm_stats(xr, h, eps, &mean, &rstd);
+    for (int64_t j = 0; j < h; ++j) yr[j] = (xr[j] - mean) * rstd * w[j] + b[j];
+  }
+  return 0;
+}
+
+// The gradient of `MxcLayerNorm` for dy: inputs x, weight, bias, eps, dy; outputs dx (x's shape), dw and db [H]
+// fp32. Per row, with xh = (x - mean) rstd and g = w dy: dx = rstd (g - mean(g) - xh mean(g xh)); dw and db are the
+// sums over rows of dy xh and dy, in blocks of 64 rows added in order (the same whatever the thread count).
+MXC_AOT(MxcLayerNormGrad) {
+  if (nparam != 8 || ndims[1] != 1 || ndims[2] != 1) return 1;
+  const int64_t h = shapes[0][ndims[0] - 1];
+  if (shapes[1][0] != h || shapes[2][0] != h ||
+      numel(ndims[4], shapes[4], ndims[4]) != numel(ndims[0], shapes[0], ndims[0]))
+    return 1;
+  const int64_t rows = numel(ndims[0], shapes[0], ndims[0] - 1);
+  const float *x = static_cast<const float *>(params[0]);
+  const std::vector<float> w = norm_param(params[1], is_bf16(dtypes[1]), h);
+  const float eps = *static_cast<const float *>(params[3]);
+  const float *dy = static_cast<const float *>(params[4]);
+  float *dx = static_cast<float *>(params[5]);
+  float *dw = static_cast<float *>(params[6]);
+  float *db = static_cast<float *>(params[7]);
+  constexpr int64_t kBlock = 64;
+  const int64_t blocks = (rows + kBlock - 1) / kBlock;
+  std::vector<float> partial(static_cast<size_t>(blocks * 2 * h), 0.0f);
+#pragma omp parallel for schedule(static) if (blocks > 1)
+  for (int64_t blk = 0; blk < blocks; ++blk) {
+    float *pw = partial.data() + blk * 2 * h, *pb = pw + h;
+    std::vector<float> xh(h);
+    for (int64_t r = blk * kBlock; r < rows && r < (blk + 1) * kBlock; ++r) {
+      const float *xr = x + r * h, *dr = dy + r * h;
+      float *dxr = dx + r * h;
+      float mean, rstd;
+      layer_norm_stats(xr, h, eps, &mean, &rstd);
+      for (int64_t j = 0; j < h; ++j) xh[j] = (xr[j] - mean) * rstd;
+      const float *xp = xh.data(), *wp = w.data();
+      const float gm = sum16(h, [dr, wp](int64_t j) { return dr[j] * wp[j]; }) / static_cast<float>(h);
+      const float gx = sum16(h, [dr, wp, xp](int64_t j) { return dr[j] * wp[j] * xp[j]; }) / static_cast<float>(h);
+      for (int64_t j = 0; j < h; ++j) {
+        dxr[j] = rstd * (dr[j] * wp[j] - gm - xp[j] * gx);
+        pw[j] += dr[j] * xp[j];
+        pb[j] += dr[j];
+      }
+    }
+  }
+  for (int64_t j = 0; j < h; ++j) dw[j] = db[j] = 0.0f;
+  for (int64_t blk = 0; blk < blocks; ++blk)
+    for (int64_t j = 0; j < h; ++j) {
+      dw[j] += partial[blk * 2 * h + j];
+      db[j] += partial[blk * 2 * h + h + j];
+    }
   return 0;
 }
 
