@@ -544,6 +544,11 @@ def test_linear_add_and_swiglu(mode, products):
     c, u, dy = (rng.standard_normal((40, 70), dtype=np.float32) for _ in range(3))
     got = wp.linear_add(Tensor(x), Tensor(w), Tensor(c), products).asnumpy()
     np.testing.assert_array_equal(got, c + cpu_kernels.gemm_nt(x, w, products == "bf16"))
+    # More rows: the threads split the rows instead of the columns (each copies its part of c before its product).
+    x2, w2 = data(200, 96, 70, seed=14)
+    c2 = rng.standard_normal((200, 70), dtype=np.float32)
+    got = wp.linear_add(Tensor(x2), Tensor(w2), Tensor(c2), products).asnumpy()
+    np.testing.assert_array_equal(got, c2 + cpu_kernels.gemm_nt(x2, w2, products == "bf16"))
     g = rng.standard_normal((3, 50, 70), dtype=np.float32) * 4
     g[0, 0, :3] = (-100.0, 100.0, 0.0)
     got = wp.swiglu(Tensor(g), Tensor(g[::-1].copy())).asnumpy()

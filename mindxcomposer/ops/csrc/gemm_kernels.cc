@@ -820,9 +820,19 @@ bool onednn_gemm_bf16(const View &a, const View &b, float *c, int64_t ldc, int64
 // of B once) unless N is too narrow, then along M. Neither split changes any element's arithmetic.
 // With `accumulate`, C's values are added to (C += A B: the first k block's sum is added to them as the
 // later blocks' are), else overwritten.
+// C (+)= A B. With `c_init` (C's shape, leading dimension ldc, not C itself), C = c_init + A B: each thread copies
+// the part of C it then computes, so the copy is split as the product is (a separate single-threaded copy of a
+// LoRA product's [rows, out] sum took about a third of the call).
 void gemm(const View &a, const View &b, float *c, int64_t ldc, int64_t m, int64_t n, int64_t k, bool bf16,
-          bool accumulate = false) {
+          bool accumulate = false, const float *c_init = nullptr) {
   if (m <= 0 || n <= 0) return;
+  auto copy_init = [&](int64_t r0, int64_t r1, int64_t c0, int64_t c1) {
+    for (int64_t i = r0; i < r1; ++i) std::memcpy(c + i * ldc + c0, c_init + i * ldc + c0, sizeof(float) * (c1 - c0));
+  };
+  if (c_init != nullptr) {
+    accumulate = true;
+    if (k <= 0) copy_init(0, m, 0, n);
+  }
   if (k <= 0) {
     if (!accumulate)
       for (int64_t i = 0; i < m; ++i) std::memset(c + i * ldc, 0, sizeof(float) * n);
@@ -831,9 +841,10 @@ void gemm(const View &a, const View &b, float *c, int64_t ldc, int64_t m, int64_
   count_flops(m, n, k);
 #ifdef MXC_WITH_ONEDNN
   // (A quantized B stays here: its columns are dequantized while packed.)
-  if (bf16 && b.qbits == 0 && m >= kOnednnMinRows && onednn_enabled() &&
-      onednn_gemm_bf16(a, b, c, ldc, m, n, k, accumulate))
-    return;
+  if (bf16 && b.qbits == 0 && m >= kOnednnMinRows && onednn_enabled()) {
+    if (c_init != nullptr) copy_init(0, m, 0, n);
+    if (onednn_gemm_bf16(a, b, c, ldc, m, n, k, accumulate)) return;
+  }
 #endif
   int threads = 1;
 #ifdef _OPENMP
@@ -843,14 +854,21 @@ void gemm(const View &a, const View &b, float *c, int64_t ldc, int64_t m, int64_
   const bool split_n = npanels >= 4 * threads || m < 2 * MR * threads;
   const int64_t units = split_n ? npanels : (m + MR - 1) / MR;
   const int64_t workers = units < threads ? units : threads;
+#ifdef MXC_WITH_ONEDNN
+  const bool copied = bf16 && b.qbits == 0 && m >= kOnednnMinRows && onednn_enabled();  // above, before oneDNN
+#else
+  const bool copied = false;
+#endif
 #pragma omp parallel for schedule(static) num_threads(workers) if (workers > 1)
   for (int64_t t = 0; t < workers; ++t) {
     const int64_t u0 = units * t / workers, u1 = units * (t + 1) / workers;
     if (split_n) {
       const int64_t n0 = u0 * NR, n1 = u1 * NR < n ? u1 * NR : n;
+      if (n1 > n0 && c_init != nullptr && !copied) copy_init(0, m, n0, n1);
       if (n1 > n0) gemm_block(a, b, c, ldc, 0, m, n0, n1 - n0, k, bf16, accumulate);
     } else {
       const int64_t m0 = u0 * MR, m1 = u1 * MR < m ? u1 * MR : m;
+      if (m1 > m0 && c_init != nullptr && !copied) copy_init(m0, m1, 0, n);
       if (m1 > m0) gemm_block(a, b, c, ldc, m0, m1 - m0, 0, n, k, bf16, accumulate);
     }
   }
@@ -905,10 +923,12 @@ int linear_nt_add(int nparam, void **params, int *ndims, int64_t **shapes, const
   const int64_t k = shapes[0][ndims[0] - 1], n = shapes[1][0];
   const int64_t m = numel(ndims[0], shapes[0], ndims[0] - 1);
   float *out = static_cast<float *>(params[3]);
-  if (out != params[2]) std::memcpy(out, params[2], sizeof(float) * m * n);
   View a{params[0], k, 1, false};
   View b{params[1], 1, k, is_bf16(dtypes[1])};
-  gemm(a, b, out, n, m, n, k, bf16, true);
+  if (out == params[2])
+    gemm(a, b, out, n, m, n, k, bf16, true);
+  else
+    gemm(a, b, out, n, m, n, k, bf16, false, static_cast<const float *>(params[2]));
   return 0;
 }
 
