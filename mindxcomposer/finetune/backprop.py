@@ -81,7 +81,8 @@ def kept_activation_bytes(config, rows: int, head_rows: int) -> int:
     and outputs, the MLP's halves, and the backward's gradients of as many, with the memory pool's slack), and the
     head's logits and their gradient ([head_rows, vocab] each, inside its kernel). Fitted to the mid-size benchmark
     (hidden 512, 6 layers, micro-batches of up to 1,088 positions): 1.5 GB estimated, 1.6 GiB measured above the
-    block path's peak (docs/finetune.md)."""
+    block path's peak; 0.8 GiB since RMSNorm's gradient is one kernel (its composed form kept ten [rows, hidden]
+    intermediates per norm): on the safe side by about 2x, kept so (docs/finetune.md)."""
     per_row = 40 * config.hidden_size + 20 * config.intermediate_size
     return 4 * (rows * config.num_hidden_layers * per_row + 2 * head_rows * config.vocab_size)
 
