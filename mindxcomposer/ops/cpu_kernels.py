@@ -288,8 +288,9 @@ def custom_ops():
     `linear_bias_residual` (r + x W^T + b) and `linear_bias_quick_gelu`, `attention` / `attention_nomask` ([B, H, S, D]) / `attention_tokens`
     ([B, S, H, D], no mask), `head_cross_entropy` (h, W, labels, weights -> weighted losses [R] and their gradient
     in h [R, K]);
-    `swiglu` (silu(g) * u), `rms_norm` (x [..., H], w [H], eps [1]), `layer_norm` (x, w, b [H], eps [1]), `rope_split` (packed q/k/v, cos, sin ->
-    q, k, v heads-first; see `weight_products.rope_split`); all differentiable."""
+    `swiglu` (silu(g) * u), `rms_norm` (x [..., H], w [H], eps [1]), `layer_norm` (x, w, b [H], eps [1]),
+    `rope_split` (packed q/k/v, cos, sin -> q, k, v heads-first; see `weight_products.rope_split`); all
+    differentiable."""
     if not available():
         return None
     with _lock:
