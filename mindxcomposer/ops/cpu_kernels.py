@@ -40,7 +40,7 @@ _FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC", "-std=c++14"]
 # older kinds of CPU (AVX2 + FMA; plain x86-64), so that their code paths are tested on any machine.
 ARCH_FLAGS = {"native": "-march=native", "avx2": "-march=haswell", "portable": "-march=x86-64"}
 _lock = threading.Lock()
-_state = {"path": None, "error": None, "ops": None}
+_state = {"path": None, "error": None, "ops": None, "entry_points": None}
 
 ISA_NAMES = {0: "portable C++", 1: "AVX-512", 2: "AVX-512 + AVX512-BF16", 3: "AVX2 + FMA"}
 
@@ -423,10 +423,12 @@ class AotCall:
 
 
 def entry_points(lib):
-    """The library's plain-C GEMM entry points with their signatures set (one home for them): `gemm_nt`
+    """The library's plain-C entry points with their signatures set (one home for them): `gemm_nt`
     (MxcGemmNT: a, w, w is bf16 bits, c, m, n, k, bf16 products), `gemm_nn` (MxcGemmNN: dy, w, w is bf16 bits,
-    dx, m, n, k, bf16 products) and `gemm_nt_quant` (MxcGemmNTQuant: a, q,
-    scales, zeros, bits, c, m, n, k, group, bf16 products)."""
+    dx, m, n, k, bf16 products), `gemm_nt_quant` (MxcGemmNTQuant: a, q, scales, zeros, bits, c, m, n, k, group,
+    bf16 products), and fine-tuning's optimizer: `adamw_step` (MxcAdamWStep: p, m, v, g in place, n, then the
+    update's fp32 scalars as `finetune.optim._adamw_update` takes them) and `sum_squares` (MxcSumSquares: x, n ->
+    the sum of squares in double)."""
     from types import SimpleNamespace
 
     gemm_nt = lib.MxcGemmNT
@@ -437,7 +439,24 @@ def entry_points(lib):
     gemm_nt_quant = lib.MxcGemmNTQuant
     gemm_nt_quant.argtypes = ([ctypes.c_void_p] * 4 + [ctypes.c_int, ctypes.c_void_p] + [ctypes.c_int64] * 4
                               + [ctypes.c_int])
-    return SimpleNamespace(gemm_nt=gemm_nt, gemm_nn=gemm_nn, gemm_nt_quant=gemm_nt_quant)
+    adamw_step = lib.MxcAdamWStep
+    adamw_step.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] + [ctypes.c_float] * 7
+    adamw_step.restype = None
+    sum_squares = lib.MxcSumSquares
+    sum_squares.argtypes, sum_squares.restype = [ctypes.c_void_p, ctypes.c_int64], ctypes.c_double
+    return SimpleNamespace(gemm_nt=gemm_nt, gemm_nn=gemm_nn, gemm_nt_quant=gemm_nt_quant, adamw_step=adamw_step,
+                           sum_squares=sum_squares)
+
+
+def host_entry_points():
+    """`entry_points` of the library MindSpore uses, for numpy arrays in host memory (fine-tuning's optimizer), or
+    None when the kernels are not `available()` (then not on CPU, or not built)."""
+    if not available():
+        return None
+    with _lock:
+        if _state.get("entry_points") is None:
+            _state["entry_points"] = entry_points(ctypes.CDLL(_state["path"]))
+        return _state["entry_points"]
 
 
 def decode_bf16(x, w_bits, arch="native"):
