@@ -1691,9 +1691,7 @@ MXC_AOT(MxcRmsNorm) {
   if (shapes[1][0] != h) return 1;
   const int64_t rows = numel(ndims[0], shapes[0], ndims[0] - 1);
   const float *x = static_cast<const float *>(params[0]);
-  const bool wbf16 = is_bf16(dtypes[1]);
-  const float *wf = static_cast<const float *>(params[1]);
-  const uint16_t *wh = static_cast<const uint16_t *>(params[1]);
+  const std::vector<float> w = norm_param(params[1], is_bf16(dtypes[1]), h);
   const float eps = *static_cast<const float *>(params[2]);
   float *out = static_cast<float *>(params[3]);
 #pragma omp parallel for schedule(static) if (rows > 1)
@@ -1701,7 +1699,7 @@ MXC_AOT(MxcRmsNorm) {
     const float *xr = x + r * h;
     float *yr = out + r * h;
     const float inv = rms_inverse(xr, h, eps);
-    for (int64_t j = 0; j < h; ++j) yr[j] = (wbf16 ? bf16_to_f32(wh[j]) : wf[j]) * (xr[j] * inv);
+    for (int64_t j = 0; j < h; ++j) yr[j] = w[j] * (xr[j] * inv);
   }
   return 0;
 }
