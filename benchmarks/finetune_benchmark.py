@@ -2,6 +2,7 @@
 upstream's `finetune.py` (PyTorch eager, transformers 4.33.2 Trainer, peft 0.8.2, torch AdamW), in the same run.
 
     python benchmarks/finetune_benchmark.py [--quick | --long] [--modes lora,full] [--warmup 2] [--steps 4]
+        [--kernel-profile]
         [--upstream /work/upstream/base --finetune /path/to/InternLM-XComposer/finetune
          --upstream-python /work/venv-ref/bin/python] [--json out.json]
 
@@ -158,6 +159,8 @@ def _timing(times, ends, micro, warmup, batch_size):
 # ----------------------------------------------------------------------------------------------- our side
 def worker_ours(spec):
     rss = {"start": rss_gib()}
+    if spec.get("kernel_profile"):
+        os.environ["MXC_KERNEL_PROFILE"] = "1"  # before the kernels are built: a profiling build (cpu_kernels)
     import mindspore as ms
 
     ms.set_context(mode=ms.GRAPH_MODE)  # as mxc-finetune runs: the gradient cells compile
@@ -182,7 +185,7 @@ def worker_ours(spec):
     trainer = Trainer(args, data_args, model=model)
     rss["trainer_built"] = rss_gib()
 
-    from mindxcomposer.ops.cpu_kernels import product_flops
+    from mindxcomposer.ops.cpu_kernels import kernel_profile, product_flops
 
     micro, times, ends, held, flops = [], [], [], {}, []
     grads = trainer.grads
@@ -223,6 +226,8 @@ def worker_ours(spec):
         ends.append(len(micro))
         if len(times) == spec["warmup"]:
             rss["after_warmup"] = rss_gib()
+            if spec.get("kernel_profile"):
+                kernel_profile(reset=True)  # the timed steps' kernels only
 
     opt.step = timed_step
     load_peak = peak_gib()
@@ -230,6 +235,10 @@ def worker_ours(spec):
     start = time.perf_counter()
     trainer.train()
     train_peak = peak_gib() if reset else None
+    kernel_rows = None
+    if spec.get("kernel_profile") and kernel_profile(spec["kernel_profile"]):
+        with open(spec["kernel_profile"], encoding="utf-8") as f:
+            kernel_rows = [line.rstrip("\n").split("\t") for line in f]
     vmhwm = max(load_peak, peak_gib())  # the whole process's, build included
     rss["end"] = rss_gib()
     params = list(model.get_parameters())
@@ -244,6 +253,7 @@ def worker_ours(spec):
                 threads=int(ms.get_context("runtime_num_threads")), first_step_s=times[0] - start,
                 **_timing(times, ends, micro, spec["warmup"], spec["batch_size"]),
                 step_losses=_step_losses(micro, ends), micro=micro, rss_gib=rss, train_peak_gib=train_peak,
+                kernel_profile=kernel_rows,
                 vmhwm_gib=vmhwm,
                 held_bytes=held, trainable_count=sum(int(np.prod(p.shape)) for p in trainer.trainables.params.values())))
 
@@ -275,7 +285,7 @@ def _trace_calls(grads, path):
     `path` as it goes (a killed run still says where it was): where the memory and the time go. `loss_and_grads`
     holds the others (its figures include theirs); what lies outside every call (data, optimizer) is the gap
     between them."""
-    from mindxcomposer.ops.cpu_kernels import product_flops
+    from mindxcomposer.ops.cpu_kernels import kernel_profile, product_flops
 
     f = open(path, "a", encoding="utf-8")
     t0 = time.perf_counter()
@@ -455,6 +465,28 @@ def _ratio(a, b):
     return None if a is None or b is None or not b else a / b
 
 
+def print_kernel_profile(mode, rows, steps):
+    """The timed steps' kernel time by kind (the rows of `cpu_kernels.kernel_profile`'s file): a product with a
+    64-wide operand (the LoRA and Partial-LoRA rank) apart from the others."""
+    kinds = {}
+    for ms_, calls, flops, key in rows:
+        name = key.split(" ")[0]
+        dims = key.replace("[", ",").replace("]", ",").split(",")
+        if name.startswith("MxcLinear") and "64" in dims:
+            name += " (rank 64)"
+        k = kinds.setdefault(name, [0.0, 0.0, 0.0])
+        k[0], k[1], k[2] = k[0] + float(ms_), k[1] + float(calls), k[2] + float(flops)
+    total = sum(k[0] for k in kinds.values())
+    print()
+    print(f"{mode}, our side: kernel time of the timed steps by kind (a profiling build; {total / steps / 1e3:.2f} s a "
+          f"step in kernels):")
+    print("| kernel | ms / step | calls / step | GFLOP / step | GFLOP/s |")
+    print("|---|---|---|---|---|")
+    for name, (t, calls, flops) in sorted(kinds.items(), key=lambda kv: -kv[1][0]):
+        rate = f"{flops / t / 1e6:.0f}" if flops and t else "-"
+        print(f"| {name} | {t / steps:.1f} | {calls / steps:.0f} | {flops / steps / 1e9:.2f} | {rate} |")
+
+
 def print_report(args, config, results, why_no_upstream, command):
     print()
     print(f"command: {command}")
@@ -523,6 +555,10 @@ def print_report(args, config, results, why_no_upstream, command):
                   f"{mb('gradients')} | {mb('stored_layer_inputs')} | {_fmt(s.get('model_loaded'))} | "
                   f"{_fmt(s.get('trainer_built'))} | {_fmt(s.get('after_warmup'))} |")
     for mode in args.modes:
+        o = results.get(mode, {}).get("ours", {})
+        if o.get("kernel_profile"):
+            print_kernel_profile(mode, o["kernel_profile"], o["timed_steps"])
+    for mode in args.modes:
         o, u = results.get(mode, {}).get("ours", {}), results.get(mode, {}).get("upstream", {})
         if "step_losses" in o and "step_losses" in u:
             tokens_same = [m["tokens"] for m in o["micro"]] == [m["tokens"] for m in u["micro"]]
@@ -563,6 +599,9 @@ def main(argv=None):
     p.add_argument("--json", help="write the results here")
     p.add_argument("--trace", action="store_true", help="our side: RSS and seconds of each block call into "
                    "WORKDIR/MODE.ours.trace (use with --workdir)")
+    p.add_argument("--kernel-profile", action="store_true", help="our side: a profiling build of the CPU kernels "
+                   "(each entry point timed per call; a little slower) and a table of the timed steps' kernel time "
+                   "by kind (cpu_kernels.kernel_profile)")
     p.add_argument("--worker", choices=["ours", "upstream"], help=argparse.SUPPRESS)
     p.add_argument("--spec", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -633,6 +672,8 @@ def main(argv=None):
             if args.trace:
                 spec["trace"] = os.path.join(work, f"{mode}.ours.trace")
                 print(f"[{mode} ours] tracing RSS per call into {spec['trace']}", flush=True)
+            if args.kernel_profile:
+                spec["kernel_profile"] = os.path.join(work, f"{mode}.ours.kernels.tsv")
             path = os.path.join(work, f"{mode}.ours.json")
             with open(path, "w", encoding="utf-8") as f:
                 json.dump(spec, f)

@@ -80,6 +80,8 @@ def _flags(arch: str, with_onednn: bool = True):
     """Compiler flags for `arch`. Only the library MindSpore uses ("native") links oneDNN; the variants
     for older CPUs exist to test this package's own code paths."""
     flags = _FLAGS + [ARCH_FLAGS[arch]]
+    if arch == "native" and os.environ.get("MXC_KERNEL_PROFILE") == "1":
+        flags.append("-DMXC_KERNEL_PROFILE")  # a profiling build (`kernel_profile`), cached apart by its flags
     found = onednn_install() if arch == "native" and with_onednn else None
     if found is not None:
         include, lib = found
@@ -165,6 +167,18 @@ def product_flops(reset: bool = False) -> int:
     fn = ctypes.CDLL(_state["path"]).MxcGemmFlops
     fn.restype, fn.argtypes = ctypes.c_int64, [ctypes.c_int]
     return int(fn(int(bool(reset))))
+
+
+def kernel_profile(path=None, reset: bool = False) -> bool:
+    """In a profiling build (MXC_KERNEL_PROFILE=1 in the environment before the library is first built in the
+    process): writes each kernel entry point's time, calls and products' FLOPs since the last reset to `path`
+    (tab-separated: ms, calls, flops, kernel and its first three operands' shapes), then clears them when `reset`.
+    Returns False where there is no such build (nothing written)."""
+    if not available():
+        return False
+    fn = ctypes.CDLL(_state["path"]).MxcKernelProfile
+    fn.restype, fn.argtypes = ctypes.c_int, [ctypes.c_char_p, ctypes.c_int]
+    return fn(None if path is None else os.fsencode(path), int(bool(reset))) == 0
 
 
 def _custom(lib, symbol, out_shape, bprop=None, out_dtype=None):

@@ -1506,8 +1506,75 @@ int head_cross_entropy(int nparam, void **params, int *ndims, int64_t **shapes, 
 
 }  // namespace
 
+#ifdef MXC_KERNEL_PROFILE
+// A profiling build (`cpu_kernels`: MXC_KERNEL_PROFILE=1 in the environment when the library is built; the
+// fine-tuning benchmark's --kernel-profile): each entry point below is timed per call and counted with its first
+// three operands' shapes and the products' FLOPs, for `MxcKernelProfile` to write out. Not in normal builds.
+#include <chrono>
+#include <cstdio>
+#include <map>
+#include <mutex>
+#include <string>
+namespace {
+struct KernelTimes {
+  std::mutex mu;
+  std::map<std::string, std::vector<double>> rows;  // key -> ms, calls, flops
+};
+KernelTimes g_kernel_times;
+
+void kernel_time(const char *name, int nparam, const int *ndims, int64_t *const *shapes, double ms, double flops) {
+  std::string key = name;
+  for (int i = 0; i < nparam && i < 3; ++i) {
+    key += i ? " x [" : " [";
+    for (int d = 0; d < ndims[i]; ++d) key += (d ? "," : "") + std::to_string(shapes[i][d]);
+    key += "]";
+  }
+  std::lock_guard<std::mutex> lock(g_kernel_times.mu);
+  std::vector<double> &row = g_kernel_times.rows[key];
+  if (row.empty()) row.assign(3, 0.0);
+  row[0] += ms;
+  row[1] += 1;
+  row[2] += flops;
+}
+}  // namespace
+
+// Writes "ms<TAB>calls<TAB>flops<TAB>kernel [shapes]" lines to `path` (when not null), then clears the counts when
+// `reset`. Returns 0, or -1 when the file cannot be written.
+extern "C" int MxcKernelProfile(const char *path, int reset) {
+  std::lock_guard<std::mutex> lock(g_kernel_times.mu);
+  int rc = 0;
+  if (path != nullptr) {
+    FILE *f = std::fopen(path, "w");
+    if (f == nullptr) {
+      rc = -1;
+    } else {
+      for (const auto &kv : g_kernel_times.rows)
+        std::fprintf(f, "%.3f\t%.0f\t%.0f\t%s\n", kv.second[0], kv.second[1], kv.second[2], kv.first.c_str());
+      std::fclose(f);
+    }
+  }
+  if (reset) g_kernel_times.rows.clear();
+  return rc;
+}
+
+#define MXC_AOT(name)                                                                                            \
+  static int name##_body(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes);         \
+  extern "C" int name(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *,     \
+                      void *) {                                                                                  \
+    const auto start = std::chrono::steady_clock::now();                                                         \
+    const int64_t flops = g_flops.load();                                                                        \
+    const int rc = name##_body(nparam, params, ndims, shapes, dtypes);                                           \
+    kernel_time(#name, nparam, ndims, shapes,                                                                    \
+                std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count(),     \
+                static_cast<double>(g_flops.load() - flops));                                                    \
+    return rc;                                                                                                   \
+  }                                                                                                              \
+  static int name##_body(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes)
+#else
+extern "C" int MxcKernelProfile(const char *, int) { return -1; }  // not a profiling build
 #define MXC_AOT(name) \
   extern "C" int name(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *)
+#endif
 
 MXC_AOT(MxcLinearNT) { return linear_nt(nparam, params, ndims, shapes, dtypes, false); }
 MXC_AOT(MxcLinearNTBf16) { return linear_nt(nparam, params, ndims, shapes, dtypes, true); }
