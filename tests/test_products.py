@@ -859,6 +859,45 @@ def test_attention_gradient_memory(tmp_path):
     assert grew < scores, f"the attention gradient grew the peak by {grew:.3f} GiB, one score tensor is {scores:.3f}"
 
 
+_KERNEL_PROFILE = """
+import sys
+import numpy as np
+import mindspore as ms
+from mindspore import Tensor
+from mindxcomposer.ops import cpu_kernels
+from mindxcomposer.ops import weight_products as wp
+
+assert wp.enable_kernels()
+x, w = np.ones((40, 24), np.float32), np.ones((56, 24), np.float32)
+assert cpu_kernels.kernel_profile(reset=True)
+for _ in range(3):
+    wp.linear(Tensor(x), Tensor(w)).asnumpy()
+assert cpu_kernels.kernel_profile(sys.argv[1])
+"""
+
+
+def test_kernel_profile_build(tmp_path):
+    """A profiling build (MXC_KERNEL_PROFILE=1 when the library is built, the fine-tuning benchmark's
+    --kernel-profile) counts each entry point's calls, time and FLOPs with its operands' shapes; a normal build has
+    no counts (`kernel_profile` is False)."""
+    import os
+    import subprocess
+    import sys
+
+    assert wp.enable_kernels() and not cpu_kernels.kernel_profile()
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=repo + os.pathsep + os.environ.get("PYTHONPATH", ""), MXC_KERNEL_PROFILE="1")
+    script, out = tmp_path / "kernel_profile.py", tmp_path / "kernels.tsv"
+    script.write_text(_KERNEL_PROFILE)
+    proc = subprocess.run([sys.executable, str(script), str(out)], capture_output=True, text=True, cwd=repo, env=env,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [line.split("\t") for line in out.read_text().splitlines()]
+    assert [r[3] for r in rows] == ["MxcLinearNT [40,24] x [56,24] x [40,56]"], rows  # its first three operands
+    ms_, calls, flops = (float(v) for v in rows[0][:3])
+    assert calls == 3 and flops == 3 * 2 * 40 * 24 * 56 and ms_ > 0
+
+
 # (B, N, KV, G, D): release width (8 kv groups of 4 query heads, D 128), batches, odd and single rows (decode), a
 # half-width that is not a multiple of the 16-lane vectors (the scalar tail), one query head per group.
 ROPE_SHAPES = [(1, 37, 8, 4, 128), (2, 9, 8, 4, 128), (3, 1, 8, 4, 128), (2, 33, 2, 3, 40), (1, 6, 3, 1, 8)]
