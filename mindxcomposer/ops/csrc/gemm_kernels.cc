@@ -820,9 +820,8 @@ bool onednn_gemm_bf16(const View &a, const View &b, float *c, int64_t ldc, int64
 // of B once) unless N is too narrow, then along M. Neither split changes any element's arithmetic.
 // With `accumulate`, C's values are added to (C += A B: the first k block's sum is added to them as the
 // later blocks' are), else overwritten.
-// C (+)= A B. With `c_init` (C's shape, leading dimension ldc, not C itself), C = c_init + A B: each thread copies
-// the part of C it then computes, so the copy is split as the product is (a separate single-threaded copy of a
-// LoRA product's [rows, out] sum took about a third of the call).
+// With `c_init` (C's shape, leading dimension ldc, not C itself), C = c_init + A B: each thread copies the part of
+// C it then computes, so the copy is split as the product is (instead of one single-threaded copy before it).
 void gemm(const View &a, const View &b, float *c, int64_t ldc, int64_t m, int64_t n, int64_t k, bool bf16,
           bool accumulate = false, const float *c_init = nullptr) {
   if (m <= 0 || n <= 0) return;
