@@ -1726,7 +1726,7 @@ inline float sum16(int64_t n, F value) {
 }
 
 // A norm's weight or bias [H], fp32 or bf16, as fp32.
-std::vector<float> norm_param(const void *p, bool bf16, int64_t h) {
+static std::vector<float> norm_param(const void *p, bool bf16, int64_t h) {
   std::vector<float> out(h);
   for (int64_t j = 0; j < h; ++j)
     out[j] = bf16 ? bf16_to_f32(static_cast<const uint16_t *>(p)[j]) : static_cast<const float *>(p)[j];
