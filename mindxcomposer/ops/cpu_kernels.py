@@ -244,19 +244,10 @@ def _gemm_ops(lib, suffix):
         return (out[1] * dout[0].expand_dims(-1), ops.zeros((1,), ms.float32), ops.zeros_like(labels),
                 ops.zeros_like(weight))
 
-    def head_cross_entropy_trained_bprop(h, w, labels, weight, out, dout):
-        # A trained head: out[2], the kernel's workspace, holds each row's d loss / d logits on return (weight times
-        # softmax minus one-hot), so d W = sum over rows of d total / d loss[i] times that row's outer product with h.
-        scale = dout[0].expand_dims(-1)
-        return (out[1] * scale, tn(out[2] * scale, h).astype(w.dtype), ops.zeros_like(labels),
-                ops.zeros_like(weight))
-
     # Outputs: loss [R], dh [R, K] and the kernel's [R, V] logits workspace (from the memory pool: see `csrc`).
-    head_shapes = (lambda h, w, l, wt: ([h[0]], list(h), [h[0], w[0]]))
-    head_cross_entropy = _custom(lib, "MxcHeadCrossEntropy" + suffix, head_shapes, head_cross_entropy_bprop,
+    head_cross_entropy = _custom(lib, "MxcHeadCrossEntropy" + suffix,
+                                 lambda h, w, l, wt: ([h[0]], list(h), [h[0], w[0]]), head_cross_entropy_bprop,
                                  out_dtype=lambda *a: (ms.float32,) * 3)
-    head_cross_entropy_trained = _custom(lib, "MxcHeadCrossEntropy" + suffix, head_shapes,
-                                         head_cross_entropy_trained_bprop, out_dtype=lambda *a: (ms.float32,) * 3)
     linear = _custom(lib, "MxcLinearNT" + suffix, lambda x, w: list(x[:-1]) + [w[0]], linear_bprop)
     linear_add = _custom(lib, "MxcLinearNTAdd" + suffix, lambda x, w, c: list(c), linear_add_bprop)
     bnt = _custom(lib, "MxcBatchNT" + suffix, lambda a, b: list(a[:-1]) + [b[-2]], bnt_bprop)
@@ -300,8 +291,7 @@ def _gemm_ops(lib, suffix):
                            batch_nt=bnt, batch_nn=bnn, attention=attention, attention_nomask=attention_nomask,
                            attention_tokens=attention_tokens, linear_bprop=linear_bprop, linear_int8=linear_int8,
                            linear_int4=linear_int4, linear_int8_bprop=linear_int8_bprop,
-                           linear_int4_bprop=linear_int4_bprop, head_cross_entropy=head_cross_entropy,
-                           head_cross_entropy_trained=head_cross_entropy_trained)
+                           linear_int4_bprop=linear_int4_bprop, head_cross_entropy=head_cross_entropy)
 
 
 def custom_ops():

@@ -215,17 +215,15 @@ def rope_split(qkv, cos, sin, swap_halves):
 def head_cross_entropy(h, w, labels, weight, products=EXACT, head_grad=False):
     """Fine-tuning's loss per position: weight * CrossEntropy(h w^T, labels), h [..., K] the normed hidden rows in
     the compute dtype, w [V, K] the output head, labels int32 [...] and weight float32 [...] (0 on positions without
-    a target, whose label is then not read) -> float32 [...]. On CPU with the kernels one kernel computes the logits,
-    the loss and its gradient in h together (`csrc`: no softmax, gather and their gradients as separate passes over
-    the [rows, V] logits); with a frozen head (`head_grad` False) it is differentiable in h only, with a trained one
-    also in w (d w = the kernel's [rows, V] d logits, each row scaled by its cotangent, times h: one product).
-    Elsewhere: the head's product, log-softmax and gather, differentiable in h and w."""
-    if _gemm_ready(h, w):
+    a target, whose label is then not read) -> float32 [...]. On CPU with the kernels and a frozen head (`head_grad`
+    False) one kernel computes the logits, the loss and its gradient in h together and keeps the [rows, V] logits
+    to itself (`csrc`: no softmax, gather and their gradients as separate passes over them); it is differentiable
+    in h only. Elsewhere, or for a trained head: the head's product, log-softmax and gather, differentiable in
+    h and w."""
+    if not head_grad and _gemm_ready(h, w):
         h2 = h.reshape(-1, h.shape[-1])
         if h2.shape[0] > KERNEL_MAX_ROWS:
-            gemm = _kernels.gemm[products]
-            kernel = gemm.head_cross_entropy_trained if head_grad else gemm.head_cross_entropy
-            loss = kernel(h2, w, labels.reshape(-1), weight.reshape(-1))[0]
+            loss = _kernels.gemm[products].head_cross_entropy(h2, w, labels.reshape(-1), weight.reshape(-1))[0]
             return loss.reshape(labels.shape)
     logp = ops.log_softmax(linear(h, w, products).astype(ms.float32), -1)
     return -ops.gather_elements(logp, logp.ndim - 1, labels.expand_dims(-1)).squeeze(-1) * weight
