@@ -183,7 +183,7 @@ class AdamW:
             if kernels is not None and p.dtype == ms.float32:
                 # In place, in threads, no temporaries (`MxcAdamWStep`: numpy's operations, the same values).
                 pa, ga = _array(p), np.ascontiguousarray(_array(g))
-                target = pa if pa.flags.c_contiguous and pa.flags.writeable else _writable(pa)
+                target = _writable(pa)  # pa itself where it can be written in place
                 kernels.adamw_step(target.ctypes.data, m.ctypes.data, v.ctypes.data, ga.ctypes.data, target.size,
                                    *scalars)
                 if target is not pa or not _shared(p, pa):

@@ -468,7 +468,7 @@ def host_entry_points():
     if not available():
         return None
     with _lock:
-        if _state.get("entry_points") is None:
+        if _state["entry_points"] is None:
             _state["entry_points"] = entry_points(ctypes.CDLL(_state["path"]))
         return _state["entry_points"]
 

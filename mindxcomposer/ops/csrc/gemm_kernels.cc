@@ -838,10 +838,14 @@ void gemm(const View &a, const View &b, float *c, int64_t ldc, int64_t m, int64_
     return;
   }
   count_flops(m, n, k);
+  bool copied = false;  // c_init already in C
 #ifdef MXC_WITH_ONEDNN
   // (A quantized B stays here: its columns are dequantized while packed.)
   if (bf16 && b.qbits == 0 && m >= kOnednnMinRows && onednn_enabled()) {
-    if (c_init != nullptr) copy_init(0, m, 0, n);
+    if (c_init != nullptr) {
+      copy_init(0, m, 0, n);
+      copied = true;
+    }
     if (onednn_gemm_bf16(a, b, c, ldc, m, n, k, accumulate)) return;
   }
 #endif
@@ -853,11 +857,6 @@ void gemm(const View &a, const View &b, float *c, int64_t ldc, int64_t m, int64_
   const bool split_n = npanels >= 4 * threads || m < 2 * MR * threads;
   const int64_t units = split_n ? npanels : (m + MR - 1) / MR;
   const int64_t workers = units < threads ? units : threads;
-#ifdef MXC_WITH_ONEDNN
-  const bool copied = bf16 && b.qbits == 0 && m >= kOnednnMinRows && onednn_enabled();  // above, before oneDNN
-#else
-  const bool copied = false;
-#endif
 #pragma omp parallel for schedule(static) num_threads(workers) if (workers > 1)
   for (int64_t t = 0; t < workers; ++t) {
     const int64_t u0 = units * t / workers, u1 = units * (t + 1) / workers;
@@ -1733,6 +1732,22 @@ static std::vector<float> norm_param(const void *p, bool bf16, int64_t h) {
   return out;
 }
 
+// A norm gradient's sums over rows: `row(r, acc)` handles row r and adds its terms to `acc` [width]; the rows go in
+// blocks of 64 in threads, each block's sums in row order, then the blocks in order into `sums` [width]: the same
+// values whatever the thread count.
+template <typename Row>
+void rows_in_blocks(int64_t rows, int64_t width, Row row, float *sums) {
+  constexpr int64_t kBlock = 64;
+  const int64_t blocks = (rows + kBlock - 1) / kBlock;
+  std::vector<float> partial(static_cast<size_t>(blocks * width), 0.0f);
+#pragma omp parallel for schedule(static) if (blocks > 1)
+  for (int64_t blk = 0; blk < blocks; ++blk)
+    for (int64_t r = blk * kBlock; r < rows && r < (blk + 1) * kBlock; ++r) row(r, partial.data() + blk * width);
+  for (int64_t j = 0; j < width; ++j) sums[j] = 0.0f;
+  for (int64_t blk = 0; blk < blocks; ++blk)
+    for (int64_t j = 0; j < width; ++j) sums[j] += partial[blk * width + j];
+}
+
 // 1 / sqrt(mean(x^2) + eps) of one row of h values: RMSNorm's scale, the same in the forward and the gradient.
 inline float rms_inverse(const float *xr, int64_t h, float eps) {
   float ss = 0.0f;
@@ -1786,28 +1801,18 @@ MXC_AOT(MxcRmsNormGrad) {
   float *dx = static_cast<float *>(params[4]);
   float *dw = static_cast<float *>(params[5]);
   const std::vector<float> w = norm_param(params[1], is_bf16(dtypes[1]), h);
-  constexpr int64_t kBlock = 64;
-  const int64_t blocks = (rows + kBlock - 1) / kBlock;
-  std::vector<float> partial(static_cast<size_t>(blocks * h), 0.0f);
-#pragma omp parallel for schedule(static) if (blocks > 1)
-  for (int64_t blk = 0; blk < blocks; ++blk) {
-    float *pw = partial.data() + blk * h;
-    for (int64_t r = blk * kBlock; r < rows && r < (blk + 1) * kBlock; ++r) {
-      const float *xr = x + r * h, *dr = dy + r * h;
-      float *dxr = dx + r * h;
-      const float inv = rms_inverse(xr, h, eps);
-      const float *wp = w.data();
-      const float gx = sum16(h, [dr, wp, xr](int64_t j) { return dr[j] * wp[j] * xr[j]; });
-      const float c = inv * inv * inv * (gx / static_cast<float>(h));
-      for (int64_t j = 0; j < h; ++j) {
-        dxr[j] = inv * (dr[j] * w[j]) - xr[j] * c;
-        pw[j] += dr[j] * (xr[j] * inv);
-      }
+  const float *wp = w.data();
+  rows_in_blocks(rows, h, [&](int64_t r, float *pw) {
+    const float *xr = x + r * h, *dr = dy + r * h;
+    float *dxr = dx + r * h;
+    const float inv = rms_inverse(xr, h, eps);
+    const float gx = sum16(h, [dr, wp, xr](int64_t j) { return dr[j] * wp[j] * xr[j]; });
+    const float c = inv * inv * inv * (gx / static_cast<float>(h));
+    for (int64_t j = 0; j < h; ++j) {
+      dxr[j] = inv * (dr[j] * wp[j]) - xr[j] * c;
+      pw[j] += dr[j] * (xr[j] * inv);
     }
-  }
-  for (int64_t j = 0; j < h; ++j) dw[j] = 0.0f;
-  for (int64_t blk = 0; blk < blocks; ++blk)
-    for (int64_t j = 0; j < h; ++j) dw[j] += partial[blk * h + j];
+  }, dw);
   return 0;
 }
 
@@ -1859,35 +1864,26 @@ MXC_AOT(MxcLayerNormGrad) {
   float *dx = static_cast<float *>(params[5]);
   float *dw = static_cast<float *>(params[6]);
   float *db = static_cast<float *>(params[7]);
-  constexpr int64_t kBlock = 64;
-  const int64_t blocks = (rows + kBlock - 1) / kBlock;
-  std::vector<float> partial(static_cast<size_t>(blocks * 2 * h), 0.0f);
-#pragma omp parallel for schedule(static) if (blocks > 1)
-  for (int64_t blk = 0; blk < blocks; ++blk) {
-    float *pw = partial.data() + blk * 2 * h, *pb = pw + h;
-    std::vector<float> xh(h);
-    for (int64_t r = blk * kBlock; r < rows && r < (blk + 1) * kBlock; ++r) {
-      const float *xr = x + r * h, *dr = dy + r * h;
-      float *dxr = dx + r * h;
-      float mean, rstd;
-      layer_norm_stats(xr, h, eps, &mean, &rstd);
-      for (int64_t j = 0; j < h; ++j) xh[j] = (xr[j] - mean) * rstd;
-      const float *xp = xh.data(), *wp = w.data();
-      const float gm = sum16(h, [dr, wp](int64_t j) { return dr[j] * wp[j]; }) / static_cast<float>(h);
-      const float gx = sum16(h, [dr, wp, xp](int64_t j) { return dr[j] * wp[j] * xp[j]; }) / static_cast<float>(h);
-      for (int64_t j = 0; j < h; ++j) {
-        dxr[j] = rstd * (dr[j] * wp[j] - gm - xp[j] * gx);
-        pw[j] += dr[j] * xp[j];
-        pb[j] += dr[j];
-      }
-    }
-  }
-  for (int64_t j = 0; j < h; ++j) dw[j] = db[j] = 0.0f;
-  for (int64_t blk = 0; blk < blocks; ++blk)
+  const float *wp = w.data();
+  std::vector<float> sums(static_cast<size_t>(2 * h));  // dw then db
+  rows_in_blocks(rows, 2 * h, [&](int64_t r, float *pw) {
+    thread_local std::vector<float> buf;
+    float *xh = scratch(buf, h);
+    const float *xr = x + r * h, *dr = dy + r * h;
+    float *dxr = dx + r * h, *pb = pw + h;
+    float mean, rstd;
+    layer_norm_stats(xr, h, eps, &mean, &rstd);
+    for (int64_t j = 0; j < h; ++j) xh[j] = (xr[j] - mean) * rstd;
+    const float gm = sum16(h, [dr, wp](int64_t j) { return dr[j] * wp[j]; }) / static_cast<float>(h);
+    const float gx = sum16(h, [dr, wp, xh](int64_t j) { return dr[j] * wp[j] * xh[j]; }) / static_cast<float>(h);
     for (int64_t j = 0; j < h; ++j) {
-      dw[j] += partial[blk * 2 * h + j];
-      db[j] += partial[blk * 2 * h + h + j];
+      dxr[j] = rstd * (dr[j] * wp[j] - gm - xh[j] * gx);
+      pw[j] += dr[j] * xh[j];
+      pb[j] += dr[j];
     }
+  }, sums.data());
+  std::copy(sums.begin(), sums.begin() + h, dw);
+  std::copy(sums.begin() + h, sums.end(), db);
   return 0;
 }
 
